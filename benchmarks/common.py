@@ -1,0 +1,62 @@
+"""Shared benchmark helpers: device naming, repeated timing, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": device_name(),
+           "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    for mod in ("nvidia.dali", "faiss", "triton"):
+        try:
+            env[mod] = __import__(mod, fromlist=["__version__"]).__version__
+        except Exception:
+            env[mod] = None
+    if torch.cuda.is_available():
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def timed(fn, repeats: int, warmup: int = 1):
+    """Run ``fn`` warmup + repeats times; returns the repeat timings in seconds."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def summary(times, items: int) -> dict:
+    rates = [items / t for t in times]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": len(times)}
+
+
+def write_results(suite: str, rows: list, table_md: str, out_dir: str | None = None) -> str:
+    out_dir = out_dir or os.path.join(RESULTS, device_name())
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{suite}.json"), "w") as f:
+        json.dump({"environment": environment(), "rows": rows}, f, indent=2)
+    with open(os.path.join(out_dir, f"{suite}.md"), "w") as f:
+        f.write(f"# {suite} on {device_name()}\n\n{table_md}\n")
+    return out_dir

@@ -1,0 +1,100 @@
+"""Data-pipeline throughput of a method's recipe: DALI GPU vs DALI CPU vs torchvision DataLoader.
+
+    python -m benchmarks.pipelines [--method sc] [--sizes 32 96] [--images 4096] [--repeats 3]
+
+Each executor runs the same crop plan over the same in-memory uint8 images for whole epochs;
+the rate is images/s (median, min, max over repeats after a warm-up epoch), and each is
+reported as a ratio to the torchvision DataLoader baseline measured in the same run.  DALI GPU
+is skipped with a message where no GPU is present.  Results: benchmarks/results/<device>/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import summary, timed, write_results  # noqa: E402
+from fastssl.config import load_config  # noqa: E402
+from fastssl.data.pipeline import DaliLoader, TorchLoader  # noqa: E402
+from fastssl.data.sources import Split, make_builtin  # noqa: E402
+from fastssl.methods import get_method  # noqa: E402
+from fastssl.models import build_backbone  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_epoch(loader, device):
+    n = 0
+    for b in loader:
+        for v in b["views"]:
+            v.to(device, non_blocking=True)
+        n += len(b["index"])
+    return n
+
+
+def bench(method: str, size: int, images: int, batch: int, workers: int, repeats: int):
+    cfg = load_config(os.path.join(ROOT, "configs", method, "builtin.yaml"),
+                      [f"data.builtin.image_size={size}", f"data.batch_size={batch}"])
+    x, _ = make_builtin(images, size, 10, seed=0)
+    m = get_method(method)(cfg, build_backbone(cfg.model, size), size)
+    common = dict(split=Split(images=x), plan_fn=m.crop_plan, num_views=m.num_views, batch_size=batch, seed=0,
+                  rank=0, world=1, base_size=size, out_size=m.view_size, resize=m.resize_views,
+                  mean=(0.5,) * 3, std=(0.25,) * 3, color=m.color_jitter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    executors = {"torch-dataloader": lambda: TorchLoader(**common, num_workers=workers, pin_memory=device.type == "cuda"),
+                 "dali-cpu": lambda: DaliLoader(**common, device="cpu", num_threads=max(1, workers))}
+    if torch.cuda.is_available():
+        executors["dali-gpu"] = lambda: DaliLoader(**common, device="gpu", num_threads=max(1, workers), device_id=0)
+    else:
+        print("  dali-gpu: skipped (no CUDA GPU on this machine)")
+    rows = []
+    for name, make in executors.items():
+        loader = make()
+        epoch = [0]
+
+        def one_epoch():
+            loader.set_epoch(epoch[0])
+            epoch[0] += 1
+            return run_epoch(loader, device)
+
+        n = len(loader) * batch
+        rows.append({"method": method, "image_size": size, "executor": name, "workers": workers,
+                     "batch": batch, "images_per_s": summary(timed(one_epoch, repeats), n)})
+        print(f"  {method} {size}px {name:17s} {rows[-1]['images_per_s']['median']:10.0f} images/s", flush=True)
+    base = next(r for r in rows if r["executor"] == "torch-dataloader")["images_per_s"]["median"]
+    for r in rows:
+        r["ratio_vs_torch"] = r["images_per_s"]["median"] / base
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="sc")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    a = p.parse_args(argv)
+    rows = []
+    for s in a.sizes:
+        rows += bench(a.method, s, a.images, a.batch, a.workers, a.repeats)
+    lines = ["| method | image | executor | images/s (median) | min | max | vs torch DataLoader |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ips = r["images_per_s"]
+        lines.append(f"| {r['method']} | {r['image_size']}px | {r['executor']} | {ips['median']:.0f} | {ips['min']:.0f} "
+                     f"| {ips['max']:.0f} | {r['ratio_vs_torch']:.2f}x |")
+    table = "\n".join(lines) + f"\n\n{a.images} images, batch {a.batch}, {a.workers} workers/threads, {a.repeats} repeats."
+    print(table)
+    print("written to", write_results(f"pipelines-{a.method}", rows, table, a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Run configuration: a typed schema, YAML files, dotted CLI overrides, and validation.
+
+Everything a run needs is described here.  ``load_config`` merges, in order, the schema's
+defaults, the method's own defaults (its registered config dataclass), the YAML file and the
+``key=value`` overrides, then ``validate`` checks every value *before* any data is read into
+memory or any model or GPU memory is created.  Any problem raises ``ConfigError`` whose message
+is one line naming the key (and the file or value) at fault.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+SOURCES = ("builtin", "stl10", "cifar10", "cifar100", "folder")
+PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class BuiltinData:
+    """Procedurally generated labeled set (see fastssl/data/sources.py: BuiltinSource)."""
+
+    num_train: int = 4096
+    num_test: int = 1024
+    image_size: int = 32
+    num_classes: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"
+    path: Optional[str] = None  # root of the dataset files; not used by `builtin`
+    split: str = "pretrain"  # which images pre-training sees: pretrain (all unlabeled + train) | train
+    image_size: Optional[int] = None  # folder: side the images are resized to; others: native
+    pipeline: str = "auto"  # auto = dali-gpu when CUDA is present, dali-cpu otherwise
+    batch_size: int = 128  # per process
+    num_workers: int = 2  # DALI CPU threads / DataLoader workers per process
+    prefetch: int = 2  # DALI prefetch queue depth / DataLoader prefetch factor
+    builtin: BuiltinData = field(default_factory=BuiltinData)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "convnet"  # convnet | resnet18 | resnet50
+    width: int = 64  # convnet base width
+    stem: str = "auto"  # auto | small (3x3 stride 1, no max-pool) | imagenet (7x7/2 + max-pool)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05  # for a batch of 256 images in total; scaled linearly with the global batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0
+    milestones: List[float] = field(default_factory=list)  # epochs, for `step`
+    gamma: float = 0.1
+    scale_lr: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: Optional[int] = None  # stop early after this many steps (tests, smoke runs)
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    channels_last: Optional[bool] = None  # None = on for CUDA
+    grad_clip: Optional[float] = None
+    ckpt_every_steps: int = 200
+    log_every_steps: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Defaults of `python -m fastssl.eval` (each is also a command-line flag there)."""
+
+    layer: Optional[str] = None  # backbone stage whose pooled output is the feature; None = last
+    linear_epochs: int = 100
+    linear_lr: float = 0.1
+    linear_seeds: int = 3
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    finetune_labels: Optional[int] = None  # labeled images used for fine-tuning (None = all)
+    finetune_epochs: int = 30
+    finetune_lr: float = 0.05
+    finetune_seeds: int = 1
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    method: Any = MISSING  # the method's registered dataclass (fastssl/methods)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    out_dir: str = "runs/default"
+
+
+def _one_line(e: Exception) -> str:
+    """OmegaConf errors span several lines (key, type, value); fold them into one."""
+    if isinstance(e, OmegaConfBaseException):
+        msg = str(e).splitlines()[0].strip()
+        key = getattr(e, "full_key", None)
+        if key:
+            return f"{key}: {msg}"
+        return msg
+    return str(e).replace("\n", " ")
+
+
+def load_config(path, overrides: List[str] = ()) -> DictConfig:
+    """YAML file (or a stored config) + ``key=value`` overrides -> validated, read-only config."""
+    from fastssl.methods import get_method  # the registry (imports each method module)
+
+    file_cfg = OmegaConf.create()
+    if isinstance(path, DictConfig):  # e.g. the config stored in a checkpoint
+        file_cfg, path = OmegaConf.create(OmegaConf.to_container(path, resolve=True)), None
+    elif path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml syntax error
+            raise ConfigError(f"--config {path}: not valid YAML: {_one_line(e)}") from None
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override {o!r}: expected key=value, e.g. train.epochs=1")
+    try:
+        cli_cfg = OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        raise ConfigError(f"overrides: {_one_line(e)}") from None
+
+    name = OmegaConf.select(cli_cfg, "method.name") or OmegaConf.select(file_cfg, "method.name")
+    if name is None:
+        raise ConfigError("method.name: missing (set it in the config file or as method.name=sc)")
+    method_cls = get_method(str(name)).Config  # raises ConfigError for an unknown name
+    schema = OmegaConf.structured(Config(method=method_cls()))
+    try:
+        cfg = OmegaConf.merge(schema, file_cfg, cli_cfg)
+    except OmegaConfBaseException as e:
+        where = f" (in {path} or the overrides)" if path else ""
+        raise ConfigError(_one_line(e) + where) from None
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"{sorted(missing)[0]}: missing value")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(cfg: DictConfig, key: str, choices) -> None:
+    v = OmegaConf.select(cfg, key)
+    _check(v in choices, key, f"{v!r} is not one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value; cheap (headers and file sizes only, no image data is loaded)."""
+    from fastssl.data.sources import check_source
+    from fastssl.methods import get_method
+    from fastssl.models import ARCHS, stages_of
+
+    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
+    _choice(cfg, "data.source", SOURCES)
+    _choice(cfg, "data.pipeline", PIPELINES)
+    _choice(cfg, "data.split", ("pretrain", "train"))
+    _choice(cfg, "model.arch", ARCHS)
+    _choice(cfg, "model.stem", ("auto", "small", "imagenet"))
+    _choice(cfg, "optim.name", ("sgd", "adamw"))
+    _choice(cfg, "optim.schedule", ("cosine", "step", "constant"))
+    _choice(cfg, "train.precision", PRECISIONS)
+    _check(d.batch_size >= 2, "data.batch_size", f"must be >= 2 (contrastive losses need negatives), got {d.batch_size}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
+    _check(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
+    _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _check(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    for i, ms in enumerate(o.milestones):
+        _check(0 < ms <= t.epochs, f"optim.milestones[{i}]", f"{ms} is outside (0, train.epochs={t.epochs}]")
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    _check(t.ckpt_every_steps >= 1, "train.ckpt_every_steps", f"must be >= 1, got {t.ckpt_every_steps}")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
+    _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
+    _check(e.linear_epochs >= 1, "eval.linear_epochs", f"must be >= 1, got {e.linear_epochs}")
+    _check(e.linear_seeds >= 1, "eval.linear_seeds", f"must be >= 1, got {e.linear_seeds}")
+    _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
+    _check(e.knn_temperature > 0, "eval.knn_temperature", f"must be > 0, got {e.knn_temperature}")
+    _check(e.finetune_labels is None or e.finetune_labels >= 1, "eval.finetune_labels", f"must be >= 1, got {e.finetune_labels}")
+    if e.layer is not None:
+        _check(e.layer in stages_of(m.arch), "eval.layer", f"{e.layer!r} is not a stage of {m.arch}: {', '.join(stages_of(m.arch))}")
+    if d.pipeline == "dali-gpu":
+        import torch
+
+        _check(torch.cuda.is_available(), "data.pipeline", "dali-gpu needs a CUDA GPU and none is visible; use dali-cpu or torch")
+    if t.precision in ("bf16", "fp16"):
+        import torch
+
+        _check(torch.cuda.is_available() or t.precision == "bf16", "train.precision",
+               "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+
+    info = check_source(cfg)  # raises ConfigError naming the file/field; returns sizes
+    n = info["num_pretrain"] if d.split == "pretrain" else info["num_train"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check(n >= d.batch_size * world, "data.batch_size",
+           f"{d.batch_size} x {world} processes is more than the {n} training images of {d.source}")
+    get_method(cfg.method.name).validate(cfg, info)
+
+
+def save_config(cfg: DictConfig, path: str) -> None:
+    OmegaConf.save(cfg, path, resolve=True)

@@ -1,0 +1,331 @@
+"""Data pipelines: one crop plan, three executors (DALI on the GPU, DALI on the CPU, torchvision).
+
+A method's *pipeline recipe* is its ``crop_plan``: for every image of an epoch, the boxes
+(y, x, h, w) of its views and whether each is flipped.  The plan is drawn on the host from
+``(seed, epoch)`` only, so
+
+* every executor cuts exactly the same pixels (tests compare DALI CPU with torchvision),
+* a run resumed mid-epoch re-creates the epoch's plan and skips the steps already done, and
+* DDP ranks agree on the permutation and take disjoint shards of it.
+
+The DALI pipeline is written once and built for ``device='gpu'`` or ``device='cpu'``
+(``device_id=None``): images (or encoded JPEG/PNG bytes) and the plan enter through
+``fn.external_source``; ``fn.decoders.image``, ``fn.slice``, ``fn.resize`` and
+``fn.crop_mirror_normalize`` do the work; DALI's PyTorch iterator hands the batches to torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from fastssl.data.sources import Split
+
+PlanFn = Callable[[np.random.Generator, int], Tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+# RGB <-> YIQ, the colour space of DALI's fn.hsv (hue rotates I/Q, saturation scales them)
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+_YIQ_INV = np.linalg.inv(_YIQ)
+
+
+@dataclass
+class ColorJitter:
+    """Per-view colour change drawn in the plan (defaults: none).  Applied as DALI's ``fn.hsv``."""
+
+    hue: float = 0.0  # rotation drawn uniformly in [-hue, hue] degrees
+    saturation: List[float] = field(default_factory=lambda: [1.0, 1.0])  # multiplier range (0 = grey)
+    value: List[float] = field(default_factory=lambda: [1.0, 1.0])  # brightness multiplier range
+
+    @property
+    def active(self) -> bool:
+        return self.hue != 0 or list(self.saturation) != [1.0, 1.0] or list(self.value) != [1.0, 1.0]
+
+
+def draw_color(rng: np.random.Generator, n: int, views: int, jitter) -> np.ndarray:
+    """(n, views, 3) float32: hue degrees, saturation and value multipliers."""
+    out = np.empty((n, views, 3), np.float32)
+    out[..., 0] = rng.uniform(-jitter.hue, jitter.hue, (n, views)) if jitter.hue else 0.0
+    out[..., 1] = rng.uniform(*jitter.saturation, (n, views))
+    out[..., 2] = rng.uniform(*jitter.value, (n, views))
+    return out
+
+
+def color_matrix(hue_deg: float, saturation: float, value: float) -> np.ndarray:
+    """The 3x3 RGB matrix of fn.hsv(hue, saturation, value): the torch baseline applies it."""
+    a = np.deg2rad(hue_deg)
+    c, s = np.cos(a), np.sin(a)
+    rot = np.array([[1, 0, 0], [0, c, s], [0, -s, c]])
+    return value * _YIQ_INV @ np.diag([1.0, saturation, saturation]) @ rot @ _YIQ
+
+
+@dataclass
+class EpochPlan:
+    """What one rank reads in one epoch: image indices, boxes and flips, step by step."""
+
+    index: np.ndarray  # (steps * batch,) int64
+    boxes: np.ndarray  # (steps * batch, V, 4) int32: y, x, h, w
+    flips: np.ndarray  # (steps * batch, V) uint8
+    color: np.ndarray  # (steps * batch, V, 3) float32: hue, saturation, value
+    batch_size: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.index) // self.batch_size
+
+    def step(self, k: int):
+        s = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        return self.index[s], self.boxes[s], self.flips[s], self.color[s]
+
+
+def make_epoch_plan(n: int, batch_size: int, plan_fn: PlanFn, seed: int, epoch: int,
+                    rank: int = 0, world: int = 1) -> EpochPlan:
+    """Shuffle, draw every image's crops, and keep this rank's shard (whole batches only)."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    boxes, flips, color = plan_fn(rng, n)  # drawn for all n: the plan is independent of world size
+    steps = n // (batch_size * world)
+    take = perm[: steps * batch_size * world].reshape(steps, world, batch_size)[:, rank].reshape(-1)
+    return EpochPlan(take.astype(np.int64), boxes[take], flips[take], color[take], batch_size)
+
+
+class _Loader:
+    """Common epoch bookkeeping of the pipelines: ``set_epoch(e, start_step)`` then iterate."""
+
+    def __init__(self, split: Split, plan_fn: PlanFn, batch_size: int, seed: int, rank: int, world: int):
+        self.split, self.plan_fn = split, plan_fn
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.epoch, self.start_step = 0, 0
+        self.steps_per_epoch = len(split) // (batch_size * world)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(split)} images are fewer than one global batch of {batch_size} x {world}")
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def plan(self) -> EpochPlan:
+        return make_epoch_plan(len(self.split), self.batch_size, self.plan_fn, self.seed, self.epoch, self.rank, self.world)
+
+
+# --------------------------------------------------------------------------- DALI
+
+
+class _PlanSource:
+    """Iterable for ``fn.external_source``: one epoch of (images, index, box_v, flip_v...) batches.
+
+    DALI calls ``iter()`` on the source when it builds the graph, again before the first
+    batch, and by itself after an epoch ends (it may prefetch from the next one before the
+    training loop asks for it).  So the source owns the schedule: until an epoch has been
+    served to its end it starts at ``(loader.epoch, loader.start_step)``; after that, every
+    new pass is the next epoch from step 0.
+    """
+
+    def __init__(self, loader: "DaliLoader"):
+        self.loader = loader
+        self.finished = None  # last epoch served to its end
+
+    def __iter__(self):
+        l = self.loader
+        if self.finished is None:
+            self.epoch, self.k = l.epoch, l.start_step
+        else:
+            self.epoch, self.k = self.finished + 1, 0
+        self.plan = make_epoch_plan(len(l.split), l.batch_size, l.plan_fn, l.seed, self.epoch, l.rank, l.world)
+        return self
+
+    def __next__(self):
+        if self.k >= self.plan.steps:
+            self.finished = self.epoch
+            raise StopIteration
+        idx, boxes, flips, color = self.plan.step(self.k)
+        self.k += 1
+        split = self.loader.split
+        if split.encoded:
+            images = [np.fromfile(split.files[i], dtype=np.uint8) for i in idx]
+        else:
+            images = [np.ascontiguousarray(split.images[i]) for i in idx]
+        out = [images, list(idx.reshape(-1, 1))]
+        for v in range(boxes.shape[1]):
+            out.append(list(np.ascontiguousarray(boxes[:, v, :2])))  # anchor (y, x)
+            out.append(list(np.ascontiguousarray(boxes[:, v, 2:])))  # shape (h, w)
+            out.append(list(flips[:, v].astype(np.int32)))
+            if self.loader.color:
+                out.append(list(np.ascontiguousarray(color[:, v])))  # hue, saturation, value
+        return out
+
+
+def build_dali_pipeline(source, num_views: int, device: str, batch_size: int, num_threads: int,
+                        device_id: Optional[int], base_size: int, out_size: int, resize: bool,
+                        encoded: bool, mean, std, color: bool = False, prefetch: int = 2, seed: int = 0):
+    """The crop pipeline, for device 'gpu' or 'cpu' (same graph)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, seed=seed)
+    def crops():
+        per_view = 4 if color else 3
+        outs = fn.external_source(source=source, num_outputs=2 + per_view * num_views, batch=True, cycle="raise")
+        images, index = outs[0], outs[1]
+        if encoded:
+            images = fn.decoders.image(images, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=base_size, antialias=True)
+            images = fn.crop(images, crop=(base_size, base_size))
+        elif device == "gpu":
+            images = images.gpu()
+        views = []
+        for v in range(num_views):
+            anchor, shape, flip, *hsv = outs[2 + per_view * v: 2 + per_view * (v + 1)]
+            x = fn.slice(images, anchor, shape, axis_names="HW")
+            if resize:
+                x = fn.resize(x, size=(out_size, out_size), antialias=True)
+            if color:
+                h = hsv[0]
+                x = fn.hsv(x, hue=h[0], saturation=h[1], value=h[2], dtype=types.FLOAT)
+            x = fn.crop_mirror_normalize(x, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
+                                         mean=[255 * m for m in mean], std=[255 * s for s in std])
+            views.append(x)
+        return (*views, index)
+
+    return crops()
+
+
+class DaliLoader(_Loader):
+    """DALI pipeline + ``DALIGenericIterator``, one pipeline per process (sharded by rank)."""
+
+    def __init__(self, split, plan_fn, num_views, batch_size, seed, rank, world, device, base_size,
+                 out_size, resize, mean, std, color=False, num_threads=2, prefetch=2, device_id=None):
+        super().__init__(split, plan_fn, batch_size, seed, rank, world)
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.num_views, self.color = num_views, color
+        self.source = _PlanSource(self)
+        self.names = [f"view{v}" for v in range(num_views)] + ["index"]
+        self._it = None
+
+        def make_iter():  # built on first use, after set_epoch
+            pipe = build_dali_pipeline(self.source, num_views, device, batch_size, max(1, num_threads),
+                                       device_id if device == "gpu" else None, base_size, out_size,
+                                       resize, split.encoded, mean, std, color, prefetch, seed)
+            return DALIGenericIterator([pipe], self.names, auto_reset=False)
+
+        self._make_iter = make_iter
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if self._it is not None and (epoch, start_step) != (self.epoch + 1, 0):
+            raise ValueError(f"the DALI loader runs whole epochs in order: next is {self.epoch + 1}, not {epoch} from step {start_step}")
+        super().set_epoch(epoch, start_step)
+
+    def __iter__(self) -> Iterator[Dict]:
+        if self._it is None:
+            self._it = self._make_iter()  # builds the pipeline; starts at (epoch, start_step)
+        else:
+            self._it.reset()  # the source has already moved on to the next epoch
+        for out in self._it:
+            d = out[0]
+            yield {"views": [d[n] for n in self.names[:-1]], "index": d["index"].view(-1).long()}
+
+
+# --------------------------------------------------------------------------- torchvision baseline
+
+
+def crop_views_torch(img: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, color: np.ndarray,
+                     out_size: int, resize: bool, apply_color: bool, mean: torch.Tensor,
+                     std: torch.Tensor) -> List[torch.Tensor]:
+    """The same maths as the DALI graph, with torchvision ops, for one CHW uint8 image."""
+    import torchvision.transforms.v2.functional as TF
+
+    views = []
+    for (y, x, h, w), flip, hsv in zip(boxes.tolist(), flips.tolist(), color.tolist()):
+        v = TF.crop(img, y, x, h, w)
+        if resize:
+            v = TF.resize(v, [out_size, out_size], antialias=True)
+        if flip:
+            v = TF.horizontal_flip(v)
+        v = v.float()
+        if apply_color:
+            m = torch.from_numpy(color_matrix(*hsv)).float()
+            v = torch.einsum("ij,jhw->ihw", m, v)
+        views.append((v / 255.0 - mean) / std)
+    return views
+
+
+def load_image_file(path: str, size: int) -> torch.Tensor:
+    """Decode with PIL, resize the shorter side to ``size`` and centre-crop: CHW uint8."""
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    with Image.open(path) as im:
+        t = TF.pil_to_tensor(im.convert("RGB"))
+    t = TF.resize(t, size, antialias=True)
+    return TF.center_crop(t, [size, size])
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Item k = step k of the epoch plan, as a whole batch (workers build batches in parallel)."""
+
+    def __init__(self, loader: "TorchLoader", plan: EpochPlan):
+        self.l, self.plan = loader, plan
+
+    def __len__(self):
+        return self.plan.steps - self.l.start_step
+
+    def __getitem__(self, k):
+        idx, boxes, flips, color = self.plan.step(k + self.l.start_step)
+        l, split = self.l, self.l.split
+        per_view: List[List[torch.Tensor]] = [[] for _ in range(boxes.shape[1])]
+        for j, i in enumerate(idx):
+            if split.encoded:
+                img = load_image_file(split.files[i], l.base_size)
+            else:
+                img = torch.from_numpy(np.ascontiguousarray(split.images[i])).permute(2, 0, 1)
+            views = crop_views_torch(img, boxes[j], flips[j], color[j], l.out_size, l.resize, l.color, l.mean, l.std)
+            for v, t in enumerate(views):
+                per_view[v].append(t)
+        return {"views": [torch.stack(p) for p in per_view], "index": torch.from_numpy(idx)}
+
+
+class TorchLoader(_Loader):
+    """torchvision + ``DataLoader`` executor of the same plan: the baseline."""
+
+    def __init__(self, split, plan_fn, num_views, batch_size, seed, rank, world, base_size, out_size,
+                 resize, mean, std, color=False, num_workers=2, prefetch=2, pin_memory=False):
+        super().__init__(split, plan_fn, batch_size, seed, rank, world)
+        self.base_size, self.out_size, self.resize, self.color = base_size, out_size, resize, color
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
+
+    def __iter__(self):
+        ds = _BatchDataset(self, self.plan())
+        kw = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers > 0 else {}
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                                         pin_memory=self.pin_memory, **kw)
+        yield from dl
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def resolve_pipeline(name: str) -> str:
+    if name == "auto":
+        return "dali-gpu" if torch.cuda.is_available() else "dali-cpu"
+    return name
+
+
+def build_loader(cfg, source, split: Split, method, rank: int = 0, world: int = 1, device_id=None):
+    """The pretraining loader for ``method``'s recipe on ``split``, per ``data.pipeline``."""
+    kind = resolve_pipeline(cfg.data.pipeline)
+    common = dict(split=split, plan_fn=method.crop_plan, num_views=method.num_views,
+                  batch_size=cfg.data.batch_size, seed=cfg.seed, rank=rank, world=world,
+                  base_size=source.image_size, out_size=method.view_size, resize=method.resize_views,
+                  mean=source.mean, std=source.std, color=method.color_jitter)
+    if kind == "torch":
+        return TorchLoader(**common, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
+                           pin_memory=torch.cuda.is_available())
+    return DaliLoader(**common, device="gpu" if kind == "dali-gpu" else "cpu",
+                      num_threads=max(1, cfg.data.num_workers), prefetch=cfg.data.prefetch, device_id=device_id)

@@ -1,0 +1,360 @@
+"""Image sources: where the pixels come from, in their real on-disk formats.
+
+Each source yields up to three ``Split``s: ``pretrain`` (what self-supervised training sees),
+``train`` (labeled, for evaluation protocols) and ``test`` (labeled).  Array-backed splits hold
+uint8 NHWC arrays (memory-mapped for STL-10); folder splits hold file paths whose encoded bytes
+the pipelines decode (DALI's image decoder, or PIL for the torch baseline).
+
+``check_source(cfg)`` validates the files cheaply (presence, sizes, pickle shapes) before any
+image data is loaded, raising ``ConfigError`` naming the file and what is wrong with it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from fastssl.config import ConfigError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+STL_SIDE = 96
+STL_BYTES = 3 * STL_SIDE * STL_SIDE
+
+
+@dataclass
+class Split:
+    """A list of images and (optionally) their labels."""
+
+    images: Optional[np.ndarray] = None  # (N, H, W, 3) uint8, array-backed sources
+    files: Optional[List[str]] = None  # encoded JPEG/PNG files, folder source
+    labels: Optional[np.ndarray] = None  # (N,) int64, or None when unlabeled
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.files)
+
+    @property
+    def encoded(self) -> bool:
+        return self.files is not None
+
+
+@dataclass
+class Source:
+    name: str
+    image_size: int
+    num_classes: int
+    pretrain: Split
+    train: Split
+    test: Split
+    mean: tuple = (0.5, 0.5, 0.5)  # per-channel, on [0, 1] pixels
+    std: tuple = (0.25, 0.25, 0.25)
+    folds: Optional[List[np.ndarray]] = None  # STL-10's predefined train folds
+
+
+# --------------------------------------------------------------------------- builtin
+
+_SHAPES = ("disc", "square", "triangle", "cross", "ring", "hbar", "vbar", "diamond", "xcross", "frame")
+
+
+def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Mask of one shape of radius r centred at the origin of the (u, v) pixel offsets."""
+    au, av = np.abs(u), np.abs(v)
+    t = max(1.0, 0.3 * r)  # stroke half-width
+    if kind == "disc":
+        return u * u + v * v <= r * r
+    if kind == "square":
+        return np.maximum(au, av) <= r
+    if kind == "triangle":
+        return (v <= r * 0.8) & (v >= 2 * au - r)
+    if kind == "cross":
+        return ((au <= t) & (av <= r)) | ((av <= t) & (au <= r))
+    if kind == "ring":
+        d = np.sqrt(u * u + v * v)
+        return (d <= r) & (d >= r - 2 * t)
+    if kind == "hbar":
+        return (au <= r) & (av <= t)
+    if kind == "vbar":
+        return (av <= r) & (au <= t)
+    if kind == "diamond":
+        return au + av <= r
+    if kind == "xcross":
+        return (np.abs(u - v) <= 1.2 * t) & (au <= r) | (np.abs(u + v) <= 1.2 * t) & (au <= r)
+    if kind == "frame":
+        m = np.maximum(au, av)
+        return (m <= r) & (m >= r - 2 * t)
+    raise ValueError(kind)
+
+
+def _upsample_matrix(size: int, coarse: int) -> np.ndarray:
+    """(size, coarse) linear-interpolation weights: smooth fields from a coarse grid."""
+    pos = np.linspace(0, coarse - 1, size)
+    lo = np.minimum(np.floor(pos).astype(int), coarse - 2)
+    w = pos - lo
+    m = np.zeros((size, coarse), np.float32)
+    m[np.arange(size), lo] = 1 - w
+    m[np.arange(size), lo + 1] = w
+    return m
+
+
+def make_builtin(n: int, size: int, num_classes: int, seed: int):
+    """Deterministic labeled images: class c = scattered copies of shape c.
+
+    Each image holds 5-9 copies of its class's shape at random positions and radii, each copy
+    in its own random colour, on a background of smooth random colour blotches, with pixel
+    noise.  Colour and position say nothing about the class and differ between two patches
+    of one image; only the shape is shared, so Spatial Contrasting (and any method that
+    matches views of one image) has to learn shape, and the class is what a probe can read.
+    """
+    if num_classes > len(_SHAPES):
+        raise ConfigError(f"data.builtin.num_classes: at most {len(_SHAPES)}, got {num_classes}")
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=n).astype(np.int64)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    up = _upsample_matrix(size, 5)
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        coarse = rng.uniform(0.0, 1.0, (5, 5, 3)).astype(np.float32)
+        img = np.einsum("yi,ijc,xj->yxc", up, coarse, up)
+        for _ in range(rng.integers(5, 10)):
+            cy, cx = rng.uniform(0, size, 2)
+            r = rng.uniform(0.08, 0.16) * size
+            mask = _shape_mask(_SHAPES[labels[i]], xx - cx, yy - cy, r)
+            img[mask] = rng.uniform(0.0, 1.0, 3).astype(np.float32)
+        img = img + rng.normal(0, 0.04, img.shape)
+        images[i] = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return images, labels
+
+
+def _builtin(cfg) -> Source:
+    b = cfg.data.builtin
+    x, y = make_builtin(b.num_train + b.num_test, b.image_size, b.num_classes, b.seed)
+    tr, te = slice(0, b.num_train), slice(b.num_train, None)
+    train = Split(images=x[tr], labels=y[tr])
+    return Source("builtin", b.image_size, b.num_classes, pretrain=Split(images=x[tr]), train=train,
+                  test=Split(images=x[te], labels=y[te]), mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3))
+
+
+# --------------------------------------------------------------------------- STL-10
+
+STL_FILES = ("unlabeled_X.bin", "train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "fold_indices.txt")
+
+
+def _stl_dir(path: str) -> str:
+    for d in (path, os.path.join(path, "stl10_binary")):
+        if os.path.isfile(os.path.join(d, "train_X.bin")):
+            return d
+    raise ConfigError(f"data.path: no STL-10 binaries (train_X.bin) in {path} or {path}/stl10_binary")
+
+
+def _stl_images(file: str) -> np.ndarray:
+    size = os.path.getsize(file)
+    if size == 0 or size % STL_BYTES:
+        raise ConfigError(f"data.path: {file}: {size} bytes is not a whole number of 3x96x96 images ({STL_BYTES} bytes each)")
+    # the official files store each image as 3 planes, each plane column-major
+    raw = np.memmap(file, np.uint8, "r", shape=(size // STL_BYTES, 3, STL_SIDE, STL_SIDE))
+    return raw.transpose(0, 3, 2, 1)  # -> N, H, W, C (a view; pixels are read on demand)
+
+
+def _stl_labels(file: str, n: int) -> np.ndarray:
+    y = np.fromfile(file, np.uint8)
+    if len(y) != n:
+        raise ConfigError(f"data.path: {file}: {len(y)} labels for {n} images")
+    if len(y) and (y.min() < 1 or y.max() > 10):
+        raise ConfigError(f"data.path: {file}: labels must be 1..10, found {y.min()}..{y.max()}")
+    return y.astype(np.int64) - 1
+
+
+def read_stl_folds(file: str, n_train: int) -> List[np.ndarray]:
+    folds = []
+    with open(file) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                idx = np.array([int(t) for t in line.split()], np.int64)
+            except ValueError:
+                raise ConfigError(f"data.path: {file} line {ln}: not a list of integers") from None
+            if len(idx) and (idx.min() < 0 or idx.max() >= n_train):
+                raise ConfigError(f"data.path: {file} line {ln}: index out of range 0..{n_train - 1}")
+            folds.append(idx)
+    return folds
+
+
+def _stl10(cfg) -> Source:
+    d = _stl_dir(cfg.data.path)
+    for f in STL_FILES[1:5]:
+        if not os.path.isfile(os.path.join(d, f)):
+            raise ConfigError(f"data.path: missing STL-10 file {os.path.join(d, f)}")
+    train_x = _stl_images(os.path.join(d, "train_X.bin"))
+    test_x = _stl_images(os.path.join(d, "test_X.bin"))
+    train = Split(images=train_x, labels=_stl_labels(os.path.join(d, "train_y.bin"), len(train_x)))
+    test = Split(images=test_x, labels=_stl_labels(os.path.join(d, "test_y.bin"), len(test_x)))
+    unl = os.path.join(d, "unlabeled_X.bin")
+    pretrain = _stl_images(unl) if os.path.isfile(unl) else None
+    if cfg.data.split == "pretrain" and pretrain is not None:
+        pre = Split(files=None, images=_Concat(pretrain, train_x))
+    else:
+        pre = Split(images=train_x)
+    fold_file = os.path.join(d, "fold_indices.txt")
+    folds = read_stl_folds(fold_file, len(train_x)) if os.path.isfile(fold_file) else None
+    return Source("stl10", STL_SIDE, 10, pre, train, test, mean=(0.447, 0.440, 0.407),
+                  std=(0.260, 0.257, 0.271), folds=folds)
+
+
+class _Concat:
+    """Two NHWC arrays seen as one, without copying (STL-10 unlabeled + train is ~3 GB)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+        self.shape = (len(a) + len(b),) + tuple(a.shape[1:])
+        self.dtype = a.dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
+        idx = np.arange(len(self))[i]
+        return np.stack([self[int(j)] for j in idx])
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+_CIFAR_CACHE: Dict[str, tuple] = {}
+
+
+def _cifar_batch(file: str, label_key: bytes, num_classes: int):
+    if file in _CIFAR_CACHE:
+        return _CIFAR_CACHE[file]
+    if not os.path.isfile(file):
+        raise ConfigError(f"data.path: missing CIFAR file {file}")
+    try:
+        with open(file, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise ConfigError(f"data.path: {file}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        raise ConfigError(f"data.path: {file}: pickle lacks the fields b'data' and {label_key!r}")
+    x = np.asarray(d[b"data"])
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise ConfigError(f"data.path: {file}: field b'data' has shape {x.shape} {x.dtype}, expected (N, 3072) uint8")
+    y = np.asarray(d[label_key], np.int64)
+    if y.shape != (len(x),):
+        raise ConfigError(f"data.path: {file}: {len(y)} labels for {len(x)} images")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ConfigError(f"data.path: {file}: labels must be 0..{num_classes - 1}, found {y.min()}..{y.max()}")
+    out = (x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y)
+    _CIFAR_CACHE[file] = out
+    return out
+
+
+def _cifar(cfg) -> Source:
+    name = cfg.data.source
+    sub, train_files, test_files, key, ncls = _CIFAR[name]
+    d = cfg.data.path
+    if not os.path.isfile(os.path.join(d, train_files[0])) and os.path.isdir(os.path.join(d, sub)):
+        d = os.path.join(d, sub)
+
+    def load(files):
+        parts = [_cifar_batch(os.path.join(d, f), key, ncls) for f in files]
+        return Split(images=np.concatenate([p[0] for p in parts]), labels=np.concatenate([p[1] for p in parts]))
+
+    train, test = load(train_files), load(test_files)
+    stats = {"cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+             "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276))}[name]
+    return Source(name, 32, ncls, Split(images=train.images), train, test, *stats)
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def _list_images(root: str):
+    """Files of ``root``: class per sub-folder (labels) or a flat folder (no labels)."""
+    entries = sorted(os.listdir(root))
+    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    if classes:
+        files, labels = [], []
+        for c, cls in enumerate(classes):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
+                for nm in sorted(names):
+                    if nm.lower().endswith(IMAGE_EXTS):
+                        files.append(os.path.join(dirpath, nm))
+                        labels.append(c)
+        return files, np.array(labels, np.int64), classes
+    files = [os.path.join(root, e) for e in entries if e.lower().endswith(IMAGE_EXTS)]
+    return files, None, []
+
+
+def _folder(cfg) -> Source:
+    root = cfg.data.path
+    size = cfg.data.image_size or 96
+    has_splits = os.path.isdir(os.path.join(root, "train"))
+    tr_root = os.path.join(root, "train") if has_splits else root
+    files, labels, classes = _list_images(tr_root)
+    if not files:
+        raise ConfigError(f"data.path: no .jpg/.jpeg/.png images found under {tr_root}")
+    train = Split(files=files, labels=labels)
+    test = Split(files=[], labels=None)
+    for name in ("val", "test"):
+        if has_splits and os.path.isdir(os.path.join(root, name)):
+            tf, tl, tcls = _list_images(os.path.join(root, name))
+            if tcls and tcls != classes:
+                raise ConfigError(f"data.path: class folders of {root}/{name} differ from {tr_root}")
+            test = Split(files=tf, labels=tl)
+            break
+    ncls = max(len(classes), 1)
+    unl = os.path.join(root, "unlabeled")
+    pre_files = files + (_list_images(unl)[0] if has_splits and os.path.isdir(unl) else [])
+    pre = Split(files=pre_files if cfg.data.split == "pretrain" else files)
+    return Source("folder", size, ncls, pre, train, test, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+# --------------------------------------------------------------------------- entry points
+
+_BUILDERS = {"builtin": _builtin, "stl10": _stl10, "cifar10": _cifar, "cifar100": _cifar, "folder": _folder}
+
+
+def _check_path(cfg) -> None:
+    if cfg.data.source == "builtin":
+        return
+    p = cfg.data.path
+    if not p:
+        raise ConfigError(f"data.path: required for data.source={cfg.data.source}")
+    if not os.path.isdir(p):
+        raise ConfigError(f"data.path: not a directory: {p}")
+
+
+def check_source(cfg) -> Dict[str, int]:
+    """Validate a source's files and return its sizes, without reading image data."""
+    _check_path(cfg)
+    src = cfg.data.source
+    if src == "builtin":
+        b = cfg.data.builtin
+        for k in ("num_train", "num_test", "image_size", "num_classes"):
+            if getattr(b, k) < 1:
+                raise ConfigError(f"data.builtin.{k}: must be >= 1, got {getattr(b, k)}")
+        if b.image_size < 8:
+            raise ConfigError(f"data.builtin.image_size: must be >= 8, got {b.image_size}")
+        if b.num_classes > len(_SHAPES):
+            raise ConfigError(f"data.builtin.num_classes: at most {len(_SHAPES)}, got {b.num_classes}")
+        return dict(image_size=b.image_size, num_pretrain=b.num_train, num_train=b.num_train,
+                    num_test=b.num_test, num_classes=b.num_classes)
+    if cfg.data.image_size is not None and src != "folder":
+        raise ConfigError(f"data.image_size: only the folder source is resized; {src} images are fixed-size")
+    s = build_source(cfg)  # array sources are memory-mapped/lazy: this reads headers only
+    return dict(image_size=s.image_size, num_pretrain=len(s.pretrain), num_train=len(s.train),
+                num_test=len(s.test), num_classes=s.num_classes)
+
+
+def build_source(cfg) -> Source:
+    _check_path(cfg)
+    if cfg.data.source == "folder" and cfg.data.image_size is not None and cfg.data.image_size < 8:
+        raise ConfigError(f"data.image_size: must be >= 8, got {cfg.data.image_size}")
+    return _BUILDERS[cfg.data.source](cfg)

@@ -1,0 +1,81 @@
+"""Optimiser, learning-rate schedule and mixed precision.
+
+apex's fused optimisers are used when apex is importable and the model is on CUDA (NGC
+images ship apex); otherwise torch's own (``fused=True`` on CUDA).  Biases and norm
+parameters get no weight decay.  The schedule is a per-step multiplier (LambdaLR), so a
+resumed run continues it exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg, model: torch.nn.Module, global_batch: int, device: torch.device):
+    o = cfg.optim
+    lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
+    groups = _param_groups(model, o.weight_decay)
+    cuda = device.type == "cuda"
+    if cuda:
+        try:  # apex, where installed
+            from apex.optimizers import FusedAdam, FusedSGD
+
+            if o.name == "sgd":
+                return FusedSGD(groups, lr=lr, momentum=o.momentum, nesterov=False), "apex.FusedSGD"
+            return FusedAdam(groups, lr=lr, adam_w_mode=True), "apex.FusedAdam"
+        except ImportError:
+            pass
+    if o.name == "sgd":
+        kw = {"fused": True} if cuda else {"foreach": True}
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, **kw), "torch.SGD" + (" (fused)" if cuda else "")
+    kw = {"fused": True} if cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, **kw), "torch.AdamW" + (" (fused)" if cuda else "")
+
+
+def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr at ``step``: linear warm-up, then cosine/step/constant."""
+    o = cfg.optim
+    total = cfg.train.epochs * steps_per_epoch
+    warm = int(o.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if o.schedule == "cosine":
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if o.schedule == "step":
+        epoch = step / steps_per_epoch
+        return o.gamma ** sum(epoch >= m for m in o.milestones)
+    return 1.0
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
+
+
+def resolve_precision(cfg, device: torch.device) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device):
+    """A GradScaler for fp16 (bf16 needs none); disabled otherwise so the code path is one."""
+    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))

@@ -1,0 +1,112 @@
+"""Evaluate a pre-trained (or randomly initialised) backbone on the labeled part of the data.
+
+    python -m fastssl.eval --checkpoint runs/x/checkpoints/last.pt --protocol linear|knn|finetune \
+        [--config FILE] [--random-init] [--out FILE.json] [key=value ...]
+
+``--random-init`` evaluates the same network untrained (seeded init), for comparison.
+Results are printed and written as JSON (default: next to the checkpoint's run folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from fastssl.config import ConfigError, load_config
+from fastssl.data.sources import build_source
+from fastssl.engine import checkpoint as ckpt
+from fastssl.methods import get_method
+from fastssl.models import build_backbone
+
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fastssl.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a checkpoint written by fastssl/train.py")
+    p.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
+    p.add_argument("--random-init", action="store_true", help="evaluate the same network untrained")
+    p.add_argument("--out", help="JSON output file (default: <run>/eval_<protocol>[_random].json)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.linear_epochs=50")
+    return p.parse_args(argv)
+
+
+def load_backbone(cfg, state, source, device):
+    torch.manual_seed(cfg.seed)
+    model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    return model.backbone.to(device)
+
+
+def evaluate(cfg, protocol: str, state, device, log=print):
+    from fastssl.eval.finetune import finetune
+    from fastssl.eval.knn import knn_accuracy
+    from fastssl.eval.linear import linear_probe
+    from fastssl.eval.features import extract
+
+    source = build_source(cfg)
+    if source.train.labels is None or len(source.test) == 0 or source.test.labels is None:
+        raise ConfigError(f"data.path: {cfg.data.source} at {cfg.data.path} has no labeled train/test images to evaluate on")
+    e = cfg.eval
+    backbone = load_backbone(cfg, state, source, device)
+    ncls = source.num_classes
+    if protocol == "finetune":
+        return finetune(backbone, source, e.finetune_labels, ncls, e.finetune_epochs, e.finetune_lr,
+                        e.finetune_seeds, min(e.batch_size, 128), device, log)
+    t = time.time()
+    xtr = extract(backbone, source.train, source, e.batch_size, device, e.layer)
+    xte = extract(backbone, source.test, source, e.batch_size, device, e.layer)
+    ytr, yte = torch.from_numpy(np.asarray(source.train.labels)), torch.from_numpy(np.asarray(source.test.labels))
+    log(f"  features: {tuple(xtr.shape)} train, {tuple(xte.shape)} test ({time.time() - t:.1f}s)")
+    if protocol == "linear":
+        return linear_probe(xtr, ytr, xte, yte, ncls, e.linear_epochs, e.linear_lr, e.linear_seeds)
+    return knn_accuracy(xtr, ytr, xte, yte, ncls, e.knn_k, e.knn_temperature)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        state = None
+        if args.checkpoint:
+            state = ckpt.load(args.checkpoint)
+        elif not (args.random_init and args.config):
+            raise ConfigError("--checkpoint: required (or --random-init with --config)")
+        if args.config:
+            cfg = load_config(args.config, args.overrides)
+        else:
+            cfg = load_config(state["config"], args.overrides)
+    except (ConfigError, ckpt.CheckpointError) as e:
+        print(f"fastssl.eval: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    what = "random-init" if args.random_init else (args.checkpoint or "")
+    print(f"fastssl.eval: {args.protocol} | {cfg.method.name}/{cfg.model.arch} | {what} | {cfg.data.source}", flush=True)
+    try:
+        res = evaluate(cfg, args.protocol, None if args.random_init else state, device)
+    except ConfigError as e:
+        print(f"fastssl.eval: error: {e}", file=sys.stderr)
+        return 2
+    res.update(protocol=args.protocol, random_init=args.random_init, checkpoint=args.checkpoint,
+               dataset=cfg.data.source, arch=cfg.model.arch, method=cfg.method.name)
+    out = args.out
+    if out is None:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint else cfg.out_dir
+        out = os.path.join(run_dir, f"eval_{args.protocol}{'_random' if args.random_init else ''}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    std = f" +- {res['std']:.2f}" if "std" in res else ""
+    print(f"fastssl.eval: {args.protocol} accuracy {res['accuracy']:.2f}%{std} -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

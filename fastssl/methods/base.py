@@ -1,0 +1,56 @@
+"""The interface every method implements (see sc.py for a complete, small example)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fastssl.models import Backbone
+
+
+@dataclass
+class MethodConfig:
+    name: str = "?"
+
+
+class Method(nn.Module):
+    """A self-supervised method: a backbone, the method's own heads/state, and its loss.
+
+    Subclasses set ``name`` and ``Config`` and implement ``crop_plan`` (the pipeline recipe:
+    which boxes of each image become the views, computed on the host from a seeded RNG so that
+    every pipeline and a resumed run see exactly the same crops) and ``forward`` (views -> loss).
+    """
+
+    name: str = "?"
+    Config = MethodConfig
+    find_unused_parameters: bool = False
+    num_views: int = 2  # crops per image the pipeline delivers
+    resize_views: bool = False  # True when boxes differ from view_size and must be resized
+    color_jitter: bool = False  # True when the plan's colour changes must be applied
+
+    def __init__(self, cfg, backbone: Backbone, image_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.image_size = image_size
+
+    @classmethod
+    def validate(cls, cfg, data_info: Dict) -> None:
+        """Raise fastssl.config.ConfigError for impossible method settings."""
+
+    @property
+    def view_size(self) -> int:
+        """Side of every view the pipeline delivers."""
+        raise NotImplementedError
+
+    def crop_plan(self, rng: np.random.Generator, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes (n, V, 4) int32 as (y, x, h, w) in image pixels, flips (n, V) uint8 and
+        colour changes (n, V, 3) float32 (hue degrees, saturation, value; see data.pipeline)."""
+        raise NotImplementedError
+
+    def forward(self, views, index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Returns a dict with at least ``loss`` (scalar); other entries are logged."""
+        raise NotImplementedError

@@ -1,0 +1,118 @@
+"""Spatial Contrasting (Hoffer, Hubara, Ailon 2016; ../shared/METHODS.md section 1).
+
+Two patches are cut from every image.  For a batch of N images the features of patch 1 of
+image i should be closer to patch 2 of image i than to patch 2 of any other image j:
+
+    L = -1/N * sum_i log( exp(-||f_i1 - f_i2||) / sum_j exp(-||f_i1 - f_j2||) )
+
+i.e. a softmax cross-entropy over negative Euclidean distances, N^2 comparisons per batch.
+The loss can be applied at several stages of one network at once (each stage's feature map
+is average-pooled to a vector first); the total is their weighted sum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastssl.data.pipeline import ColorJitter, draw_color
+from fastssl.methods import register
+from fastssl.methods.base import Method, MethodConfig
+
+
+def pairwise_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a_i - b_j|| for all i, j, in fp32, from the differences themselves: the matmul
+    expansion |a|^2 + |b|^2 - 2ab loses ~1e-3 to cancellation near zero distance, which is
+    where the positives are.  (torch.cdist's gradient at zero distance is zero, not NaN.)"""
+    return torch.cdist(a.float(), b.float(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def spatial_contrasting_loss(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """Eq. (2) of the paper: f1, f2 are (N, D) features of the two patches of N images."""
+    logits = -pairwise_euclidean(f1, f2)
+    target = torch.arange(f1.shape[0], device=f1.device)
+    return F.cross_entropy(logits, target)
+
+
+@dataclass
+class SCConfig(MethodConfig):
+    name: str = "sc"
+    patch_size: Optional[int] = None  # pixels; None = round(patch_fraction * image side)
+    patch_fraction: float = 2.0 / 3.0
+    layers: Optional[List[str]] = None  # backbone stages the loss is applied at; None = last
+    layer_weights: Optional[List[float]] = None  # one per layer; None = all 1
+    flip: bool = False  # random horizontal flip of each patch (not in the paper)
+    color: ColorJitter = field(default_factory=ColorJitter)  # per-patch colour change (not in the paper)
+
+
+@register
+class SpatialContrasting(Method):
+    name = "sc"
+    Config = SCConfig
+
+    def __init__(self, cfg, backbone, image_size):
+        super().__init__(cfg, backbone, image_size)
+        m = cfg.method
+        self.layers = list(m.layers) if m.layers else [backbone.stage_names[-1]]
+        self.weights = list(m.layer_weights) if m.layer_weights else [1.0] * len(self.layers)
+        # stages after the deepest used one get no gradient; DDP must be told
+        deepest = max(backbone.stage_names.index(s) for s in self.layers)
+        self.find_unused_parameters = deepest < len(backbone.stage_names) - 1
+        self.color_jitter = ColorJitter(m.color.hue, list(m.color.saturation), list(m.color.value)).active
+
+    @staticmethod
+    def patch_side(method_cfg, image_size: int) -> int:
+        if method_cfg.patch_size is not None:
+            return int(method_cfg.patch_size)
+        return max(1, int(round(method_cfg.patch_fraction * image_size)))
+
+    @classmethod
+    def validate(cls, cfg, data_info):
+        from fastssl.config import ConfigError
+        from fastssl.models import stages_of
+
+        m, size = cfg.method, data_info["image_size"]
+        if m.patch_size is None and not 0 < m.patch_fraction <= 1:
+            raise ConfigError(f"method.patch_fraction: must be in (0, 1], got {m.patch_fraction}")
+        p = cls.patch_side(m, size)
+        if not 4 <= p <= size:
+            raise ConfigError(f"method.patch_size: {p} px is impossible for {size}x{size} images (need 4 <= patch <= {size})")
+        stages = stages_of(cfg.model.arch)
+        for i, s in enumerate(m.layers or []):
+            if s not in stages:
+                raise ConfigError(f"method.layers[{i}]: {s!r} is not a stage of {cfg.model.arch}: {', '.join(stages)}")
+        c = m.color
+        if not 0 <= c.hue <= 180:
+            raise ConfigError(f"method.color.hue: must be in [0, 180] degrees, got {c.hue}")
+        for k in ("saturation", "value"):
+            r = list(getattr(c, k))
+            if len(r) != 2 or not 0 <= r[0] <= r[1]:
+                raise ConfigError(f"method.color.{k}: must be a range [lo, hi] with 0 <= lo <= hi, got {r}")
+        if m.layer_weights is not None and len(m.layer_weights) != len(m.layers or [None]):
+            raise ConfigError(f"method.layer_weights: {len(m.layer_weights)} weights for {len(m.layers or [None])} layers")
+
+    @property
+    def view_size(self):
+        return self.patch_side(self.cfg.method, self.image_size)
+
+    def crop_plan(self, rng, n):
+        p, s = self.view_size, self.image_size
+        yx = rng.integers(0, s - p + 1, size=(n, 2, 2), dtype=np.int32)  # (n, view, [y, x])
+        boxes = np.concatenate([yx, np.full((n, 2, 2), p, np.int32)], axis=2)
+        flips = rng.integers(0, 2, size=(n, 2), dtype=np.uint8) if self.cfg.method.flip else np.zeros((n, 2), np.uint8)
+        return boxes, flips, draw_color(rng, n, 2, self.cfg.method.color)
+
+    def forward(self, views, index):
+        x = torch.cat(views, 0)  # one backbone pass over both patch sets
+        feats = self.backbone(x, self.layers)
+        out, total = {}, 0.0
+        for name, w in zip(self.layers, self.weights):
+            f1, f2 = feats[name].float().mean(dim=(2, 3)).chunk(2)
+            loss = spatial_contrasting_loss(f1, f2)
+            out[f"loss_{name}"] = loss.detach()
+            total = total + w * loss
+        out["loss"] = total
+        return out

@@ -1,0 +1,92 @@
+"""Backbones with named stages.
+
+Every backbone is a ``Backbone``: a sequence of named stages (``stages_of(arch)``), a
+``forward(x, stages)`` returning the requested stages' feature maps, and ``features(x)``
+returning one stage globally average-pooled to a vector (what evaluation protocols use).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torchvision
+
+ARCHS = ("convnet", "resnet18", "resnet50")
+_STAGES = {
+    "convnet": ("block1", "block2", "block3"),
+    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
+    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
+}
+
+
+def stages_of(arch: str):
+    return _STAGES[arch]
+
+
+class Backbone(nn.Module):
+    def __init__(self, stem: nn.Module, stages: "OrderedDict[str, nn.Module]", widths: Dict[str, int]):
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleDict(stages)
+        self.widths = widths  # output channels per stage
+
+    @property
+    def stage_names(self):
+        return tuple(self.stages.keys())
+
+    def forward(self, x: torch.Tensor, stages: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+        """Feature maps of ``stages`` (default: the last); stops after the deepest one asked for."""
+        wanted = set(stages) if stages is not None else {self.stage_names[-1]}
+        out = {}
+        x = self.stem(x)
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in wanted:
+                out[name] = x
+                if len(out) == len(wanted):
+                    break
+        return out
+
+    def features(self, x: torch.Tensor, stage: Optional[str] = None) -> torch.Tensor:
+        stage = stage or self.stage_names[-1]
+        return self.forward(x, [stage])[stage].float().mean(dim=(2, 3))
+
+    def dim(self, stage: Optional[str] = None) -> int:
+        return self.widths[stage or self.stage_names[-1]]
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def convnet(width: int = 64) -> Backbone:
+    """A small VGG-style network in the spirit of the SC paper's STL-10/CIFAR nets."""
+    w = width
+    stages = OrderedDict(
+        block1=nn.Sequential(_conv_bn(3, w), _conv_bn(w, w), nn.MaxPool2d(2)),
+        block2=nn.Sequential(_conv_bn(w, 2 * w), _conv_bn(2 * w, 2 * w), nn.MaxPool2d(2)),
+        block3=nn.Sequential(_conv_bn(2 * w, 4 * w), _conv_bn(4 * w, 4 * w)),
+    )
+    return Backbone(nn.Identity(), stages, {"block1": w, "block2": 2 * w, "block3": 4 * w})
+
+
+def resnet(arch: str, small_stem: bool) -> Backbone:
+    """torchvision ResNet; ``small_stem`` = 3x3 stride-1 conv and no max-pool (32-64 px inputs)."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    stages = OrderedDict((n, getattr(net, n)) for n in _STAGES[arch])
+    exp = 4 if arch == "resnet50" else 1
+    widths = {n: c * exp for n, c in zip(_STAGES[arch], (64, 128, 256, 512))}
+    return Backbone(stem, stages, widths)
+
+
+def build_backbone(model_cfg, image_size: int) -> Backbone:
+    if model_cfg.arch == "convnet":
+        return convnet(model_cfg.width)
+    small = model_cfg.stem == "small" or (model_cfg.stem == "auto" and image_size <= 64)
+    return resnet(model_cfg.arch, small)

@@ -1,0 +1,200 @@
+"""Pre-train a self-supervised method.
+
+    torchrun --standalone --nproc_per_node=N fastssl/train.py --config configs/sc/builtin.yaml \
+        train.epochs=1 data.pipeline=dali-cpu out_dir=runs/x [--resume]
+
+Read top to bottom: config -> processes -> data -> model -> optimiser -> (resume) -> loop.
+Every config value is checked before anything heavy is built; a SIGTERM/SIGUSR1 finishes the
+current step, writes a checkpoint and exits 0; ``--resume`` continues from it exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script (torchrun fastssl/train.py) from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastssl.config import ConfigError, load_config, save_config
+from fastssl.data.pipeline import build_loader, resolve_pipeline
+from fastssl.data.sources import build_source
+from fastssl.engine import checkpoint as ckpt
+from fastssl.engine import dist
+from fastssl.engine.metrics import MetricsLogger, StepTimer
+from fastssl.engine.optim import (autocast, build_optimizer, build_scheduler, grad_scaler,
+                                  resolve_precision)
+from fastssl.engine.signals import StopRequest
+from fastssl.methods import get_method
+from fastssl.models import build_backbone
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file, e.g. configs/sc/builtin.yaml (default with --resume: out_dir/config.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt if it exists")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=1")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    path = args.config
+    if path is None and args.resume:
+        out = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("out_dir=")), None)
+        if out and os.path.isfile(os.path.join(out, "config.yaml")):
+            path = os.path.join(out, "config.yaml")
+    if path is None:
+        raise ConfigError("--config: required (or --resume with out_dir=<a run folder holding config.yaml>)")
+    return load_config(path, args.overrides)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)  # every value validated here, before any model or data
+    except ConfigError as e:
+        print(f"fastssl: config error: {e}", file=sys.stderr)
+        return 2
+
+    # ---- processes, seeds, output folder
+    d = dist.setup()
+    stop = StopRequest()
+    torch.manual_seed(cfg.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    ck_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
+    if d.is_main:
+        os.makedirs(os.path.join(cfg.out_dir, "checkpoints"), exist_ok=True)
+        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+
+    # ---- data: source files -> the method's crop recipe -> DALI (or torchvision) pipeline
+    source = build_source(cfg)
+    method_cls = get_method(cfg.method.name)
+    model = method_cls(cfg, build_backbone(cfg.model, source.image_size), source.image_size).to(d.device)
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else d.device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = build_loader(cfg, source, source.pretrain, model, d.rank, d.world, device_id=d.local_rank)
+    steps_per_epoch = len(loader)
+
+    # ---- optimiser, schedule, precision, DDP
+    global_batch = cfg.data.batch_size * d.world
+    optimizer, opt_name = build_optimizer(cfg, model, global_batch, d.device)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    precision = resolve_precision(cfg, d.device)
+    scaler = grad_scaler(precision, d.device)
+    ddp = DDP(model, find_unused_parameters=model.find_unused_parameters) if d.world > 1 else model
+
+    # ---- resume
+    epoch, step_in_epoch, step = 0, 0, 0
+    if args.resume and os.path.isfile(ck_path):
+        try:
+            state = ckpt.load(ck_path)
+        except ckpt.CheckpointError as e:
+            print(f"fastssl: cannot resume: {e}", file=sys.stderr)
+            return 2
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            print(f"fastssl: {ck_path} does not fit this config's model: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+        epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
+    elif args.resume and d.is_main:
+        print(f"fastssl: no checkpoint at {ck_path}; starting a new run", file=sys.stderr)
+
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    log = MetricsLogger(cfg.out_dir, d.is_main, total_steps, step, cfg.train.tensorboard, cfg.train.progress)
+    log.write(f"fastssl: {cfg.method.name} on {source.name} ({len(source.pretrain)} images, {source.image_size}px) | "
+              f"{cfg.model.arch} | {d.world} x {d.device.type} | pipeline {resolve_pipeline(cfg.data.pipeline)} | "
+              f"{precision} | {opt_name} | batch {cfg.data.batch_size} x {d.world} | {steps_per_epoch} steps/epoch"
+              + (f" | resumed at epoch {epoch} step {step}" if step else ""))
+
+    def save(reason: str):
+        """All ranks' RNG states are gathered; rank 0 writes the file atomically."""
+        rngs = [ckpt.rng_state()]
+        if d.world > 1:
+            rngs = [None] * d.world
+            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+        if d.is_main:
+            e, k = (epoch + 1, 0) if step_in_epoch >= steps_per_epoch else (epoch, step_in_epoch)
+            ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                              "rng": rngs, "epoch": e, "step_in_epoch": k, "step": step,
+                              "config": cfg, "reason": reason}, ck_path)
+
+    # ---- the loop
+    timer = StepTimer(d.device)
+    finished = step >= total_steps
+    if step_in_epoch >= steps_per_epoch:
+        epoch, step_in_epoch = epoch + 1, 0
+    while not finished and epoch < cfg.train.epochs:
+        loader.set_epoch(epoch, step_in_epoch)
+        model.train()
+        t_wait = time.perf_counter()
+        for batch in loader:
+            views = [v.to(d.device, non_blocking=True) for v in batch["views"]]
+            if channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            timer.data_wait(time.perf_counter() - t_wait)
+
+            with autocast(precision, d.device):
+                out = ddp(views, batch["index"].to(d.device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            if cfg.train.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            step_in_epoch += 1
+            timer.step_done()
+            log.advance()
+
+            if step % cfg.train.log_every_steps == 0 or step == total_steps:
+                rec = {"step": step, "epoch": epoch + step_in_epoch / steps_per_epoch}
+                rec.update({k: dist.mean_over_ranks(v.detach().float()).item() for k, v in out.items()})
+                rec["lr"] = scheduler.get_last_lr()[0]
+                rec.update(timer.read(global_batch))
+                log.log(rec)
+            stopping = dist.any_rank(stop.requested, d.device)
+            if stopping or step % cfg.train.ckpt_every_steps == 0:
+                save(f"signal {stop.name}" if stopping else "periodic")
+            if stopping:
+                log.write(f"fastssl: {stop.name or 'stop on another rank'}: checkpoint written at step {step}; "
+                          f"continue with --resume")
+                log.close()
+                dist.barrier()
+                dist.cleanup()
+                return 0
+            if step >= total_steps:
+                finished = True
+                break
+            t_wait = time.perf_counter()
+        if step_in_epoch >= steps_per_epoch:
+            save("end of epoch")
+            epoch, step_in_epoch = epoch + 1, 0
+        elif finished:
+            save("max_steps")
+
+    log.write(f"fastssl: done after {step} steps; checkpoint {ck_path}")
+    log.close()
+    dist.barrier()
+    dist.cleanup()
+    stop.restore()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

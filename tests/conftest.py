@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
+
+# A tiny run: 512 images of 32 px, 16-wide convnet, batch 32.
+TINY = ["data.builtin.num_train=512", "data.builtin.num_test=256", "data.batch_size=32", "model.width=16",
+        "train.progress=false", "train.log_every_steps=1", "data.num_workers=1"]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def run(args, timeout=600, check=True, **kw):
+    p = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train_cmd(out_dir, *overrides, config="configs/sc/builtin.yaml", nproc=None):
+    base = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc else [PY]
+    return base + ["fastssl/train.py", "--config", config, f"out_dir={out_dir}", *TINY, *overrides]
+
+
+@pytest.fixture
+def tiny_cfg():
+    from fastssl.config import load_config
+
+    def make(*overrides, config=os.path.join(ROOT, "configs/sc/builtin.yaml")):
+        return load_config(config, [*TINY, *overrides])
+
+    return make
