@@ -52,8 +52,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "convnet"  # convnet | resnet18 | resnet50
-    width: int = 64  # convnet base width
+    arch: str = "convnet"  # convnet | shallow | resnet18 | resnet50
+    width: int = 64  # convnet/shallow base width (channels of the first stage)
+    kernel: int = 6  # shallow: conv kernel side
     stem: str = "auto"  # auto | small (3x3 stride 1, no max-pool) | imagenet (7x7/2 + max-pool)
 
 
@@ -98,7 +99,15 @@ class EvalConfig:
     finetune_epochs: int = 30
     finetune_lr: float = 0.05
     finetune_seeds: int = 1
+    transfer_epochs: int = 15  # transfer protocol (layerwise): small classifier on the learned first layer
+    transfer_runs: int = 3
+    transfer_freeze: bool = False  # frozen (True) or fine-tuned (False) first layer
     batch_size: int = 256
+
+
+@dataclass
+class LossConfig:
+    impl: str = "auto"  # auto = fused Triton kernels on CUDA, eager PyTorch elsewhere | fused | eager
 
 
 @dataclass
@@ -109,6 +118,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     out_dir: str = "runs/default"
 
@@ -189,10 +199,19 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "optim.name", ("sgd", "adamw"))
     _choice(cfg, "optim.schedule", ("cosine", "step", "constant"))
     _choice(cfg, "train.precision", PRECISIONS)
+    _choice(cfg, "loss.impl", ("auto", "fused", "eager"))
+    if cfg.loss.impl == "fused":
+        import torch
+
+        from fastssl.kernels._common import interpreted
+
+        _check(torch.cuda.is_available() or interpreted(), "loss.impl",
+               "fused kernels need a CUDA GPU (or TRITON_INTERPRET=1 for tests); use auto or eager")
     _check(d.batch_size >= 2, "data.batch_size", f"must be >= 2 (contrastive losses need negatives), got {d.batch_size}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
     _check(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
+    _check(m.kernel >= 1, "model.kernel", f"must be >= 1, got {m.kernel}")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
     _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -208,6 +227,8 @@ def validate(cfg: DictConfig) -> None:
     _check(e.linear_epochs >= 1, "eval.linear_epochs", f"must be >= 1, got {e.linear_epochs}")
     _check(e.linear_seeds >= 1, "eval.linear_seeds", f"must be >= 1, got {e.linear_seeds}")
     _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
+    _check(e.transfer_epochs >= 1, "eval.transfer_epochs", f"must be >= 1, got {e.transfer_epochs}")
+    _check(e.transfer_runs >= 1, "eval.transfer_runs", f"must be >= 1, got {e.transfer_runs}")
     _check(e.knn_temperature > 0, "eval.knn_temperature", f"must be > 0, got {e.knn_temperature}")
     _check(e.finetune_labels is None or e.finetune_labels >= 1, "eval.finetune_labels", f"must be >= 1, got {e.finetune_labels}")
     if e.layer is not None:

@@ -28,7 +28,7 @@ from fastssl.engine import dist
 from fastssl.engine.metrics import MetricsLogger, StepTimer
 from fastssl.engine.optim import (autocast, build_optimizer, build_scheduler, grad_scaler,
                                   resolve_precision)
-from fastssl.engine.signals import StopRequest
+from fastssl.engine.signals import FaultInjection, StopRequest
 from fastssl.methods import get_method
 from fastssl.models import build_backbone
 
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     # ---- processes, seeds, output folder
     d = dist.setup()
     stop = StopRequest()
+    fault = FaultInjection()
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -71,122 +72,144 @@ def main(argv=None) -> int:
         os.makedirs(os.path.join(cfg.out_dir, "checkpoints"), exist_ok=True)
         save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
 
-    # ---- data: source files -> the method's crop recipe -> DALI (or torchvision) pipeline
+    # ---- data source and the method (backbone + its heads/state)
     source = build_source(cfg)
-    method_cls = get_method(cfg.method.name)
-    model = method_cls(cfg, build_backbone(cfg.model, source.image_size), source.image_size).to(d.device)
+    model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size)
+    model = model.to(d.device)
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else d.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = build_loader(cfg, source, source.pretrain, model, d.rank, d.world, device_id=d.local_rank)
-    steps_per_epoch = len(loader)
-
-    # ---- optimiser, schedule, precision, DDP
-    global_batch = cfg.data.batch_size * d.world
-    optimizer, opt_name = build_optimizer(cfg, model, global_batch, d.device)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     precision = resolve_precision(cfg, d.device)
-    scaler = grad_scaler(precision, d.device)
-    ddp = DDP(model, find_unused_parameters=model.find_unused_parameters) if d.world > 1 else model
+    global_batch = cfg.data.batch_size * d.world
 
-    # ---- resume
-    epoch, step_in_epoch, step = 0, 0, 0
+    # ---- resume: the position (stage, epoch, step) and, below, the stage's optimiser state
+    state, stage0, epoch, step_in_epoch, step = None, 0, 0, 0, 0
     if args.resume and os.path.isfile(ck_path):
         try:
             state = ckpt.load(ck_path)
+            model.load_state_dict(state["model"])
         except ckpt.CheckpointError as e:
             print(f"fastssl: cannot resume: {e}", file=sys.stderr)
             return 2
-        try:
-            model.load_state_dict(state["model"])
         except RuntimeError as e:
             print(f"fastssl: {ck_path} does not fit this config's model: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
-        epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
+        stage0, epoch, step_in_epoch, step = state.get("stage", 0), state["epoch"], state["step_in_epoch"], state["step"]
     elif args.resume and d.is_main:
         print(f"fastssl: no checkpoint at {ck_path}; starting a new run", file=sys.stderr)
 
-    total_steps = cfg.train.epochs * steps_per_epoch
+    # A method trains in one or more stages (e.g. one layer at a time); each stage has its own
+    # trainable parameters, crop recipe, data loader and optimiser.
+    steps_per_epoch = len(source.pretrain) // global_batch
+    total_steps = model.num_stages * cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     log = MetricsLogger(cfg.out_dir, d.is_main, total_steps, step, cfg.train.tensorboard, cfg.train.progress)
-    log.write(f"fastssl: {cfg.method.name} on {source.name} ({len(source.pretrain)} images, {source.image_size}px) | "
-              f"{cfg.model.arch} | {d.world} x {d.device.type} | pipeline {resolve_pipeline(cfg.data.pipeline)} | "
-              f"{precision} | {opt_name} | batch {cfg.data.batch_size} x {d.world} | {steps_per_epoch} steps/epoch"
-              + (f" | resumed at epoch {epoch} step {step}" if step else ""))
-
-    def save(reason: str):
-        """All ranks' RNG states are gathered; rank 0 writes the file atomically."""
-        rngs = [ckpt.rng_state()]
-        if d.world > 1:
-            rngs = [None] * d.world
-            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
-        if d.is_main:
-            e, k = (epoch + 1, 0) if step_in_epoch >= steps_per_epoch else (epoch, step_in_epoch)
-            ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                              "rng": rngs, "epoch": e, "step_in_epoch": k, "step": step,
-                              "config": cfg, "reason": reason}, ck_path)
-
-    # ---- the loop
     timer = StepTimer(d.device)
     finished = step >= total_steps
-    if step_in_epoch >= steps_per_epoch:
-        epoch, step_in_epoch = epoch + 1, 0
-    while not finished and epoch < cfg.train.epochs:
-        loader.set_epoch(epoch, step_in_epoch)
-        model.train()
-        t_wait = time.perf_counter()
-        for batch in loader:
-            views = [v.to(d.device, non_blocking=True) for v in batch["views"]]
-            if channels_last:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            timer.data_wait(time.perf_counter() - t_wait)
 
-            with autocast(precision, d.device):
-                out = ddp(views, batch["index"].to(d.device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            if cfg.train.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            step_in_epoch += 1
-            timer.step_done()
-            log.advance()
+    for stage in range(stage0, model.num_stages):
+        if finished:
+            break
+        model.begin_stage(stage)
+        loader = build_loader(cfg, source, source.pretrain, model, d.rank, d.world, device_id=d.local_rank)
+        optimizer, opt_name = build_optimizer(cfg, model, global_batch, d.device)
+        scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+        scaler = grad_scaler(precision, d.device)
+        ddp = DDP(model, find_unused_parameters=model.find_unused_parameters) if d.world > 1 else model
+        if state is not None and stage == stage0:
+            if "optimizer" in state:  # (absent when the checkpoint marks the start of a stage)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+            ckpt.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+        log.write(f"fastssl: {cfg.method.name} on {source.name} ({len(source.pretrain)} images, {source.image_size}px) | "
+                  f"{cfg.model.arch} | {d.world} x {d.device.type} | pipeline {resolve_pipeline(cfg.data.pipeline)} | "
+                  f"{precision} | {opt_name} | batch {cfg.data.batch_size} x {d.world} | {steps_per_epoch} steps/epoch"
+                  + (f" | stage {stage + 1}/{model.num_stages}" if model.num_stages > 1 else "")
+                  + (f" | resumed at epoch {epoch} step {step}" if state is not None and stage == stage0 else ""))
 
-            if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                rec = {"step": step, "epoch": epoch + step_in_epoch / steps_per_epoch}
-                rec.update({k: dist.mean_over_ranks(v.detach().float()).item() for k, v in out.items()})
-                rec["lr"] = scheduler.get_last_lr()[0]
-                rec.update(timer.read(global_batch))
-                log.log(rec)
-            stopping = dist.any_rank(stop.requested, d.device)
-            if stopping or step % cfg.train.ckpt_every_steps == 0:
-                save(f"signal {stop.name}" if stopping else "periodic")
-            if stopping:
-                log.write(f"fastssl: {stop.name or 'stop on another rank'}: checkpoint written at step {step}; "
-                          f"continue with --resume")
-                log.close()
-                dist.barrier()
-                dist.cleanup()
-                return 0
-            if step >= total_steps:
-                finished = True
-                break
-            t_wait = time.perf_counter()
+        def save(reason: str, fresh_stage: bool = False):
+            """All ranks' RNG states are gathered; rank 0 writes the file atomically."""
+            rngs = [ckpt.rng_state()]
+            if d.world > 1:
+                rngs = [None] * d.world
+                torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+            if not d.is_main:
+                return
+            if fresh_stage:  # the stage is done: resume at the start of the next one
+                pos = {"stage": stage + 1, "epoch": 0, "step_in_epoch": 0}
+                opt = {}
+            else:
+                e, k = (epoch + 1, 0) if step_in_epoch >= steps_per_epoch else (epoch, step_in_epoch)
+                pos = {"stage": stage, "epoch": e, "step_in_epoch": k}
+                opt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "scaler": scaler.state_dict()}
+            ckpt.save_atomic({"model": model.state_dict(), **opt, "rng": rngs, **pos, "step": step,
+                              "config": cfg, "reason": reason}, ck_path)
+
+        # ---- the loop
         if step_in_epoch >= steps_per_epoch:
-            save("end of epoch")
             epoch, step_in_epoch = epoch + 1, 0
-        elif finished:
-            save("max_steps")
+        while not finished and epoch < cfg.train.epochs:
+            loader.set_epoch(epoch, step_in_epoch)
+            model.train()
+            t_wait = time.perf_counter()
+            for batch in loader:
+                views = [v.to(d.device, non_blocking=True) for v in batch["views"]]
+                if channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                timer.data_wait(time.perf_counter() - t_wait)
+
+                with autocast(precision, d.device):
+                    out = ddp(views, batch["index"].to(d.device, non_blocking=True))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out["loss"]).backward()
+                if cfg.train.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                step_in_epoch += 1
+                timer.step_done()
+                log.advance()
+
+                if step % cfg.train.log_every_steps == 0 or step == total_steps:
+                    rec = {"step": step, "epoch": epoch + step_in_epoch / steps_per_epoch}
+                    if model.num_stages > 1:
+                        rec["stage"] = stage
+                    rec.update({k: dist.mean_over_ranks(v.detach().float()).item() for k, v in out.items()})
+                    rec["lr"] = scheduler.get_last_lr()[0]
+                    rec.update(timer.read(global_batch))
+                    log.log(rec)
+                stopping = dist.any_rank(stop.requested, d.device)
+                if stopping or step % cfg.train.ckpt_every_steps == 0:
+                    save(f"signal {stop.name}" if stopping else "periodic")
+                if stopping:
+                    log.write(f"fastssl: {stop.name or 'stop on another rank'}: checkpoint written at step {step}; "
+                              f"continue with --resume")
+                    log.close()
+                    dist.barrier()
+                    dist.cleanup()
+                    return 0
+                fault.after_step(step)
+                if step >= total_steps:
+                    finished = True
+                    break
+                t_wait = time.perf_counter()
+            if step_in_epoch >= steps_per_epoch:
+                save("end of epoch")
+                epoch, step_in_epoch = epoch + 1, 0
+            elif finished:
+                save("max_steps")
+        if epoch >= cfg.train.epochs:  # the stage ran to its end
+            if d.is_main:
+                model.end_stage(stage, cfg.out_dir)
+            if stage + 1 < model.num_stages:
+                save("end of stage", fresh_stage=True)
+            epoch, step_in_epoch, state = 0, 0, None
 
     log.write(f"fastssl: done after {step} steps; checkpoint {ck_path}")
     log.close()

@@ -3,6 +3,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter (set before they are imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -20,8 +25,10 @@ def env():
     return e
 
 
-def run(args, timeout=600, check=True, **kw):
-    p = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
+def run(args, timeout=600, check=True, env_extra=None, **kw):
+    e = env()
+    e.update(env_extra or {})
+    p = subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

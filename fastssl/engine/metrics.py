@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -53,10 +54,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-        if progress:
+        self.last_print = 0.0
+        if progress and sys.stderr.isatty():  # a bar on a terminal; plain lines in log files
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+        self.total = total_steps
 
     def log(self, record: Dict):
         if not self.enabled:
@@ -69,6 +72,11 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
                                  stall=f"{record['data_stall']:.0%}")
+        elif time.time() - self.last_print > 30 or record["step"] == self.total:
+            self.last_print = time.time()
+            print(f"step {record['step']}/{self.total} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+                  f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s data-stall {record['data_stall']:.0%}",
+                  flush=True)
 
     def advance(self, n: int = 1):
         if self.bar is not None:

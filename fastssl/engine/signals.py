@@ -1,6 +1,7 @@
 """SIGTERM / SIGUSR1 (SLURM pre-emption) -> finish the step, checkpoint, exit 0."""
 from __future__ import annotations
 
+import os
 import signal
 
 
@@ -31,3 +32,16 @@ class StopRequest:
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class FaultInjection:
+    """Test hook: ``FASTSSL_KILL_AT_STEP=N`` makes the process SIGKILL itself right after step N
+    (and after that step's checkpoint, if any), exactly as a crash would, at a known step."""
+
+    def __init__(self):
+        v = os.environ.get("FASTSSL_KILL_AT_STEP")
+        self.kill_at = int(v) if v else None
+
+    def after_step(self, step: int) -> None:
+        if self.kill_at is not None and step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,6 +1,6 @@
 """Evaluate a pre-trained (or randomly initialised) backbone on the labeled part of the data.
 
-    python -m fastssl.eval --checkpoint runs/x/checkpoints/last.pt --protocol linear|knn|finetune \
+    python -m fastssl.eval --checkpoint runs/x/checkpoints/last.pt --protocol linear|knn|finetune|transfer \
         [--config FILE] [--random-init] [--out FILE.json] [key=value ...]
 
 ``--random-init`` evaluates the same network untrained (seeded init), for comparison.
@@ -23,7 +23,7 @@ from fastssl.engine import checkpoint as ckpt
 from fastssl.methods import get_method
 from fastssl.models import build_backbone
 
-PROTOCOLS = ("linear", "knn", "finetune")
+PROTOCOLS = ("linear", "knn", "finetune", "transfer")
 
 
 def parse_args(argv):
@@ -58,6 +58,13 @@ def evaluate(cfg, protocol: str, state, device, log=print):
     e = cfg.eval
     backbone = load_backbone(cfg, state, source, device)
     ncls = source.num_classes
+    if protocol == "transfer":
+        from fastssl.eval.transfer import transfer
+
+        if cfg.model.arch != "shallow":
+            raise ConfigError(f"--protocol transfer: needs the 'shallow' net of the layerwise method, not {cfg.model.arch}")
+        return transfer(backbone, source, ncls, e.transfer_epochs, e.transfer_runs, e.transfer_freeze,
+                        min(e.batch_size, 128), device, e.finetune_labels, log)
     if protocol == "finetune":
         return finetune(backbone, source, e.finetune_labels, ncls, e.finetune_epochs, e.finetune_lr,
                         e.finetune_seeds, min(e.batch_size, 128), device, log)

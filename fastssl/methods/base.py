@@ -37,6 +37,19 @@ class Method(nn.Module):
         self.backbone = backbone
         self.image_size = image_size
 
+    num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
+
+    def begin_stage(self, stage: int) -> None:
+        """Before a stage's loader and optimiser are built: set what trains and the crop recipe."""
+
+    def end_stage(self, stage: int, out_dir: str) -> None:
+        """After a stage's last step, on rank 0 (e.g. write the learned filters)."""
+
+    def loss_impl(self, t: torch.Tensor) -> str:
+        """``loss.impl`` resolved for tensor ``t``: auto = fused on CUDA, eager elsewhere."""
+        impl = self.cfg.loss.impl
+        return ("fused" if t.is_cuda else "eager") if impl == "auto" else impl
+
     @classmethod
     def validate(cls, cfg, data_info: Dict) -> None:
         """Raise fastssl.config.ConfigError for impossible method settings."""

@@ -16,25 +16,17 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastssl.data.pipeline import ColorJitter, draw_color
+from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 
 
-def pairwise_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """||a_i - b_j|| for all i, j, in fp32, from the differences themselves: the matmul
-    expansion |a|^2 + |b|^2 - 2ab loses ~1e-3 to cancellation near zero distance, which is
-    where the positives are.  (torch.cdist's gradient at zero distance is zero, not NaN.)"""
-    return torch.cdist(a.float(), b.float(), compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def spatial_contrasting_loss(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-    """Eq. (2) of the paper: f1, f2 are (N, D) features of the two patches of N images."""
-    logits = -pairwise_euclidean(f1, f2)
-    target = torch.arange(f1.shape[0], device=f1.device)
-    return F.cross_entropy(logits, target)
+def spatial_contrasting_loss(f1: torch.Tensor, f2: torch.Tensor, impl: str = "eager") -> torch.Tensor:
+    """Eq. (2) of the paper: f1, f2 are (N, D) features of the two patches of N images.
+    ``impl``: eager PyTorch, or the fused Triton kernel (same value; kernels/sc_loss.py)."""
+    return (sc_loss_fused if impl == "fused" else sc_loss_eager)(f1, f2)
 
 
 @dataclass
@@ -111,7 +103,7 @@ class SpatialContrasting(Method):
         out, total = {}, 0.0
         for name, w in zip(self.layers, self.weights):
             f1, f2 = feats[name].float().mean(dim=(2, 3)).chunk(2)
-            loss = spatial_contrasting_loss(f1, f2)
+            loss = spatial_contrasting_loss(f1, f2, self.loss_impl(f1))
             out[f"loss_{name}"] = loss.detach()
             total = total + w * loss
         out["loss"] = total

@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
-ARCHS = ("convnet", "resnet18", "resnet50")
+ARCHS = ("convnet", "shallow", "resnet18", "resnet50")
 _STAGES = {
     "convnet": ("block1", "block2", "block3"),
+    "shallow": ("layer1", "layer2", "layer3"),
     "resnet18": ("layer1", "layer2", "layer3", "layer4"),
     "resnet50": ("layer1", "layer2", "layer3", "layer4"),
 }
@@ -72,6 +73,23 @@ def convnet(width: int = 64) -> Backbone:
     return Backbone(nn.Identity(), stages, {"block1": w, "block2": 2 * w, "block3": 4 * w})
 
 
+def shallow(width: int = 64, kernel: int = 6, pool: int = 2) -> Backbone:
+    """Layer-wise contrastive net: stages of one valid conv (kernel x kernel) + ReLU + max-pool."""
+    chans = [3, width, 2 * width, 4 * width]
+    stages = OrderedDict(
+        (f"layer{i}", nn.Sequential(nn.Conv2d(chans[i - 1], chans[i], kernel), nn.ReLU(inplace=True), nn.MaxPool2d(pool)))
+        for i in (1, 2, 3))
+    return Backbone(nn.Identity(), stages, {f"layer{i}": chans[i] for i in (1, 2, 3)})
+
+
+def shallow_min_patch(depth: int, kernel: int = 6, pool: int = 2) -> int:
+    """Smallest input side giving a 1x1 output after ``depth`` shallow stages (7 for 6x6 + 2x2)."""
+    side = 1
+    for _ in range(depth):
+        side = side * pool + kernel - 1
+    return side
+
+
 def resnet(arch: str, small_stem: bool) -> Backbone:
     """torchvision ResNet; ``small_stem`` = 3x3 stride-1 conv and no max-pool (32-64 px inputs)."""
     net = getattr(torchvision.models, arch)(weights=None)
@@ -88,5 +106,7 @@ def resnet(arch: str, small_stem: bool) -> Backbone:
 def build_backbone(model_cfg, image_size: int) -> Backbone:
     if model_cfg.arch == "convnet":
         return convnet(model_cfg.width)
+    if model_cfg.arch == "shallow":
+        return shallow(model_cfg.width, model_cfg.kernel)
     small = model_cfg.stem == "small" or (model_cfg.stem == "auto" and image_size <= 64)
     return resnet(model_cfg.arch, small)

@@ -1,0 +1,146 @@
+"""Layer-wise contrastive learning (Zhao et al.; ../shared/METHODS.md section 3).
+
+From each image the pipeline cuts two adjacent, overlapping patches (anchor and positive:
+the positive is the anchor shifted by at most ``max_shift`` pixels, both inside the larger
+region they span) and one more patch; that last patch serves as the negative of the *next*
+image in the batch, so a negative always comes from another image.  One shallow stage
+(conv + ReLU + max-pool) embeds the patches; the rest of its spatial extent is max-pooled
+to a vector; a triplet loss (cosine or Euclidean distance, margin, optional in-batch
+hardest-negative mining) trains it.  Stages are trained one at a time: stage k freezes
+stages < k and trains stage k on their output, with patches just large enough for the
+receptive field of k stages (7 px for one 6x6 conv + 2x2 max-pool).  Each stage's filters
+are written to ``out_dir/filters/`` when it ends, the first layer's also as a PNG grid.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from fastssl.data.pipeline import ColorJitter, draw_color
+from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused
+from fastssl.methods import register
+from fastssl.methods.base import Method, MethodConfig
+from fastssl.models import shallow_min_patch
+
+
+@dataclass
+class LayerwiseConfig(MethodConfig):
+    name: str = "layerwise"
+    layers: int = 1  # stages trained, one after the other (each for train.epochs epochs)
+    patch_sizes: Optional[List[int]] = None  # per stage; None = the receptive-field minimum
+    max_shift: int = 2  # positive = anchor shifted by up to this many pixels (0 < shift < patch)
+    distance: str = "cosine"  # cosine | euclidean
+    margin: float = 0.5
+    hardest: bool = False  # in-batch hardest-negative mining instead of the sampled negative
+    color: ColorJitter = field(default_factory=ColorJitter)  # per-patch colour change (not in the paper)
+
+
+@register
+class LayerwiseContrastive(Method):
+    name = "layerwise"
+    Config = LayerwiseConfig
+    num_views = 3
+
+    def __init__(self, cfg, backbone, image_size):
+        super().__init__(cfg, backbone, image_size)
+        self.num_stages = cfg.method.layers
+        c = cfg.method.color
+        self.color_jitter = ColorJitter(c.hue, list(c.saturation), list(c.value)).active
+        self.stage = 0
+        self.begin_stage(0)
+
+    @classmethod
+    def patch_side(cls, cfg, stage: int) -> int:
+        m = cfg.method
+        if m.patch_sizes is not None:
+            return int(m.patch_sizes[stage])
+        return shallow_min_patch(stage + 1, cfg.model.kernel)
+
+    @classmethod
+    def validate(cls, cfg, data_info):
+        from fastssl.config import ConfigError
+
+        m, size = cfg.method, data_info["image_size"]
+        if cfg.model.arch != "shallow":
+            raise ConfigError(f"model.arch: layerwise trains the 'shallow' net one stage at a time, got {cfg.model.arch!r}")
+        if not 1 <= m.layers <= 3:
+            raise ConfigError(f"method.layers: must be 1..3 (stages of the shallow net), got {m.layers}")
+        if m.distance not in ("cosine", "euclidean"):
+            raise ConfigError(f"method.distance: {m.distance!r} is not one of cosine, euclidean")
+        if m.margin < 0:
+            raise ConfigError(f"method.margin: must be >= 0, got {m.margin}")
+        if m.patch_sizes is not None and len(m.patch_sizes) != m.layers:
+            raise ConfigError(f"method.patch_sizes: {len(m.patch_sizes)} sizes for {m.layers} layers")
+        for k in range(m.layers):
+            p, need = cls.patch_side(cfg, k), shallow_min_patch(k + 1, cfg.model.kernel)
+            key = f"method.patch_sizes[{k}]"
+            if p < need:
+                raise ConfigError(f"{key}: {p} px is smaller than the {need} px receptive field of {k + 1} layer(s) "
+                                  f"({cfg.model.kernel}x{cfg.model.kernel} conv + 2x2 max-pool each)")
+            if not 1 <= m.max_shift < p:
+                raise ConfigError(f"method.max_shift: {m.max_shift} must be in [1, {p - 1}] so that {p} px patches overlap")
+            if p + m.max_shift > size:
+                raise ConfigError(f"{key}: {p} px patches shifted by {m.max_shift} do not fit {size}x{size} images")
+
+    # ---- stages
+    def begin_stage(self, stage: int) -> None:
+        """Train stage ``stage`` only: earlier stages frozen, later ones not used."""
+        self.stage = stage
+        for i, (name, mod) in enumerate(self.backbone.stages.items()):
+            for p in mod.parameters():
+                p.requires_grad_(i == stage)
+
+    def end_stage(self, stage: int, out_dir: str) -> None:
+        import torchvision
+
+        conv = self.backbone.stages[f"layer{stage + 1}"][0]
+        d = os.path.join(out_dir, "filters")
+        os.makedirs(d, exist_ok=True)
+        w = conv.weight.detach().float().cpu()
+        torch.save(w, os.path.join(d, f"layer{stage + 1}.pt"))
+        if stage == 0:  # RGB filters: one tile each, contrast-stretched per filter
+            grid = torchvision.utils.make_grid(w, nrow=int(np.ceil(np.sqrt(len(w)))), normalize=True,
+                                               scale_each=True, padding=1)
+            big = torch.nn.functional.interpolate(grid[None], scale_factor=8, mode="nearest")[0]
+            torchvision.utils.save_image(big, os.path.join(d, "layer1.png"))
+
+    # ---- recipe
+    @property
+    def view_size(self):
+        return self.patch_side(self.cfg, self.stage)
+
+    def crop_plan(self, rng, n):
+        p, s, shift = self.view_size, self.image_size, self.cfg.method.max_shift
+        boxes = np.empty((n, 3, 4), np.int32)
+        boxes[..., 2:] = p
+        # anchor anywhere the shifted positive still fits
+        anchor = rng.integers(shift, s - p - shift + 1, size=(n, 2)) if s - p >= 2 * shift else \
+            rng.integers(0, s - p + 1, size=(n, 2))
+        d = rng.integers(-shift, shift + 1, size=(n, 2))
+        zero = (d == 0).all(1)
+        d[zero, 1] = rng.choice([-1, 1], size=zero.sum()) * rng.integers(1, shift + 1, size=zero.sum())  # adjacent, not equal
+        pos = np.clip(anchor + d, 0, s - p)
+        boxes[:, 0, :2], boxes[:, 1, :2] = anchor, pos
+        boxes[:, 2, :2] = rng.integers(0, s - p + 1, size=(n, 2))  # the next image's negative
+        return boxes, np.zeros((n, 3), np.uint8), draw_color(rng, n, 3, self.cfg.method.color)
+
+    # ---- loss
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen stages (no graph), then the trained stage; spatially max-pooled to a vector."""
+        stages = list(self.backbone.stages.values())
+        with torch.no_grad():
+            for mod in stages[: self.stage]:
+                x = mod(x)
+        return stages[self.stage](x).amax(dim=(2, 3)).float()
+
+    def forward(self, views, index):
+        a, p, n = self.embed(torch.cat(views, 0)).chunk(3)
+        n = n.roll(1, dims=0)  # image i's third patch is the negative of image i+1
+        m = self.cfg.method
+        fn = triplet_loss_fused if self.loss_impl(a) == "fused" else triplet_loss_eager
+        loss = fn(a, p, n, margin=m.margin, distance=m.distance, hardest=m.hardest)
+        return {"loss": loss}

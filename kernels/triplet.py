@@ -1,0 +1,146 @@
+"""Triplet loss (Euclidean or cosine distance, margin), with in-batch hardest-negative mining.
+
+    L = 1/B * sum_i max(0, d(a_i, p_i) - d(a_i, n_i*) + margin)
+
+Without mining, n_i* = n_i and the loss is one O(B * D) pass: no pairwise matrix exists and
+eager PyTorch already reads each input once.  With ``hardest=True``, n_i* is the candidate
+closest to a_i among every negative n_j and every other image's positive p_j (j != i): the
+O(B^2 * D) part.  The fused path mines it in one Triton kernel that streams candidate blocks
+through on-chip memory keeping a running (min, argmin) per anchor, so the B x 2B distance
+matrix is never written; the loss and its gradients are then taken on the gathered rows
+(O(B * D); autograd scatters the negatives' gradients back).  ``triplet_loss_eager`` is the
+reference, which materialises the matrix.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, launch_device, upcast
+
+DISTANCES = ("euclidean", "cosine")
+
+
+def pair_distance(x: torch.Tensor, y: torch.Tensor, distance: str) -> torch.Tensor:
+    """Row-wise d(x_i, y_i) in fp32."""
+    x, y = x.float(), y.float()
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-8)
+    return (x - y).norm(dim=1)
+
+
+def _candidates(positive: torch.Tensor, negative: Optional[torch.Tensor]) -> torch.Tensor:
+    return positive if negative is None else torch.cat([positive, negative])
+
+
+def hardest_negatives_eager(anchor, positive, negative=None, distance="euclidean") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(distance, index into cat([positive, negative])) of each anchor's hardest negative."""
+    a, c = anchor.float(), _candidates(positive, negative).float()
+    if distance == "cosine":
+        d = 1.0 - F.normalize(a, dim=1, eps=1e-8) @ F.normalize(c, dim=1, eps=1e-8).t()
+    else:
+        d = torch.cdist(a, c, compute_mode="donot_use_mm_for_euclid_dist")
+    B = a.shape[0]
+    d[torch.arange(B), torch.arange(B)] = float("inf")  # an anchor's own positive is not a negative
+    return d.min(dim=1)
+
+
+def _loss_from(anchor, positive, neg_rows, margin, distance):
+    d_ap = pair_distance(anchor, positive, distance)
+    d_an = pair_distance(anchor, neg_rows, distance)
+    return F.relu(d_ap - d_an + margin).mean()
+
+
+def _check(anchor, positive, negative, distance, hardest):
+    if distance not in DISTANCES:
+        raise ValueError(f"triplet loss: distance must be one of {DISTANCES}, got {distance!r}")
+    if anchor.shape != positive.shape or anchor.ndim != 2:
+        raise ValueError(f"triplet loss: anchor and positive must both be (B, D), got {tuple(anchor.shape)}, {tuple(positive.shape)}")
+    if negative is None and not hardest:
+        raise ValueError("triplet loss: negatives are required unless hardest=True (in-batch mining)")
+    if negative is not None and negative.shape[1] != anchor.shape[1]:
+        raise ValueError(f"triplet loss: negatives have dimension {negative.shape[1]}, anchors {anchor.shape[1]}")
+
+
+def triplet_loss_eager(anchor, positive, negative=None, margin: float = 0.5, distance: str = "euclidean",
+                       hardest: bool = False) -> torch.Tensor:
+    _check(anchor, positive, negative, distance, hardest)
+    if not hardest:
+        return _loss_from(anchor, positive, negative, margin, distance)
+    _, idx = hardest_negatives_eager(anchor, positive, negative, distance)
+    return _loss_from(anchor, positive, _candidates(positive, negative)[idx], margin, distance)
+
+
+@triton.jit
+def _hardest_kernel(a_ptr, c_ptr, a_sq_ptr, c_sq_ptr, out_d_ptr, out_i_ptr, B, M, D, stride_a, stride_c,
+                    COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Per anchor row: min and argmin over candidate rows j (j != row for j < B) of the distance.
+    COSINE: inputs are unit vectors and d = 1 - a.c; else d = sqrt(|a|^2 + |c|^2 - 2 a.c)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    a_sq = tl.load(a_sq_ptr + rows, mask=rmask, other=0.0)
+    best = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    best_i = tl.zeros((BLOCK_M,), tl.int32)
+    for n0 in range(0, M, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, D, BLOCK_D):
+            offs = k + tl.arange(0, BLOCK_D)
+            a = tl.load(a_ptr + rows[:, None] * stride_a + offs[None, :], mask=rmask[:, None] & (offs[None, :] < D), other=0.0)
+            c = tl.load(c_ptr + cols[:, None] * stride_c + offs[None, :], mask=cmask[:, None] & (offs[None, :] < D), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                c = c.to(tl.float32)
+            acc += tl.dot(a, tl.trans(c), input_precision=PREC)
+        if COSINE:
+            d = 1.0 - acc
+        else:
+            c_sq = tl.load(c_sq_ptr + cols, mask=cmask, other=0.0)
+            d = tl.sqrt(tl.maximum(a_sq[:, None] + c_sq[None, :] - 2.0 * acc, 0.0))
+        d = tl.where(cmask[None, :] & (rows[:, None] != cols[None, :]), d, float("inf"))
+        tile_min = tl.min(d, 1)
+        tile_arg = tl.argmin(d, 1).to(tl.int32) + n0
+        better = tile_min < best
+        best_i = tl.where(better, tile_arg, best_i)
+        best = tl.where(better, tile_min, best)
+    tl.store(out_d_ptr + rows, best, mask=rmask)
+    tl.store(out_i_ptr + rows, best_i, mask=rmask)
+
+
+def hardest_negatives_fused(anchor, positive, negative=None, distance="euclidean") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same result as ``hardest_negatives_eager`` without the B x M matrix."""
+    c = _candidates(positive, negative)
+    a = anchor
+    if distance == "cosine":
+        a, c = F.normalize(a.float(), dim=1, eps=1e-8).to(a.dtype), F.normalize(c.float(), dim=1, eps=1e-8).to(c.dtype)
+    a, c = a.contiguous(), c.contiguous()
+    B, D = a.shape
+    M = c.shape[0]
+    a_sq, c_sq = a.float().pow(2).sum(1), c.float().pow(2).sum(1)
+    out_d = torch.empty(B, device=a.device, dtype=torch.float32)
+    out_i = torch.empty(B, device=a.device, dtype=torch.int32)
+    bd = min(64, max(16, triton.next_power_of_2(D)))
+    with launch_device(a):
+        _hardest_kernel[(triton.cdiv(B, 32),)](a, c, a_sq, c_sq, out_d, out_i, B, M, D, a.stride(0), c.stride(0),
+                                               COSINE=distance == "cosine", BLOCK_M=32, BLOCK_N=64, BLOCK_D=bd,
+                                               PREC=dot_precision(a.dtype), UPCAST=upcast(a.dtype))
+    return out_d, out_i.long()
+
+
+def triplet_loss_fused(anchor, positive, negative=None, margin: float = 0.5, distance: str = "euclidean",
+                       hardest: bool = False) -> torch.Tensor:
+    """Same signature and value as ``triplet_loss_eager``; mining fused, gradients by autograd on
+    the gathered rows."""
+    _check(anchor, positive, negative, distance, hardest)
+    if not hardest:
+        return _loss_from(anchor, positive, negative, margin, distance)
+    with torch.no_grad():
+        _, idx = hardest_negatives_fused(anchor.detach(), positive.detach(),
+                                         None if negative is None else negative.detach(), distance)
+    return _loss_from(anchor, positive, _candidates(positive, negative)[idx], margin, distance)
