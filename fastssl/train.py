@@ -74,7 +74,8 @@ def main(argv=None) -> int:
 
     # ---- data source and the method (backbone + its heads/state)
     source = build_source(cfg)
-    model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size)
+    model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size,
+                                        len(source.pretrain))
     model = model.to(d.device)
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else d.device.type == "cuda"
     if channels_last:
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
             epoch, step_in_epoch = epoch + 1, 0
         while not finished and epoch < cfg.train.epochs:
             loader.set_epoch(epoch, step_in_epoch)
+            model.begin_epoch(epoch, fresh=step_in_epoch == 0)
             model.train()
             t_wait = time.perf_counter()
             for batch in loader:
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                model.after_step()
                 step += 1
                 step_in_epoch += 1
                 timer.step_done()
@@ -200,6 +203,9 @@ def main(argv=None) -> int:
                     break
                 t_wait = time.perf_counter()
             if step_in_epoch >= steps_per_epoch:
+                monitor = model.end_epoch(epoch, source)
+                if monitor:
+                    log.log_epoch({"step": step, "epoch": epoch + 1, **monitor})
                 save("end of epoch")
                 epoch, step_in_epoch = epoch + 1, 0
             elif finished:

@@ -65,14 +65,18 @@ def test_cli_error_is_one_line_and_nothing_is_written(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["builtin", "stl10", "cifar10"])
-def test_shipped_sc_configs_parse(name, tmp_path):
+SHIPPED = sorted(os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "configs"))
+                 for f in fs if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_configs_parse(path, tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(os.path.join(ROOT, f"configs/sc/{name}.yaml"))
-    assert cfg.method.name == "sc"
-    if name == "builtin":
-        load_config(os.path.join(ROOT, f"configs/sc/{name}.yaml"), [])
+    cfg = OmegaConf.load(os.path.join(ROOT, path))
+    assert cfg.method.name == path.split(os.sep)[1]
+    if cfg.data.source == "builtin":
+        load_config(os.path.join(ROOT, path), [])
     else:  # the real data is not here: the error must be about the path, nothing else
         with pytest.raises(ConfigError, match=r"^data.path"):
-            load_config(os.path.join(ROOT, f"configs/sc/{name}.yaml"), [f"data.path={tmp_path}"])
+            load_config(os.path.join(ROOT, path), [f"data.path={tmp_path}"])

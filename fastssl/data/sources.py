@@ -52,6 +52,16 @@ class Source:
     std: tuple = (0.25, 0.25, 0.25)
     folds: Optional[List[np.ndarray]] = None  # STL-10's predefined train folds
 
+    @property
+    def pretrain_labels(self) -> np.ndarray:
+        """Label of each pre-training image, -1 where unknown (the pre-training split is
+        the train split, or unlabeled images followed by the train split)."""
+        n, nt = len(self.pretrain), len(self.train)
+        out = np.full(n, -1, np.int64)
+        if self.train.labels is not None and n >= nt:
+            out[n - nt:] = self.train.labels
+        return out
+
 
 # --------------------------------------------------------------------------- builtin
 
@@ -311,7 +321,7 @@ def _folder(cfg) -> Source:
             break
     ncls = max(len(classes), 1)
     unl = os.path.join(root, "unlabeled")
-    pre_files = files + (_list_images(unl)[0] if has_splits and os.path.isdir(unl) else [])
+    pre_files = (_list_images(unl)[0] if has_splits and os.path.isdir(unl) else []) + files  # unlabeled first
     pre = Split(files=pre_files if cfg.data.split == "pretrain" else files)
     return Source("folder", size, ncls, pre, train, test, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

@@ -78,6 +78,18 @@ class MetricsLogger:
                   f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s data-stall {record['data_stall']:.0%}",
                   flush=True)
 
+    def log_epoch(self, record: Dict):
+        """Per-epoch monitors (e.g. kNN accuracy): to metrics.jsonl, TensorBoard and the console."""
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"monitor/{k}", v, record["step"])
+        self.write("epoch {epoch}: ".format(**record) + " ".join(
+            f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch")))
+
     def advance(self, n: int = 1):
         if self.bar is not None:
             self.bar.update(n)

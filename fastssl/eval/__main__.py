@@ -20,7 +20,6 @@ import torch
 from fastssl.config import ConfigError, load_config
 from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
-from fastssl.methods import get_method
 from fastssl.models import build_backbone
 
 PROTOCOLS = ("linear", "knn", "finetune", "transfer")
@@ -40,10 +39,13 @@ def parse_args(argv):
 
 def load_backbone(cfg, state, source, device):
     torch.manual_seed(cfg.seed)
-    model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    return model.backbone.to(device)
+    backbone = build_backbone(cfg.model, source.image_size)
+    if state is not None:  # only the backbone: method state (e.g. a memory bank) is not needed here
+        try:
+            backbone.load_state_dict({k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")})
+        except RuntimeError as e:
+            raise ConfigError(f"--checkpoint: its backbone does not fit model.* of the config: {str(e).splitlines()[0]}") from None
+    return backbone.to(device)
 
 
 def evaluate(cfg, protocol: str, state, device, log=print):

@@ -31,11 +31,12 @@ class Method(nn.Module):
     resize_views: bool = False  # True when boxes differ from view_size and must be resized
     color_jitter: bool = False  # True when the plan's colour changes must be applied
 
-    def __init__(self, cfg, backbone: Backbone, image_size: int):
+    def __init__(self, cfg, backbone: Backbone, image_size: int, num_images: int = 0):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
         self.image_size = image_size
+        self.num_images = num_images  # size of the pre-training split (for per-image state)
 
     num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
 
@@ -44,6 +45,17 @@ class Method(nn.Module):
 
     def end_stage(self, stage: int, out_dir: str) -> None:
         """After a stage's last step, on rank 0 (e.g. write the learned filters)."""
+
+    def begin_epoch(self, epoch: int, fresh: bool) -> None:
+        """Before an epoch's first step on every rank; ``fresh`` is False when a resumed run
+        re-enters the epoch mid-way (state built at the epoch's start is in the checkpoint)."""
+
+    def after_step(self) -> None:
+        """After each optimiser step, on every rank: update method state (e.g. a memory bank)."""
+
+    def end_epoch(self, epoch: int, source) -> Dict[str, float]:
+        """After an epoch, on every rank: method state upkeep and monitors, returned for the log."""
+        return {}
 
     def loss_impl(self, t: torch.Tensor) -> str:
         """``loss.impl`` resolved for tensor ``t``: auto = fused on CUDA, eager elsewhere."""

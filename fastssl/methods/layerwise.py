@@ -45,8 +45,8 @@ class LayerwiseContrastive(Method):
     Config = LayerwiseConfig
     num_views = 3
 
-    def __init__(self, cfg, backbone, image_size):
-        super().__init__(cfg, backbone, image_size)
+    def __init__(self, cfg, backbone, image_size, num_images=0):
+        super().__init__(cfg, backbone, image_size, num_images)
         self.num_stages = cfg.method.layers
         c = cfg.method.color
         self.color_jitter = ColorJitter(c.hue, list(c.saturation), list(c.value)).active

@@ -45,8 +45,8 @@ class SpatialContrasting(Method):
     name = "sc"
     Config = SCConfig
 
-    def __init__(self, cfg, backbone, image_size):
-        super().__init__(cfg, backbone, image_size)
+    def __init__(self, cfg, backbone, image_size, num_images=0):
+        super().__init__(cfg, backbone, image_size, num_images)
         m = cfg.method
         self.layers = list(m.layers) if m.layers else [backbone.stage_names[-1]]
         self.weights = list(m.layer_weights) if m.layer_weights else [1.0] * len(self.layers)

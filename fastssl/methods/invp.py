@@ -1,0 +1,278 @@
+"""Invariance Propagation (Wang et al., NeurIPS 2020; ../shared/METHODS.md section 4).
+
+Instance discrimination against a memory bank of L2-normalised features of every training
+image (EMA-updated, momentum m, renormalised), plus positives discovered by propagating over
+a kNN graph of the bank:
+
+* graph: each image's ``graph_k`` nearest bank entries (self excluded), on FAISS
+  (``fastssl.knn``).  It is rebuilt from the whole bank at the start of every epoch: each
+  bank entry moves only when its image is visited, i.e. once per epoch, so a per-epoch graph
+  is as fresh as the bank it is built from, at the cost of one N x N search per epoch instead
+  of one per step.  It is a buffer of the module, so checkpoints carry it.
+* positives: every image within ``graph_steps`` hops of the anchor (deduplicated, self
+  excluded); ``positives=knn`` keeps the direct neighbours only (the paper's ablation).
+* hard positives: the ``hard_positives`` positives least similar to the anchor (0 = all).
+* background / hard negatives: the ``background`` nearest bank entries (0 = the whole bank).
+
+With s = exp(cos / tau) and the anchor's own bank entry s_self:
+
+    L_ins = -log( s_self / sum_{j in top-K} s_j )
+    L_inv = -log( sum_{p in hard pos} s_p / (sum_{j in top-K} s_j - s_self) )
+    L = L_ins + lambda * w(epoch) * L_inv,   w = 0 before ``rampup_epoch``, 1 after
+
+computed in log space (top-K taken to contain self; self is added when it is not among them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastssl.data.pipeline import ColorJitter, draw_color
+from fastssl.methods import register
+from fastssl.methods.base import Method, MethodConfig
+
+
+def _instdisc_color():
+    return ColorJitter(hue=36.0, saturation=[0.6, 1.4], value=[0.6, 1.4])
+
+
+@dataclass
+class InvPConfig(MethodConfig):
+    name: str = "invp"
+    feat_dim: int = 128
+    head: str = "linear"  # linear | mlp
+    temperature: float = 0.07
+    bank_momentum: float = 0.5
+    graph_k: int = 4
+    graph_steps: int = 3
+    positives: str = "propagation"  # propagation | knn (ablation: direct neighbours only)
+    hard_positives: int = 50  # P; 0 = use every positive (ablation: no hard positives)
+    background: int = 4096  # K; 0 = the whole bank (ablation: no hard negatives)
+    lam: float = 0.6
+    rampup_epoch: int = 30
+    monitor_k: int = 200
+    monitor_temperature: float = 0.07
+    # instance-discrimination augmentations, drawn in the crop plan
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    flip: bool = True
+    color: ColorJitter = field(default_factory=_instdisc_color)
+    grayscale: float = 0.2  # probability of a grey view (saturation 0)
+
+
+# ----------------------------------------------------------------------------- graph helpers
+
+
+def knn_graph(bank: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) indices of each row's k most similar other rows (inner product), via FAISS."""
+    from fastssl.knn import KNNIndex
+
+    n = bank.shape[0]
+    k = min(k, n - 1)
+    _, idx = KNNIndex(bank, "ip").search(bank, k + 1)
+    idx = idx.to(bank.device)
+    self_mask = idx == torch.arange(n, device=bank.device)[:, None]
+    # drop self (normally the first column); rows where self is absent drop their last column
+    drop = torch.where(self_mask.any(1), self_mask.float().argmax(1), torch.full((n,), k, device=bank.device))
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    keep[torch.arange(n), drop] = False
+    return idx[keep].view(n, k)
+
+
+def propagate(graph: torch.Tensor, anchors: torch.Tensor, steps: int) -> torch.Tensor:
+    """Images within ``steps`` hops of each anchor over ``graph`` (N, k): (B, C) with -1
+    padding, deduplicated, anchor excluded."""
+    frontier = anchors[:, None]
+    reached = []
+    for _ in range(steps):
+        frontier = graph[frontier].flatten(1)  # (B, |frontier| * k)
+        reached.append(frontier)
+    cand = torch.cat(reached, 1)
+    cand, _ = cand.sort(1)
+    dup = torch.zeros_like(cand, dtype=torch.bool)
+    dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+    cand = cand.masked_fill(dup | (cand == anchors[:, None]), -1)
+    return cand.sort(1, descending=True).values  # valid first, -1 last
+
+
+def hardest_positives(pos_logits: torch.Tensor, valid: torch.Tensor, p: int):
+    """Mask of the ``p`` least similar valid positives per row (all valid ones when p == 0)."""
+    if p <= 0 or p >= pos_logits.shape[1]:
+        return valid
+    order = pos_logits.masked_fill(~valid, float("inf")).topk(p, dim=1, largest=False).indices
+    keep = torch.zeros_like(valid)
+    keep.scatter_(1, order, True)
+    return keep & valid
+
+
+def invp_losses(logits: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, background: int,
+                hard_pos: int):
+    """Per-row L_ins and L_inv (NaN where a row has no positive), from logits = cos / tau (B, N)."""
+    self_logit = logits.gather(1, index[:, None])[:, 0]
+    if 0 < background < logits.shape[1]:
+        bg, bg_idx = logits.topk(background, dim=1)
+        lse = bg.logsumexp(1)
+        missing = ~(bg_idx == index[:, None]).any(1)
+        lse = torch.where(missing, torch.logaddexp(lse, self_logit), lse)
+    else:
+        lse = logits.logsumexp(1)
+    l_ins = lse - self_logit
+    valid = pos >= 0
+    pos_logits = logits.gather(1, pos.clamp(min=0))
+    use = hardest_positives(pos_logits.detach(), valid, hard_pos)
+    lse_pos = pos_logits.masked_fill(~use, float("-inf")).logsumexp(1)
+    log_denominator = lse + torch.log(-torch.expm1(self_logit - lse))  # log(sum_bg s - s_self)
+    l_inv = log_denominator - lse_pos
+    return l_ins, torch.where(use.any(1), l_inv, torch.full_like(l_inv, float("nan")))
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+@register
+class InvariancePropagation(Method):
+    name = "invp"
+    Config = InvPConfig
+    num_views = 1
+    resize_views = True
+
+    def __init__(self, cfg, backbone, image_size, num_images=0):
+        super().__init__(cfg, backbone, image_size, num_images)
+        m = cfg.method
+        dim = backbone.dim()
+        if m.head == "mlp":
+            self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, m.feat_dim))
+        else:
+            self.head = nn.Linear(dim, m.feat_dim)
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        n = max(1, num_images)
+        self.register_buffer("bank", F.normalize(torch.randn(n, m.feat_dim, generator=g), dim=1))
+        self.register_buffer("graph", torch.full((n, m.graph_k), -1, dtype=torch.long))
+        self.epoch = 0
+        self.color_jitter = True
+        self._pending = None
+
+    @classmethod
+    def validate(cls, cfg, data_info):
+        from fastssl.config import ConfigError
+
+        m = cfg.method
+        checks = [
+            (m.head in ("linear", "mlp"), "method.head", f"{m.head!r} is not one of linear, mlp"),
+            (m.positives in ("propagation", "knn"), "method.positives", f"{m.positives!r} is not one of propagation, knn"),
+            (m.feat_dim >= 1, "method.feat_dim", f"must be >= 1, got {m.feat_dim}"),
+            (m.temperature > 0, "method.temperature", f"must be > 0, got {m.temperature}"),
+            (0 <= m.bank_momentum < 1, "method.bank_momentum", f"must be in [0, 1), got {m.bank_momentum}"),
+            (1 <= m.graph_k < data_info["num_pretrain"], "method.graph_k", f"must be in [1, {data_info['num_pretrain'] - 1}], got {m.graph_k}"),
+            (m.graph_steps >= 1, "method.graph_steps", f"must be >= 1, got {m.graph_steps}"),
+            (m.hard_positives >= 0, "method.hard_positives", f"must be >= 0, got {m.hard_positives}"),
+            (m.background >= 0, "method.background", f"must be >= 0, got {m.background}"),
+            (m.lam >= 0, "method.lam", f"must be >= 0, got {m.lam}"),
+            (0 < m.crop_scale[0] <= m.crop_scale[1] <= 1, "method.crop_scale", f"must be 0 < lo <= hi <= 1, got {list(m.crop_scale)}"),
+            (0 < m.crop_ratio[0] <= m.crop_ratio[1], "method.crop_ratio", f"must be 0 < lo <= hi, got {list(m.crop_ratio)}"),
+            (0 <= m.grayscale <= 1, "method.grayscale", f"must be in [0, 1], got {m.grayscale}"),
+            (0 <= m.color.hue <= 180, "method.color.hue", f"must be in [0, 180] degrees, got {m.color.hue}"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+    # ---- recipe: random resized crop, flip, colour change, grey
+    @property
+    def view_size(self):
+        return self.image_size
+
+    def crop_plan(self, rng, n):
+        m, s = self.cfg.method, self.image_size
+        tries = 10  # torchvision's RandomResizedCrop: 10 attempts, then the whole image
+        area = s * s * rng.uniform(*m.crop_scale, (n, tries))
+        logr = rng.uniform(np.log(m.crop_ratio[0]), np.log(m.crop_ratio[1]), (n, tries))
+        w = np.round(np.sqrt(area * np.exp(logr))).astype(np.int64)
+        h = np.round(np.sqrt(area / np.exp(logr))).astype(np.int64)
+        ok = (w >= 1) & (h >= 1) & (w <= s) & (h <= s)
+        first = np.where(ok.any(1), ok.argmax(1), -1)
+        rows = np.arange(n)
+        h = np.where(first >= 0, h[rows, first.clip(0)], s)
+        w = np.where(first >= 0, w[rows, first.clip(0)], s)
+        y = (rng.random(n) * (s - h + 1)).astype(np.int64)
+        x = (rng.random(n) * (s - w + 1)).astype(np.int64)
+        boxes = np.stack([y, x, h, w], 1).astype(np.int32)[:, None, :]
+        flips = (rng.random((n, 1)) < 0.5).astype(np.uint8) if m.flip else np.zeros((n, 1), np.uint8)
+        color = draw_color(rng, n, 1, m.color)
+        color[rng.random(n) < m.grayscale, 0, 1] = 0.0
+        return boxes, flips, color
+
+    # ---- per-epoch graph, per-step bank
+    def begin_epoch(self, epoch: int, fresh: bool) -> None:
+        self.epoch = epoch
+        if fresh:
+            self.graph.copy_(knn_graph(self.bank, self.cfg.method.graph_k))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone.features(x)).float(), dim=1)
+
+    def forward(self, views, index):
+        m = self.cfg.method
+        f = self.embed(views[0])
+        logits = f @ self.bank.t() / m.temperature
+        steps = 1 if m.positives == "knn" else m.graph_steps
+        pos = propagate(self.graph, index, steps) if (self.graph >= 0).all() else torch.full_like(index[:, None], -1)
+        l_ins, l_inv = invp_losses(logits, index, pos, m.background, m.hard_positives)
+        w = 1.0 if self.epoch >= m.rampup_epoch else 0.0
+        has_pos = ~torch.isnan(l_inv)
+        l_inv_mean = l_inv[has_pos].mean() if has_pos.any() else l_ins.new_zeros(())
+        self._pending = (f.detach(), index)
+        return {"loss": l_ins.mean() + m.lam * w * l_inv_mean, "loss_ins": l_ins.mean().detach(),
+                "loss_inv": l_inv_mean.detach()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """EMA update of the visited bank entries, with every rank's batch (all-gather)."""
+        f, idx = self._pending
+        self._pending = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            fs = [torch.empty_like(f) for _ in range(dist.get_world_size())]
+            ids = [torch.empty_like(idx) for _ in range(dist.get_world_size())]
+            dist.all_gather(fs, f)
+            dist.all_gather(ids, idx)
+            f, idx = torch.cat(fs), torch.cat(ids)
+        mom = self.cfg.method.bank_momentum
+        self.bank[idx] = F.normalize(mom * self.bank[idx] + (1 - mom) * f, dim=1)
+
+    def end_epoch(self, epoch, source):
+        out = {}
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must hold the same bank
+            c = torch.stack([self.bank.double().sum(), (self.bank.double() ** 2).sum(0).max(), self.graph.double().sum()])
+            cs = [torch.empty_like(c) for _ in range(dist.get_world_size())]
+            dist.all_gather(cs, c)
+            out["bank_consistent"] = float(all(torch.equal(cs[0], x) for x in cs))
+            if not out["bank_consistent"]:
+                raise RuntimeError("invp: the memory bank differs between ranks")
+        if (not dist.is_initialized() or dist.get_rank() == 0) and source.test.labels is not None and len(source.test):
+            out["knn_accuracy"] = self.knn_monitor(source)
+        return out
+
+    @torch.no_grad()
+    def knn_monitor(self, source) -> float:
+        """Weighted kNN (K, sigma) of the test images' embeddings against the labeled bank entries."""
+        from fastssl.eval.features import image_batches
+        from fastssl.eval.knn import knn_classify
+
+        labels = torch.from_numpy(source.pretrain_labels)
+        keep = labels >= 0
+        was = self.training
+        self.eval()
+        dev = self.bank.device
+        test = torch.cat([self.embed(x).cpu() for x in image_batches(source.test, source.image_size, source.mean,
+                                                                      source.std, 256, dev)])
+        self.train(was)
+        m = self.cfg.method
+        pred = knn_classify(self.bank[keep.to(dev)].cpu(), labels[keep], test, source.num_classes,
+                            m.monitor_k, m.monitor_temperature)
+        return (pred == torch.from_numpy(np.asarray(source.test.labels))).float().mean().item() * 100
