@@ -86,3 +86,18 @@ def test_balanced_subset_is_balanced():
     idx = balanced_subset(y, 40, 10, seed=0)
     assert np.bincount(y[idx]).tolist() == [4] * 10
     assert not np.array_equal(idx, balanced_subset(y, 40, 10, seed=1))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indices_find_most_true_neighbours(kind):
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(20, 32, generator=g)
+    db = torch.nn.functional.normalize(centers[torch.randint(0, 20, (2000,), generator=g)] +
+                                       0.3 * torch.randn(2000, 32, generator=g), dim=1)
+    q = db[:100]
+    _, approx = KNNIndex(db, "ip", kind=kind).search(q, 10)
+    _, exact = KNNIndex(db, "ip").search(q, 10)
+    recall = np.mean([len(set(a.tolist()) & set(e.tolist())) / 10 for a, e in zip(approx, exact)])
+    assert recall > 0.8, recall
+    with pytest.raises(ValueError, match="index kind"):
+        KNNIndex(db, "ip", kind="lsh")

@@ -159,3 +159,11 @@ def test_bank_consistent_under_two_process_ddp(tmp_path):
     assert all(0 <= r["knn_accuracy"] <= 100 for r in mon)
     bank = load(out / "checkpoints" / "last.pt")["model"]["bank"]
     assert torch.allclose(bank.norm(dim=1), torch.ones(len(bank)), atol=1e-5)
+
+
+def test_graph_with_approximate_index_runs(tmp_path):
+    out = tmp_path / "hnsw"
+    run(train_cmd(out, "method.graph_index=hnsw", "train.max_steps=9", "data.batch_size=64", "method.rampup_epoch=0",
+                  config=CFG))
+    g = load(out / "checkpoints" / "last.pt")["model"]["graph"]
+    assert (g >= 0).all() and not (g == torch.arange(len(g))[:, None]).any()

@@ -24,15 +24,35 @@ def gpu_count() -> int:
         return 0
 
 
-class KNNIndex:
-    """Exact inner-product (``metric='ip'``) or L2 index over ``database`` (N, D)."""
+KINDS = ("flat", "ivf", "hnsw")
 
-    def __init__(self, database: torch.Tensor, metric: str = "ip", use_gpu: bool | None = None):
+
+class KNNIndex:
+    """Inner-product (``metric='ip'``) or L2 index over ``database`` (N, D).
+
+    ``kind``: ``flat`` (exact), ``ivf`` (inverted lists over sqrt(N) k-means cells, ``nprobe``
+    of them searched) or ``hnsw`` (graph, CPU only in FAISS: used on the CPU even with GPUs).
+    """
+
+    def __init__(self, database: torch.Tensor, metric: str = "ip", use_gpu: bool | None = None,
+                 kind: str = "flat", nprobe: int = 16):
         faiss = _faiss()
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-        d = database.shape[1]
-        cpu_index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+        if kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+        n, d = database.shape
+        fmetric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+        if kind == "flat":
+            cpu_index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+        elif kind == "ivf":
+            nlist = max(1, int(np.sqrt(n)))
+            cpu_index = faiss.index_factory(d, f"IVF{nlist},Flat", fmetric)
+            cpu_index.train(_np(database))
+            cpu_index.nprobe = min(nprobe, nlist)
+        else:
+            cpu_index = faiss.index_factory(d, "HNSW32", fmetric)
+            use_gpu = False
         use_gpu = gpu_count() > 0 if use_gpu is None else use_gpu
         if use_gpu:
             co = faiss.GpuMultipleClonerOptions()

@@ -51,6 +51,7 @@ class InvPConfig(MethodConfig):
     bank_momentum: float = 0.5
     graph_k: int = 4
     graph_steps: int = 3
+    graph_index: str = "flat"  # FAISS index of the graph search: flat (exact) | ivf | hnsw (approximate)
     positives: str = "propagation"  # propagation | knn (ablation: direct neighbours only)
     hard_positives: int = 50  # P; 0 = use every positive (ablation: no hard positives)
     background: int = 4096  # K; 0 = the whole bank (ablation: no hard negatives)
@@ -69,13 +70,13 @@ class InvPConfig(MethodConfig):
 # ----------------------------------------------------------------------------- graph helpers
 
 
-def knn_graph(bank: torch.Tensor, k: int) -> torch.Tensor:
+def knn_graph(bank: torch.Tensor, k: int, kind: str = "flat") -> torch.Tensor:
     """(N, k) indices of each row's k most similar other rows (inner product), via FAISS."""
     from fastssl.knn import KNNIndex
 
     n = bank.shape[0]
     k = min(k, n - 1)
-    _, idx = KNNIndex(bank, "ip").search(bank, k + 1)
+    _, idx = KNNIndex(bank, "ip", kind=kind).search(bank, k + 1)
     idx = idx.to(bank.device)
     self_mask = idx == torch.arange(n, device=bank.device)[:, None]
     # drop self (normally the first column); rows where self is absent drop their last column
@@ -166,6 +167,7 @@ class InvariancePropagation(Method):
         checks = [
             (m.head in ("linear", "mlp"), "method.head", f"{m.head!r} is not one of linear, mlp"),
             (m.positives in ("propagation", "knn"), "method.positives", f"{m.positives!r} is not one of propagation, knn"),
+            (m.graph_index in ("flat", "ivf", "hnsw"), "method.graph_index", f"{m.graph_index!r} is not one of flat, ivf, hnsw"),
             (m.feat_dim >= 1, "method.feat_dim", f"must be >= 1, got {m.feat_dim}"),
             (m.temperature > 0, "method.temperature", f"must be > 0, got {m.temperature}"),
             (0 <= m.bank_momentum < 1, "method.bank_momentum", f"must be in [0, 1), got {m.bank_momentum}"),
@@ -212,7 +214,7 @@ class InvariancePropagation(Method):
     def begin_epoch(self, epoch: int, fresh: bool) -> None:
         self.epoch = epoch
         if fresh:
-            self.graph.copy_(knn_graph(self.bank, self.cfg.method.graph_k))
+            self.graph.copy_(knn_graph(self.bank, self.cfg.method.graph_k, self.cfg.method.graph_index))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone.features(x)).float(), dim=1)
