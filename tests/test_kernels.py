@@ -110,7 +110,6 @@ def test_training_loss_fused_matches_eager(tmp_path):
 
 
 def test_fused_refused_without_gpu_or_interpreter():
-    import os
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

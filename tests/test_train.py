@@ -5,7 +5,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 
 from conftest import PY, ROOT, env, run, train_cmd

@@ -15,7 +15,6 @@ The DALI pipeline is written once and built for ``device='gpu'`` or ``device='cp
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -41,7 +40,12 @@ class ColorJitter:
 
     @property
     def active(self) -> bool:
-        return self.hue != 0 or list(self.saturation) != [1.0, 1.0] or list(self.value) != [1.0, 1.0]
+        return color_active(self)
+
+
+def color_active(jitter) -> bool:
+    """Whether a ColorJitter (dataclass or config node) changes anything."""
+    return jitter.hue != 0 or list(jitter.saturation) != [1.0, 1.0] or list(jitter.value) != [1.0, 1.0]
 
 
 def draw_color(rng: np.random.Generator, n: int, views: int, jitter) -> np.ndarray:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
@@ -64,11 +64,7 @@ class MetricsLogger:
     def log(self, record: Dict):
         if not self.enabled:
             return
-        self.f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+        self._write(record, "train")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
                                  stall=f"{record['data_stall']:.0%}")
@@ -82,13 +78,16 @@ class MetricsLogger:
         """Per-epoch monitors (e.g. kNN accuracy): to metrics.jsonl, TensorBoard and the console."""
         if not self.enabled:
             return
+        self._write(record, "monitor")
+        self.write("epoch {epoch}: ".format(**record) + " ".join(
+            f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch")))
+
+    def _write(self, record: Dict, group: str):
         self.f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"monitor/{k}", v, record["step"])
-        self.write("epoch {epoch}: ".format(**record) + " ".join(
-            f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch")))
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{group}/{k}", v, record["step"])
 
     def advance(self, n: int = 1):
         if self.bar is not None:

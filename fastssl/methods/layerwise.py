@@ -20,7 +20,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from fastssl.data.pipeline import ColorJitter, draw_color
+from fastssl.data.pipeline import ColorJitter, color_active, draw_color
 from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -48,8 +48,7 @@ class LayerwiseContrastive(Method):
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
         self.num_stages = cfg.method.layers
-        c = cfg.method.color
-        self.color_jitter = ColorJitter(c.hue, list(c.saturation), list(c.value)).active
+        self.color_jitter = color_active(cfg.method.color)
         self.stage = 0
         self.begin_stage(0)
 

@@ -17,7 +17,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from fastssl.data.pipeline import ColorJitter, draw_color
+from fastssl.data.pipeline import ColorJitter, color_active, draw_color
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -53,7 +53,7 @@ class SpatialContrasting(Method):
         # stages after the deepest used one get no gradient; DDP must be told
         deepest = max(backbone.stage_names.index(s) for s in self.layers)
         self.find_unused_parameters = deepest < len(backbone.stage_names) - 1
-        self.color_jitter = ColorJitter(m.color.hue, list(m.color.saturation), list(m.color.value)).active
+        self.color_jitter = color_active(m.color)
 
     @staticmethod
     def patch_side(method_cfg, image_size: int) -> int:
