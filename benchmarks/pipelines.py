@@ -10,6 +10,7 @@ is skipped with a message where no GPU is present.  Results: benchmarks/results/
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -36,6 +37,17 @@ def run_epoch(loader, device):
     return n
 
 
+def epochs_of(loader, device):
+    """A callable running the loader's next epoch."""
+    epoch = [0]
+
+    def one_epoch():
+        loader.set_epoch(epoch[0])
+        epoch[0] += 1
+        return run_epoch(loader, device)
+    return one_epoch
+
+
 def bench(method: str, size: int, images: int, batch: int, workers: int, repeats: int):
     cfg = load_config(os.path.join(ROOT, "configs", method, "builtin.yaml"),
                       [f"data.builtin.image_size={size}", f"data.batch_size={batch}"])
@@ -54,16 +66,11 @@ def bench(method: str, size: int, images: int, batch: int, workers: int, repeats
     rows = []
     for name, make in executors.items():
         loader = make()
-        epoch = [0]
-
-        def one_epoch():
-            loader.set_epoch(epoch[0])
-            epoch[0] += 1
-            return run_epoch(loader, device)
-
         n = len(loader) * batch
         rows.append({"method": method, "image_size": size, "executor": name, "workers": workers,
-                     "batch": batch, "images_per_s": summary(timed(one_epoch, repeats), n)})
+                     "batch": batch, "images_per_s": summary(timed(epochs_of(loader, device), repeats), n)})
+        del loader  # free the DALI pipeline before the next executor starts
+        gc.collect()
         print(f"  {method} {size}px {name:17s} {rows[-1]['images_per_s']['median']:10.0f} images/s", flush=True)
     base = next(r for r in rows if r["executor"] == "torch-dataloader")["images_per_s"]["median"]
     for r in rows:

@@ -217,7 +217,11 @@ def main(argv=None) -> int:
                 save("end of stage", fresh_stage=True)
             epoch, step_in_epoch, state = 0, 0, None
 
-    log.write(f"fastssl: done after {step} steps; checkpoint {ck_path}")
+    agree = dist.same_on_all_ranks(model, d.device)
+    if d.world > 1:
+        log.log_epoch({"step": step, "epoch": epoch, "ranks_agree": float(agree)})
+    log.write(f"fastssl: done after {step} steps; checkpoint {ck_path}"
+              + (f"; parameters identical on all {d.world} ranks: {agree}" if d.world > 1 else ""))
     log.close()
     dist.barrier()
     dist.cleanup()

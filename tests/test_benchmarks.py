@@ -26,3 +26,19 @@ def test_kernel_benchmark_tiny(tmp_path):
         assert r["eager"]["speedup_vs_eager"] == 1.0
     assert (tmp_path / "kernels.png").stat().st_size > 1000
     assert "| sc | 64 | 32 | float32 |" in (tmp_path / "kernels.md").read_text()
+
+
+def test_entry_point_tiny_writes_report(tmp_path):
+    run([PY, "-m", "benchmarks", "--tiny", "--suites", "knn", "train_step", "--out", str(tmp_path)], timeout=900)
+    report = (tmp_path / "report.md").read_text()
+    assert "## knn" in report and "## train_step" in report and "faiss-flat" in report
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert {(r["method"], r["pipeline"]) for r in rows} >= {("sc", "torch"), ("sc", "dali-cpu"), ("invp", "dali-cpu"),
+                                                           ("layerwise", "torch")}
+    assert all(0 <= r["data_stall"] <= 1 and r["images_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "environment.json").read_text())["torch"]
+
+
+def test_readme_benchmark_section_is_in_sync():
+    p = run([PY, "-m", "benchmarks.readme", "--check"], check=False)
+    assert p.returncode == 0, p.stderr

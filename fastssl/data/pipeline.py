@@ -293,6 +293,15 @@ class _BatchDataset(torch.utils.data.Dataset):
         return {"views": [torch.stack(p) for p in per_view], "index": torch.from_numpy(idx)}
 
 
+def _worker_init(_):
+    """Forked workers inherit the parent's objects, a DALI pipeline among them where one exists;
+    collecting such an object in the child runs its destructor, which waits for threads that
+    only exist in the parent (a hang).  The workers never need to free what they inherited."""
+    import gc
+
+    gc.freeze()
+
+
 class TorchLoader(_Loader):
     """torchvision + ``DataLoader`` executor of the same plan: the baseline."""
 
@@ -308,7 +317,7 @@ class TorchLoader(_Loader):
         ds = _BatchDataset(self, self.plan())
         kw = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers > 0 else {}
         dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                                         pin_memory=self.pin_memory, **kw)
+                                         pin_memory=self.pin_memory, worker_init_fn=_worker_init, **kw)
         yield from dl
 
 

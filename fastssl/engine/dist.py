@@ -63,3 +63,19 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
     return x
+
+
+def same_on_all_ranks(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every rank holds bit-identical parameters (a cheap fingerprint).  Buffers are left
+    out: BatchNorm running statistics come from each rank's own last batch (DDP re-broadcasts
+    rank 0's at the next forward); method state such as a memory bank is checked by its method."""
+    if not dist.is_initialized():
+        return True
+    with torch.no_grad():
+        fp = torch.stack([torch.stack([t.double().sum(), (t.double() ** 2).sum()]) for t in
+                          module.parameters() if t.numel()]).to(device)
+    ref = fp.clone()
+    dist.broadcast(ref, 0)
+    ok = torch.tensor([1.0 if torch.equal(fp, ref) else 0.0], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
