@@ -60,3 +60,21 @@ def write_results(suite: str, rows: list, table_md: str, out_dir: str | None = N
     with open(os.path.join(out_dir, f"{suite}.md"), "w") as f:
         f.write(f"# {suite} on {device_name()}\n\n{table_md}\n")
     return out_dir
+
+
+def bar_plot(labels, values, xlabel: str, title: str, path: str) -> None:
+    """A horizontal bar chart (ratios against a suite's baseline), labelled with the device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color="tab:blue")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set(xlabel=xlabel, title=f"{title} ({device_name()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import timed, write_results  # noqa: E402
+from benchmarks.common import bar_plot, timed, write_results  # noqa: E402
 from fastssl.knn import KNNIndex, gpu_count  # noqa: E402
 
 
@@ -68,7 +68,10 @@ def main(argv=None):
                      f"{r['seconds_min']:.3f} | {r['seconds_max']:.3f} | {r['speedup_vs_torch']:.2f}x |")
     table = "\n".join(lines) + f"\n\nkNN graph of {a.n} unit vectors (all rows queried), {a.repeats} repeats."
     print(table)
-    print("written to", write_results("knn", rows, table, a.out))
+    out = write_results("knn", rows, table, a.out)
+    bar_plot([r["impl"] for r in rows], [r["speedup_vs_torch"] for r in rows], "speed vs torch brute force",
+             f"kNN graph, N={a.n}", os.path.join(out, "knn.png"))
+    print("written to", out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def section(results=os.path.join(ROOT, "benchmarks", "results")) -> str:
         if os.path.isfile(rep):
             body = open(rep).read().strip()
             body = body.replace("\n## ", "\n#### ").replace("# fastssl benchmarks on", "### Benchmarks on", 1)
-            parts.append(body + f"\n\n(`benchmarks/results/{dev}/`)")
+            pngs = sorted(f for f in os.listdir(os.path.join(results, dev)) if f.endswith(".png"))
+            plots = " ".join(f"![{f[:-4]} on {dev}](benchmarks/results/{dev}/{f})" for f in pngs)
+            parts.append(body + (f"\n\n{plots}" if plots else "") + f"\n\n(`benchmarks/results/{dev}/`)")
     return "\n\n".join(parts) or "No benchmark reports yet: run `python -m benchmarks`."
 
 

@@ -18,7 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import bar_plot, write_results  # noqa: E402
 
 
 def one(method, pipeline, steps, extra):
@@ -61,7 +61,10 @@ def main(argv=None):
               f"{r['ratio_vs_torch']:.2f}x |" for r in rows]
     table = "\n".join(lines) + f"\n\nOne process, each method's built-in config, {a.steps} steps; medians over logging windows after the first."
     print(table)
-    print("written to", write_results("train_step", rows, table, a.out))
+    out = write_results("train_step", rows, table, a.out)
+    bar_plot([f"{r['method']} {r['pipeline']}" for r in rows], [r["ratio_vs_torch"] for r in rows],
+             "training images/s vs torchvision DataLoader", "end-to-end training step", os.path.join(out, "train_step.png"))
+    print("written to", out)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def test_entry_point_tiny_writes_report(tmp_path):
                                                            ("layerwise", "torch")}
     assert all(0 <= r["data_stall"] <= 1 and r["images_per_s"] > 0 for r in rows)
     assert json.loads((tmp_path / "environment.json").read_text())["torch"]
+    assert (tmp_path / "knn.png").stat().st_size > 1000 and (tmp_path / "train_step.png").stat().st_size > 1000
 
 
 def test_readme_benchmark_section_is_in_sync():
