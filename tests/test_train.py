@@ -31,8 +31,9 @@ def test_two_process_gloo_ddp_writes_the_run_files(tmp_path):
     assert len(ck["rng"]) == 2  # both ranks' RNG states
     for k in ("model", "optimizer", "scheduler", "scaler", "config"):
         assert k in ck
-    recs = records(out)
+    recs = [r for r in records(out) if "loss" in r]
     assert [r["step"] for r in recs] == list(range(1, 9))
+    assert [r["ranks_agree"] for r in records(out) if "ranks_agree" in r] == [1.0]
     for r in recs:
         assert FIELDS <= set(r) and 0 <= r["data_stall"] <= 1 and r["images_per_s"] > 0
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
