@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastssl.config import ConfigError, load_config, save_config
 from fastssl.data.pipeline import build_loader, resolve_pipeline
+from fastssl.data.pipeline import steps_per_epoch as loader_steps
 from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
 from fastssl.engine import dist
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
 
     # A method trains in one or more stages (e.g. one layer at a time); each stage has its own
     # trainable parameters, crop recipe, data loader and optimiser.
-    steps_per_epoch = len(source.pretrain) // global_batch
+    steps_per_epoch = loader_steps(len(source.pretrain), cfg.data.batch_size, d.world)
     total_steps = model.num_stages * cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)

@@ -167,3 +167,15 @@ def test_graph_with_approximate_index_runs(tmp_path):
                   config=CFG))
     g = load(out / "checkpoints" / "last.pt")["model"]["graph"]
     assert (g >= 0).all() and not (g == torch.arange(len(g))[:, None]).any()
+
+
+@pytest.mark.parametrize("override, key", [("method.color.value=[0.5]", "method.color.value"),
+                                           ("method.color.hue=200", "method.color.hue"),
+                                           ("method.graph_index=lsh", "method.graph_index"),
+                                           ("method.background=-1", "method.background")])
+def test_bad_settings_are_refused(tiny_cfg, override, key):
+    from fastssl.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        tiny_cfg(override, config=f"{ROOT}/{CFG}")
+    assert str(e.value).startswith(key)

@@ -70,6 +70,7 @@ def test_negative_comes_from_another_image(tiny_cfg, monkeypatch):
     (["method.max_shift=7"], "method.max_shift", "so that 7 px patches overlap"),
     (["model.arch=convnet"], "model.arch", "layerwise trains the 'shallow' net"),
     (["method.distance=l1"], "method.distance", "is not one of"),
+    (["method.color.saturation=[1.5,0.5]"], "method.color.saturation", "must be a range [lo, hi]"),
 ])
 def test_bad_patches_are_refused(tiny_cfg, overrides, key, msg):
     with pytest.raises(ConfigError) as e:

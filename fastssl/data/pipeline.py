@@ -48,6 +48,23 @@ def color_active(jitter) -> bool:
     return jitter.hue != 0 or list(jitter.saturation) != [1.0, 1.0] or list(jitter.value) != [1.0, 1.0]
 
 
+def check_color(jitter, key: str = "method.color") -> None:
+    """Refuse impossible colour-change settings, naming the key (ConfigError)."""
+    from fastssl.config import ConfigError
+
+    if not 0 <= jitter.hue <= 180:
+        raise ConfigError(f"{key}.hue: must be in [0, 180] degrees, got {jitter.hue}")
+    for k in ("saturation", "value"):
+        r = list(getattr(jitter, k))
+        if len(r) != 2 or not 0 <= r[0] <= r[1]:
+            raise ConfigError(f"{key}.{k}: must be a range [lo, hi] with 0 <= lo <= hi, got {r}")
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Whole global batches per epoch (the last partial batch is dropped on every rank)."""
+    return n // (batch_size * world)
+
+
 def draw_color(rng: np.random.Generator, n: int, views: int, jitter) -> np.ndarray:
     """(n, views, 3) float32: hue degrees, saturation and value multipliers."""
     out = np.empty((n, views, 3), np.float32)
@@ -102,7 +119,7 @@ class _Loader:
         self.split, self.plan_fn = split, plan_fn
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch, self.start_step = 0, 0
-        self.steps_per_epoch = len(split) // (batch_size * world)
+        self.steps_per_epoch = steps_per_epoch(len(split), batch_size, world)
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(split)} images are fewer than one global batch of {batch_size} x {world}")
 

@@ -30,6 +30,7 @@ class Method(nn.Module):
     num_views: int = 2  # crops per image the pipeline delivers
     resize_views: bool = False  # True when boxes differ from view_size and must be resized
     color_jitter: bool = False  # True when the plan's colour changes must be applied
+    num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
 
     def __init__(self, cfg, backbone: Backbone, image_size: int, num_images: int = 0):
         super().__init__()
@@ -37,8 +38,6 @@ class Method(nn.Module):
         self.backbone = backbone
         self.image_size = image_size
         self.num_images = num_images  # size of the pre-training split (for per-image state)
-
-    num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
 
     def begin_stage(self, stage: int) -> None:
         """Before a stage's loader and optimiser are built: set what trains and the crop recipe."""

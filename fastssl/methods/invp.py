@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastssl.data.pipeline import ColorJitter, draw_color
+from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 
@@ -156,7 +156,7 @@ class InvariancePropagation(Method):
         self.register_buffer("bank", F.normalize(torch.randn(n, m.feat_dim, generator=g), dim=1))
         self.register_buffer("graph", torch.full((n, m.graph_k), -1, dtype=torch.long))
         self.epoch = 0
-        self.color_jitter = True
+        self.color_jitter = color_active(m.color) or m.grayscale > 0  # grey views are colour changes too
         self._pending = None
 
     @classmethod
@@ -179,11 +179,11 @@ class InvariancePropagation(Method):
             (0 < m.crop_scale[0] <= m.crop_scale[1] <= 1, "method.crop_scale", f"must be 0 < lo <= hi <= 1, got {list(m.crop_scale)}"),
             (0 < m.crop_ratio[0] <= m.crop_ratio[1], "method.crop_ratio", f"must be 0 < lo <= hi, got {list(m.crop_ratio)}"),
             (0 <= m.grayscale <= 1, "method.grayscale", f"must be in [0, 1], got {m.grayscale}"),
-            (0 <= m.color.hue <= 180, "method.color.hue", f"must be in [0, 180] degrees, got {m.color.hue}"),
         ]
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
+        check_color(m.color)
 
     # ---- recipe: random resized crop, flip, colour change, grey
     @property

@@ -20,7 +20,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from fastssl.data.pipeline import ColorJitter, color_active, draw_color
+from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
 from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -72,6 +72,7 @@ class LayerwiseContrastive(Method):
             raise ConfigError(f"method.distance: {m.distance!r} is not one of cosine, euclidean")
         if m.margin < 0:
             raise ConfigError(f"method.margin: must be >= 0, got {m.margin}")
+        check_color(m.color)
         if m.patch_sizes is not None and len(m.patch_sizes) != m.layers:
             raise ConfigError(f"method.patch_sizes: {len(m.patch_sizes)} sizes for {m.layers} layers")
         for k in range(m.layers):

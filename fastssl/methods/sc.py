@@ -17,7 +17,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from fastssl.data.pipeline import ColorJitter, color_active, draw_color
+from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -76,13 +76,7 @@ class SpatialContrasting(Method):
         for i, s in enumerate(m.layers or []):
             if s not in stages:
                 raise ConfigError(f"method.layers[{i}]: {s!r} is not a stage of {cfg.model.arch}: {', '.join(stages)}")
-        c = m.color
-        if not 0 <= c.hue <= 180:
-            raise ConfigError(f"method.color.hue: must be in [0, 180] degrees, got {c.hue}")
-        for k in ("saturation", "value"):
-            r = list(getattr(c, k))
-            if len(r) != 2 or not 0 <= r[0] <= r[1]:
-                raise ConfigError(f"method.color.{k}: must be a range [lo, hi] with 0 <= lo <= hi, got {r}")
+        check_color(m.color)
         if m.layer_weights is not None and len(m.layer_weights) != len(m.layers or [None]):
             raise ConfigError(f"method.layer_weights: {len(m.layer_weights)} weights for {len(m.layers or [None])} layers")
 
