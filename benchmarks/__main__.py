@@ -1,14 +1,15 @@
 """Run every benchmark suite that applies to this machine and write one report.
 
-    python -m benchmarks [--tiny] [--suites pipelines kernels knn train_step] [--out DIR]
+    python -m benchmarks [--tiny] [--suites pipelines kernels knn lab train_step] [--out DIR]
 
 Suites: data pipelines per method (DALI GPU / DALI CPU / torchvision DataLoader), fused loss
 kernels (fused / eager / torch.compile; GPU only, or the interpreter with --tiny), kNN graph
-(FAISS / torch / scikit-learn), end-to-end training steps per method and pipeline
+(FAISS / torch / scikit-learn), Lab conversion + quantisation (DALI GPU / DALI CPU /
+scikit-image), end-to-end training steps per method and pipeline
 (images/s, data-stall).  Each compares against its baseline in the same run.  Results go to
 benchmarks/results/<device>/: one JSON and one markdown table per suite, PNG plots, and
-report.md + environment.json; ``python -m benchmarks.readme`` copies the reports into the
-README.  --tiny runs small sizes in a few minutes (used by the tests).
+report.md (every suite's latest table in the folder) + environment.json; ``python -m
+benchmarks.readme`` copies the reports into the README.  --tiny runs small sizes in a few minutes (used by the tests).
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import kernels, knn, pipelines, train_step  # noqa: E402
+from benchmarks import kernels, knn, lab, pipelines, train_step  # noqa: E402
 from benchmarks.common import RESULTS, device_name, environment  # noqa: E402
 
-METHODS = ("sc", "layerwise", "invp")
-SUITES = ("pipelines", "kernels", "knn", "train_step")
+METHODS = ("sc", "layerwise", "invp", "splitbrain")
+SUITES = ("pipelines", "kernels", "knn", "lab", "train_step")
 
 
 def main(argv=None):
@@ -38,34 +39,34 @@ def main(argv=None):
     out = a.out or os.path.join(RESULTS, device_name())
     os.makedirs(out, exist_ok=True)
     tiny = a.tiny
-    done = []
     for suite in a.suites:
         print(f"== {suite}", flush=True)
         if suite == "pipelines":
             for m in METHODS:
                 pipelines.main(["--method", m, "--out", out] + (["--sizes", "32", "--images", "512", "--batch", "64",
                                                                   "--repeats", "1"] if tiny else []))
-                done.append(f"pipelines-{m}")
         elif suite == "kernels":
             if not torch.cuda.is_available() and not tiny:
                 print("kernels: skipped (no CUDA GPU; the fused kernels only run for real on one)")
                 continue
             kernels.main(["--out", out] + (["--tiny"] if tiny else []))
-            done.append("kernels")
         elif suite == "knn":
             knn.main(["--out", out] + (["--n", "2000", "--repeats", "1"] if tiny else []))
-            done.append("knn")
+        elif suite == "lab":
+            lab.main(["--out", out] + (["--images", "256", "--batch", "64", "--repeats", "1"] if tiny else []))
         else:
             train_step.main(["--out", out] + (["--steps", "6", "data.batch_size=32", "data.builtin.num_train=512"]
                                               if tiny else []))
-            done.append("train_step")
     env = environment()
     with open(os.path.join(out, "environment.json"), "w") as f:
         json.dump(env, f, indent=2)
     parts = [f"# fastssl benchmarks on {device_name()}\n",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n"]
-    for name in done:
-        parts.append("## " + _body(os.path.join(out, f"{name}.md")))
+    # every suite's latest table in this folder (a partial re-run refreshes only its own)
+    names = [f"pipelines-{m}" for m in METHODS] + ["kernels", "knn", "lab", "train_step"]
+    for name in names:
+        if os.path.isfile(os.path.join(out, f"{name}.md")):
+            parts.append("## " + _body(os.path.join(out, f"{name}.md")))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(parts))
     print("report:", os.path.join(out, "report.md"))

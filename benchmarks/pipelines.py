@@ -55,7 +55,7 @@ def bench(method: str, size: int, images: int, batch: int, workers: int, repeats
     m = get_method(method)(cfg, build_backbone(cfg.model, size), size)
     common = dict(split=Split(images=x), plan_fn=m.crop_plan, num_views=m.num_views, batch_size=batch, seed=0,
                   rank=0, world=1, base_size=size, out_size=m.view_size, resize=m.resize_views,
-                  mean=(0.5,) * 3, std=(0.25,) * 3, color=m.color_jitter)
+                  mean=(0.5,) * 3, std=(0.25,) * 3, color=m.color_jitter, transform=m.view_transform)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     executors = {"torch-dataloader": lambda: TorchLoader(**common, num_workers=workers, pin_memory=device.type == "cuda"),
                  "dali-cpu": lambda: DaliLoader(**common, device="cpu", num_threads=max(1, workers))}

@@ -1,7 +1,7 @@
 """End-to-end training steps per method and pipeline: images/s and data-stall, as fastssl's
 own metrics.jsonl reports them, for each data pipeline against the torchvision DataLoader.
 
-    python -m benchmarks.train_step [--methods sc layerwise invp] [--steps 30]
+    python -m benchmarks.train_step [--methods sc layerwise invp splitbrain] [--steps 30]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def one(method, pipeline, steps, extra):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["sc", "layerwise", "invp"])
+    p.add_argument("--methods", nargs="+", default=["sc", "layerwise", "invp", "splitbrain"])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.batch_size=64")

@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     channels_last: Optional[bool] = None  # None = on for CUDA
     grad_clip: Optional[float] = None
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each one is skipped)
     ckpt_every_steps: int = 200
     log_every_steps: int = 10
     progress: bool = True
@@ -223,6 +224,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     _check(t.ckpt_every_steps >= 1, "train.ckpt_every_steps", f"must be >= 1, got {t.ckpt_every_steps}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
     _check(e.linear_epochs >= 1, "eval.linear_epochs", f"must be >= 1, got {e.linear_epochs}")
     _check(e.linear_seeds >= 1, "eval.linear_seeds", f"must be >= 1, got {e.linear_seeds}")

@@ -5,7 +5,10 @@
 
 Read top to bottom: config -> processes -> data -> model -> optimiser -> (resume) -> loop.
 Every config value is checked before anything heavy is built; a SIGTERM/SIGUSR1 finishes the
-current step, writes a checkpoint and exits 0; ``--resume`` continues from it exactly.
+current step, writes a checkpoint and exits 0; ``--resume`` continues from it exactly.  A step
+whose loss is not finite is skipped (no update) and counted; ``train.max_bad_steps`` of them in
+a row stop the run (exit 3) with the last checkpoint intact, as does a checkpoint that cannot
+be written (e.g. a full disk: the previous one stays loadable).
 """
 from __future__ import annotations
 
@@ -75,6 +78,10 @@ def main(argv=None) -> int:
 
     # ---- data source and the method (backbone + its heads/state)
     source = build_source(cfg)
+    if source.bad_files and d.is_main:
+        f, why = next(iter(source.bad_files.items()))
+        print(f"fastssl: data: {len(source.bad_files)} unreadable image files left out (e.g. {f}: {why}); "
+              f"list them with: python -m fastssl.data.check {cfg.data.path}", file=sys.stderr)
     model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size,
                                         len(source.pretrain))
     model = model.to(d.device)
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
     log = MetricsLogger(cfg.out_dir, d.is_main, total_steps, step, cfg.train.tensorboard, cfg.train.progress)
     timer = StepTimer(d.device)
     finished = step >= total_steps
+    skipped = state.get("skipped_steps", 0) if state is not None else 0  # non-finite-loss steps so far
+    bad_in_row = 0
 
     for stage in range(stage0, model.num_stages):
         if finished:
@@ -131,14 +140,24 @@ def main(argv=None) -> int:
                   + (f" | stage {stage + 1}/{model.num_stages}" if model.num_stages > 1 else "")
                   + (f" | resumed at epoch {epoch} step {step}" if state is not None and stage == stage0 else ""))
 
-        def save(reason: str, fresh_stage: bool = False):
-            """All ranks' RNG states are gathered; rank 0 writes the file atomically."""
+        def save(reason: str, fresh_stage: bool = False) -> bool:
+            """All ranks' RNG states are gathered; rank 0 writes the file atomically.  Returns
+            False on every rank when the write failed (the previous checkpoint is intact)."""
             rngs = [ckpt.rng_state()]
             if d.world > 1:
                 rngs = [None] * d.world
                 torch.distributed.all_gather_object(rngs, ckpt.rng_state())
-            if not d.is_main:
-                return
+            error = None
+            if d.is_main:
+                try:
+                    write(reason, fresh_stage, rngs)
+                except OSError as e:
+                    error = e
+                    log.write(f"fastssl: cannot write the checkpoint at step {step} ({e}); "
+                              f"the previous checkpoint {ck_path} is intact")
+            return not dist.any_rank(error is not None, d.device)
+
+        def write(reason, fresh_stage, rngs):
             if fresh_stage:  # the stage is done: resume at the start of the next one
                 pos = {"stage": stage + 1, "epoch": 0, "step_in_epoch": 0}
                 opt = {}
@@ -148,7 +167,14 @@ def main(argv=None) -> int:
                 opt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "scaler": scaler.state_dict()}
             ckpt.save_atomic({"model": model.state_dict(), **opt, "rng": rngs, **pos, "step": step,
-                              "config": cfg, "reason": reason}, ck_path)
+                              "config": cfg, "reason": reason, "skipped_steps": skipped}, ck_path,
+                             fail_after_bytes=4096 if fault.ckpt_fails(step) else None)
+
+        def abort(msg: str) -> int:
+            log.write(msg)
+            log.close()
+            dist.cleanup()
+            return 3
 
         # ---- the loop
         if step_in_epoch >= steps_per_epoch:
@@ -161,20 +187,27 @@ def main(argv=None) -> int:
             for batch in loader:
                 views = [v.to(d.device, non_blocking=True) for v in batch["views"]]
                 if channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                    views = [v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in views]
                 timer.data_wait(time.perf_counter() - t_wait)
 
                 with autocast(precision, d.device):
                     out = ddp(views, batch["index"].to(d.device, non_blocking=True))
+                out["loss"] = fault.loss(step + 1, out["loss"])
+                bad = dist.any_rank(not torch.isfinite(out["loss"]).item(), d.device)  # all ranks skip together
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out["loss"]).backward()
-                if cfg.train.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                scaler.scale(out["loss"]).backward()  # (also when bad: DDP's gradient buckets expect it)
+                if bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                else:
+                    if cfg.train.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    model.after_step()
+                    bad_in_row = 0
                 scheduler.step()
-                model.after_step()
                 step += 1
                 step_in_epoch += 1
                 timer.step_done()
@@ -186,11 +219,19 @@ def main(argv=None) -> int:
                         rec["stage"] = stage
                     rec.update({k: dist.mean_over_ranks(v.detach().float()).item() for k, v in out.items()})
                     rec["lr"] = scheduler.get_last_lr()[0]
+                    rec["skipped_steps"] = skipped
                     rec.update(timer.read(global_batch))
                     log.log(rec)
+                if bad:
+                    log.write(f"fastssl: step {step}: non-finite loss, step skipped ({bad_in_row} in a row, {skipped} in all)")
+                    if bad_in_row >= cfg.train.max_bad_steps:
+                        return abort(f"fastssl: {bad_in_row} non-finite losses in a row (train.max_bad_steps="
+                                     f"{cfg.train.max_bad_steps}): stopping at step {step}; the last checkpoint "
+                                     f"{ck_path} is intact (lower optim.lr or set train.grad_clip)")
                 stopping = dist.any_rank(stop.requested, d.device)
                 if stopping or step % cfg.train.ckpt_every_steps == 0:
-                    save(f"signal {stop.name}" if stopping else "periodic")
+                    if not save(f"signal {stop.name}" if stopping else "periodic"):
+                        return abort(f"fastssl: stopping at step {step}: checkpoints cannot be written")
                 if stopping:
                     log.write(f"fastssl: {stop.name or 'stop on another rank'}: checkpoint written at step {step}; "
                               f"continue with --resume")
@@ -207,15 +248,16 @@ def main(argv=None) -> int:
                 monitor = model.end_epoch(epoch, source)
                 if monitor:
                     log.log_epoch({"step": step, "epoch": epoch + 1, **monitor})
-                save("end of epoch")
+                if not save("end of epoch"):
+                    return abort(f"fastssl: stopping at step {step}: checkpoints cannot be written")
                 epoch, step_in_epoch = epoch + 1, 0
-            elif finished:
-                save("max_steps")
+            elif finished and not save("max_steps"):
+                return abort(f"fastssl: stopping at step {step}: checkpoints cannot be written")
         if epoch >= cfg.train.epochs:  # the stage ran to its end
             if d.is_main:
                 model.end_stage(stage, cfg.out_dir)
-            if stage + 1 < model.num_stages:
-                save("end of stage", fresh_stage=True)
+            if stage + 1 < model.num_stages and not save("end of stage", fresh_stage=True):
+                return abort(f"fastssl: stopping at step {step}: checkpoints cannot be written")
             epoch, step_in_epoch, state = 0, 0, None
 
     agree = dist.same_on_all_ranks(model, d.device)

@@ -43,3 +43,12 @@ def test_entry_point_tiny_writes_report(tmp_path):
 def test_readme_benchmark_section_is_in_sync():
     p = run([PY, "-m", "benchmarks.readme", "--check"], check=False)
     assert p.returncode == 0, p.stderr
+
+
+def test_lab_benchmark_tiny(tmp_path):
+    run([PY, "-m", "benchmarks.lab", "--images", "128", "--batch", "64", "--repeats", "1", "--workers", "1",
+         "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "lab.json").read_text())["rows"]
+    assert {r["impl"].split(" (")[0] for r in rows} >= {"scikit-image + numpy", "dali-cpu"}
+    assert all(r["images_per_s"]["median"] > 0 for r in rows) and rows[0]["ratio_vs_skimage"] == 1.0
+    assert {r["rescale"] for r in rows} == {False, True} and (tmp_path / "lab.png").stat().st_size > 1000

@@ -74,6 +74,14 @@ def draw_color(rng: np.random.Generator, n: int, views: int, jitter) -> np.ndarr
     return out
 
 
+def square_crops(rng: np.random.Generator, n: int, views: int, side: int, image_size: int, flip: bool):
+    """Boxes (n, views, 4) of side x side squares at uniform random positions, and flips (n, views)."""
+    yx = rng.integers(0, image_size - side + 1, size=(n, views, 2), dtype=np.int32)
+    boxes = np.concatenate([yx, np.full((n, views, 2), side, np.int32)], axis=2)
+    flips = rng.integers(0, 2, size=(n, views), dtype=np.uint8) if flip else np.zeros((n, views), np.uint8)
+    return boxes, flips
+
+
 def color_matrix(hue_deg: float, saturation: float, value: float) -> np.ndarray:
     """The 3x3 RGB matrix of fn.hsv(hue, saturation, value): the torch baseline applies it."""
     a = np.deg2rad(hue_deg)
@@ -182,8 +190,11 @@ class _PlanSource:
 
 def build_dali_pipeline(source, num_views: int, device: str, batch_size: int, num_threads: int,
                         device_id: Optional[int], base_size: int, out_size: int, resize: bool,
-                        encoded: bool, mean, std, color: bool = False, prefetch: int = 2, seed: int = 0):
-    """The crop pipeline, for device 'gpu' or 'cpu' (same graph)."""
+                        encoded: bool, mean, std, color: bool = False, prefetch: int = 2, seed: int = 0,
+                        transform=None):
+    """The crop pipeline, for device 'gpu' or 'cpu' (same graph).  ``transform`` (a method's
+    view transform, e.g. data.color.ColorSplit) replaces the final normalisation: it maps each
+    flipped HWC uint8 view to its own outputs (``transform.num_outputs`` per view)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
@@ -207,6 +218,9 @@ def build_dali_pipeline(source, num_views: int, device: str, batch_size: int, nu
             if color:
                 h = hsv[0]
                 x = fn.hsv(x, hue=h[0], saturation=h[1], value=h[2], dtype=types.FLOAT)
+            if transform is not None:
+                views.extend(transform.dali(fn.flip(x, horizontal=flip), out_size))
+                continue
             x = fn.crop_mirror_normalize(x, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
                                          mean=[255 * m for m in mean], std=[255 * s for s in std])
             views.append(x)
@@ -219,19 +233,21 @@ class DaliLoader(_Loader):
     """DALI pipeline + ``DALIGenericIterator``, one pipeline per process (sharded by rank)."""
 
     def __init__(self, split, plan_fn, num_views, batch_size, seed, rank, world, device, base_size,
-                 out_size, resize, mean, std, color=False, num_threads=2, prefetch=2, device_id=None):
+                 out_size, resize, mean, std, color=False, num_threads=2, prefetch=2, device_id=None,
+                 transform=None):
         super().__init__(split, plan_fn, batch_size, seed, rank, world)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.num_views, self.color = num_views, color
         self.source = _PlanSource(self)
-        self.names = [f"view{v}" for v in range(num_views)] + ["index"]
+        outs = num_views * (transform.num_outputs if transform is not None else 1)
+        self.names = [f"view{v}" for v in range(outs)] + ["index"]
         self._it = None
 
         def make_iter():  # built on first use, after set_epoch
             pipe = build_dali_pipeline(self.source, num_views, device, batch_size, max(1, num_threads),
                                        device_id if device == "gpu" else None, base_size, out_size,
-                                       resize, split.encoded, mean, std, color, prefetch, seed)
+                                       resize, split.encoded, mean, std, color, prefetch, seed, transform)
             return DALIGenericIterator([pipe], self.names, auto_reset=False)
 
         self._make_iter = make_iter
@@ -256,7 +272,7 @@ class DaliLoader(_Loader):
 
 def crop_views_torch(img: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, color: np.ndarray,
                      out_size: int, resize: bool, apply_color: bool, mean: torch.Tensor,
-                     std: torch.Tensor) -> List[torch.Tensor]:
+                     std: torch.Tensor, transform=None) -> List[torch.Tensor]:
     """The same maths as the DALI graph, with torchvision ops, for one CHW uint8 image."""
     import torchvision.transforms.v2.functional as TF
 
@@ -267,6 +283,9 @@ def crop_views_torch(img: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, co
             v = TF.resize(v, [out_size, out_size], antialias=True)
         if flip:
             v = TF.horizontal_flip(v)
+        if transform is not None:
+            views.extend(transform.torch(v))
+            continue
         v = v.float()
         if apply_color:
             m = torch.from_numpy(color_matrix(*hsv)).float()
@@ -298,13 +317,15 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, k):
         idx, boxes, flips, color = self.plan.step(k + self.l.start_step)
         l, split = self.l, self.l.split
-        per_view: List[List[torch.Tensor]] = [[] for _ in range(boxes.shape[1])]
+        outs = boxes.shape[1] * (l.transform.num_outputs if l.transform is not None else 1)
+        per_view: List[List[torch.Tensor]] = [[] for _ in range(outs)]
         for j, i in enumerate(idx):
             if split.encoded:
                 img = load_image_file(split.files[i], l.base_size)
             else:
                 img = torch.from_numpy(np.ascontiguousarray(split.images[i])).permute(2, 0, 1)
-            views = crop_views_torch(img, boxes[j], flips[j], color[j], l.out_size, l.resize, l.color, l.mean, l.std)
+            views = crop_views_torch(img, boxes[j], flips[j], color[j], l.out_size, l.resize, l.color, l.mean, l.std,
+                                     l.transform)
             for v, t in enumerate(views):
                 per_view[v].append(t)
         return {"views": [torch.stack(p) for p in per_view], "index": torch.from_numpy(idx)}
@@ -323,9 +344,10 @@ class TorchLoader(_Loader):
     """torchvision + ``DataLoader`` executor of the same plan: the baseline."""
 
     def __init__(self, split, plan_fn, num_views, batch_size, seed, rank, world, base_size, out_size,
-                 resize, mean, std, color=False, num_workers=2, prefetch=2, pin_memory=False):
+                 resize, mean, std, color=False, num_workers=2, prefetch=2, pin_memory=False, transform=None):
         super().__init__(split, plan_fn, batch_size, seed, rank, world)
         self.base_size, self.out_size, self.resize, self.color = base_size, out_size, resize, color
+        self.transform = transform
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
@@ -353,7 +375,7 @@ def build_loader(cfg, source, split: Split, method, rank: int = 0, world: int = 
     common = dict(split=split, plan_fn=method.crop_plan, num_views=method.num_views,
                   batch_size=cfg.data.batch_size, seed=cfg.seed, rank=rank, world=world,
                   base_size=source.image_size, out_size=method.view_size, resize=method.resize_views,
-                  mean=source.mean, std=source.std, color=method.color_jitter)
+                  mean=source.mean, std=source.std, color=method.color_jitter, transform=method.view_transform)
     if kind == "torch":
         return TorchLoader(**common, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
                            pin_memory=torch.cuda.is_available())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -51,6 +51,7 @@ class Source:
     mean: tuple = (0.5, 0.5, 0.5)  # per-channel, on [0, 1] pixels
     std: tuple = (0.25, 0.25, 0.25)
     folds: Optional[List[np.ndarray]] = None  # STL-10's predefined train folds
+    bad_files: Dict[str, str] = field(default_factory=dict)  # folder: files left out, with the reason
 
     @property
     def pretrain_labels(self) -> np.ndarray:
@@ -302,7 +303,14 @@ def _list_images(root: str):
     return files, None, []
 
 
+def _usable(files, labels, bad):
+    keep = [i for i, f in enumerate(files) if f not in bad]
+    return [files[i] for i in keep], (labels[keep] if labels is not None else None)
+
+
 def _folder(cfg) -> Source:
+    from fastssl.data.check import check_files
+
     root = cfg.data.path
     size = cfg.data.image_size or 96
     has_splits = os.path.isdir(os.path.join(root, "train"))
@@ -310,20 +318,31 @@ def _folder(cfg) -> Source:
     files, labels, classes = _list_images(tr_root)
     if not files:
         raise ConfigError(f"data.path: no .jpg/.jpeg/.png images found under {tr_root}")
-    train = Split(files=files, labels=labels)
-    test = Split(files=[], labels=None)
+    test_files, test_labels = [], None
     for name in ("val", "test"):
         if has_splits and os.path.isdir(os.path.join(root, name)):
-            tf, tl, tcls = _list_images(os.path.join(root, name))
+            test_files, test_labels, tcls = _list_images(os.path.join(root, name))
             if tcls and tcls != classes:
                 raise ConfigError(f"data.path: class folders of {root}/{name} differ from {tr_root}")
-            test = Split(files=tf, labels=tl)
             break
-    ncls = max(len(classes), 1)
     unl = os.path.join(root, "unlabeled")
-    pre_files = (_list_images(unl)[0] if has_splits and os.path.isdir(unl) else []) + files  # unlabeled first
-    pre = Split(files=pre_files if cfg.data.split == "pretrain" else files)
-    return Source("folder", size, ncls, pre, train, test, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    unl_files = _list_images(unl)[0] if has_splits and os.path.isdir(unl) else []
+    # every image is decoded once (cached) so that a bad file is left out now, not met mid-epoch
+    verdicts = check_files(unl_files + files + test_files, root)
+    bad = {f: why for f, (v, why) in verdicts.items() if v == "bad"}
+    files, labels = _usable(files, labels, bad)
+    test_files, test_labels = _usable(test_files, test_labels, bad)
+    unl_files, _ = _usable(unl_files, None, bad)
+    if not files:
+        first = next(iter(bad.items()))
+        raise ConfigError(f"data.path: none of the {len(bad)} images under {tr_root} can be decoded "
+                          f"(e.g. {first[0]}: {first[1]}); see python -m fastssl.data.check {root}")
+    train = Split(files=files, labels=labels)
+    test = Split(files=test_files, labels=test_labels)
+    ncls = max(len(classes), 1)
+    pre = Split(files=unl_files + files if cfg.data.split == "pretrain" else files)  # unlabeled first
+    return Source("folder", size, ncls, pre, train, test, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                  bad_files=bad)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -8,8 +8,10 @@ the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import tempfile
 from typing import Any, Dict
 
@@ -36,13 +38,33 @@ def set_rng_state(s: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_atomic(obj: Dict[str, Any], path: str) -> None:
+class _FailingFile:
+    """A file that raises ENOSPC after ``limit`` bytes (injected full disk, for tests)."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left = f, limit
+
+    def write(self, b) -> int:
+        if len(b) > self.left:
+            self.f.write(bytes(b)[: self.left])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        self.left -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def save_atomic(obj: Dict[str, Any], path: str, fail_after_bytes: int | None = None) -> None:
+    """Write ``obj`` to a temporary file beside ``path``, fsync, rename over ``path``.  On any
+    error the temporary file is removed and ``path`` keeps its previous content."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch.save(obj, f if fail_after_bytes is None else _FailingFile(f, fail_after_bytes))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,9 +73,14 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
             os.fsync(dfd)  # make the rename itself durable
         finally:
             os.close(dfd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, RuntimeError):  # torch's zip writer turns a failed write into this
+            cause = e.__context__ if isinstance(e.__context__, OSError) else None
+            free = shutil.disk_usage(d).free / 2 ** 30
+            raise OSError(getattr(cause, "errno", errno.EIO),
+                          f"writing {path} failed: {cause or e} ({free:.2f} GiB free on that disk)") from e
         raise
 
 

@@ -35,13 +35,29 @@ class StopRequest:
 
 
 class FaultInjection:
-    """Test hook: ``FASTSSL_KILL_AT_STEP=N`` makes the process SIGKILL itself right after step N
-    (and after that step's checkpoint, if any), exactly as a crash would, at a known step."""
+    """Test hooks that make faults happen at known steps, through the real code paths:
+
+    * ``FASTSSL_KILL_AT_STEP=N``: SIGKILL itself right after step N (and after that step's
+      checkpoint, if any), exactly as a crash would;
+    * ``FASTSSL_NAN_AT_STEPS=3,4``: the loss of these steps becomes NaN;
+    * ``FASTSSL_FAIL_CKPT_AT_STEP=N``: the checkpoint written at step N fails half way with
+      ENOSPC (a full disk), after some bytes reached the temporary file.
+    """
 
     def __init__(self):
         v = os.environ.get("FASTSSL_KILL_AT_STEP")
         self.kill_at = int(v) if v else None
+        self.nan_at = {int(s) for s in os.environ.get("FASTSSL_NAN_AT_STEPS", "").split(",") if s.strip()}
+        v = os.environ.get("FASTSSL_FAIL_CKPT_AT_STEP")
+        self.fail_ckpt_at = int(v) if v else None
 
     def after_step(self, step: int) -> None:
         if self.kill_at is not None and step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def loss(self, step: int, loss):
+        """The loss of (1-based) ``step``, poisoned when asked."""
+        return loss * float("nan") if step in self.nan_at else loss
+
+    def ckpt_fails(self, step: int) -> bool:
+        return self.fail_ckpt_at is not None and step == self.fail_ckpt_at

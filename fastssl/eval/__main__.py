@@ -1,10 +1,12 @@
 """Evaluate a pre-trained (or randomly initialised) backbone on the labeled part of the data.
 
     python -m fastssl.eval --checkpoint runs/x/checkpoints/last.pt --protocol linear|knn|finetune|transfer \
-        [--config FILE] [--random-init] [--out FILE.json] [key=value ...]
+        [--config FILE] [--random-init] [--out FILE.json] [--resume] [key=value ...]
 
 ``--random-init`` evaluates the same network untrained (seeded init), for comparison.
 Results are printed and written as JSON (default: next to the checkpoint's run folder).
+SIGTERM/SIGUSR1 stop an evaluation within one epoch of its current run, exit 0, and leave
+the finished runs in ``<out>.partial.json``; ``--resume`` continues from them.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 from fastssl.config import ConfigError, load_config
 from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
+from fastssl.engine.signals import StopRequest
+from fastssl.eval.ledger import NO_LEDGER, Ledger, Preempted
 from fastssl.models import build_backbone
 
 PROTOCOLS = ("linear", "knn", "finetune", "transfer")
@@ -33,6 +37,7 @@ def parse_args(argv):
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--random-init", action="store_true", help="evaluate the same network untrained")
     p.add_argument("--out", help="JSON output file (default: <run>/eval_<protocol>[_random].json)")
+    p.add_argument("--resume", action="store_true", help="continue a pre-empted evaluation from <out>.partial.json")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.linear_epochs=50")
     return p.parse_args(argv)
 
@@ -48,35 +53,37 @@ def load_backbone(cfg, state, source, device):
     return backbone.to(device)
 
 
-def evaluate(cfg, protocol: str, state, device, log=print):
+def evaluate(cfg, protocol: str, state, device, log=print, ledger=NO_LEDGER):
     from fastssl.eval.finetune import finetune
     from fastssl.eval.knn import knn_accuracy
     from fastssl.eval.linear import linear_probe
     from fastssl.eval.features import extract
+    from fastssl.methods import get_method
 
     source = build_source(cfg)
     if source.train.labels is None or len(source.test) == 0 or source.test.labels is None:
         raise ConfigError(f"data.path: {cfg.data.source} at {cfg.data.path} has no labeled train/test images to evaluate on")
     e = cfg.eval
     backbone = load_backbone(cfg, state, source, device)
+    prepare = get_method(cfg.method.name).eval_input(cfg, source)  # uint8 images -> the network's input
     ncls = source.num_classes
     if protocol == "transfer":
         from fastssl.eval.transfer import transfer
 
         if cfg.model.arch != "shallow":
             raise ConfigError(f"--protocol transfer: needs the 'shallow' net of the layerwise method, not {cfg.model.arch}")
-        return transfer(backbone, source, ncls, e.transfer_epochs, e.transfer_runs, e.transfer_freeze,
-                        min(e.batch_size, 128), device, e.finetune_labels, log)
+        return transfer(backbone, source, prepare, ncls, e.transfer_epochs, e.transfer_runs, e.transfer_freeze,
+                        min(e.batch_size, 128), device, e.finetune_labels, log, ledger)
     if protocol == "finetune":
-        return finetune(backbone, source, e.finetune_labels, ncls, e.finetune_epochs, e.finetune_lr,
-                        e.finetune_seeds, min(e.batch_size, 128), device, log)
+        return finetune(backbone, source, prepare, e.finetune_labels, ncls, e.finetune_epochs, e.finetune_lr,
+                        e.finetune_seeds, min(e.batch_size, 128), device, log, ledger)
     t = time.time()
-    xtr = extract(backbone, source.train, source, e.batch_size, device, e.layer)
-    xte = extract(backbone, source.test, source, e.batch_size, device, e.layer)
+    xtr = extract(backbone, source.train, source, prepare, e.batch_size, device, e.layer)
+    xte = extract(backbone, source.test, source, prepare, e.batch_size, device, e.layer)
     ytr, yte = torch.from_numpy(np.asarray(source.train.labels)), torch.from_numpy(np.asarray(source.test.labels))
     log(f"  features: {tuple(xtr.shape)} train, {tuple(xte.shape)} test ({time.time() - t:.1f}s)")
     if protocol == "linear":
-        return linear_probe(xtr, ytr, xte, yte, ncls, e.linear_epochs, e.linear_lr, e.linear_seeds)
+        return linear_probe(xtr, ytr, xte, yte, ncls, e.linear_epochs, e.linear_lr, e.linear_seeds, ledger=ledger)
     return knn_accuracy(xtr, ytr, xte, yte, ncls, e.knn_k, e.knn_temperature)
 
 
@@ -98,20 +105,31 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     what = "random-init" if args.random_init else (args.checkpoint or "")
     print(f"fastssl.eval: {args.protocol} | {cfg.method.name}/{cfg.model.arch} | {what} | {cfg.data.source}", flush=True)
-    try:
-        res = evaluate(cfg, args.protocol, None if args.random_init else state, device)
-    except ConfigError as e:
-        print(f"fastssl.eval: error: {e}", file=sys.stderr)
-        return 2
-    res.update(protocol=args.protocol, random_init=args.random_init, checkpoint=args.checkpoint,
-               dataset=cfg.data.source, arch=cfg.model.arch, method=cfg.method.name)
     out = args.out
     if out is None:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint else cfg.out_dir
         out = os.path.join(run_dir, f"eval_{args.protocol}{'_random' if args.random_init else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    stop = StopRequest()
+    ledger = Ledger(out + ".partial.json", stop, args.resume)
+    if ledger.runs:
+        print(f"fastssl.eval: resuming: runs {sorted(ledger.runs)} already done", flush=True)
+    try:
+        res = evaluate(cfg, args.protocol, None if args.random_init else state, device, ledger=ledger)
+    except ConfigError as e:
+        print(f"fastssl.eval: error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"fastssl.eval: {e}: stopped; {len(ledger.runs)} finished runs kept in {ledger.path}; "
+              f"continue with --resume", flush=True)
+        return 0
+    finally:
+        stop.restore()
+    res.update(protocol=args.protocol, random_init=args.random_init, checkpoint=args.checkpoint,
+               dataset=cfg.data.source, arch=cfg.model.arch, method=cfg.method.name)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
+    ledger.discard()
     std = f" +- {res['std']:.2f}" if "std" in res else ""
     print(f"fastssl.eval: {args.protocol} accuracy {res['accuracy']:.2f}%{std} -> {out}", flush=True)
     return 0

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.eval.features import image_batches
+from fastssl.eval.ledger import NO_LEDGER
 
 
 def balanced_subset(labels: np.ndarray, n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -29,13 +30,17 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
 
 
-def finetune(backbone, source, labels_n, num_classes, epochs, lr, seeds, batch_size, device, log=print):
+def finetune(backbone, source, prepare, labels_n, num_classes, epochs, lr, seeds, batch_size, device, log=print,
+             ledger=NO_LEDGER):
     train, test = source.train, source.test
     y_all = np.asarray(train.labels)
     accs = []
     for seed in range(seeds):
+        if ledger.has(seed):
+            accs.append(ledger.get(seed))
+            continue
         idx = balanced_subset(y_all, labels_n, num_classes, seed) if labels_n else np.arange(len(train))
-        x = torch.cat(list(image_batches(train, source.image_size, source.mean, source.std, 512, "cpu", idx)))
+        x = torch.cat(list(image_batches(train, source.image_size, prepare, 512, "cpu", idx)))
         y = torch.from_numpy(y_all[idx])
         net = copy.deepcopy(backbone).to(device)
         head = torch.nn.Linear(net.dim(), num_classes).to(device)
@@ -45,6 +50,7 @@ def finetune(backbone, source, labels_n, num_classes, epochs, lr, seeds, batch_s
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
         g = torch.Generator().manual_seed(seed)
         for ep in range(epochs):
+            ledger.check()
             net.train()
             perm = torch.randperm(len(x), generator=g)
             for s in range(0, len(x) - batch_size + 1 if len(x) >= batch_size else 1, batch_size):
@@ -58,10 +64,11 @@ def finetune(backbone, source, labels_n, num_classes, epochs, lr, seeds, batch_s
         net.eval()
         correct = 0
         with torch.no_grad():
-            for xb, yb in zip(image_batches(test, source.image_size, source.mean, source.std, 512, device),
+            for xb, yb in zip(image_batches(test, source.image_size, prepare, 512, device),
                               torch.from_numpy(np.asarray(test.labels)).split(512)):
                 correct += (head(net.features(xb)).argmax(1).cpu() == yb).sum().item()
         accs.append(100.0 * correct / len(test))
+        ledger.add(seed, accs[-1])
         log(f"  finetune seed {seed}: {accs[-1]:.2f}% ({len(idx)} labeled images, {epochs} epochs)")
     return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs,
-            "labels": int(labels_n or len(train))}
+            "labels": int(labels_n or len(y_all))}

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.eval.features import image_batches
+from fastssl.eval.ledger import NO_LEDGER
 
 
 class SmallClassifier(nn.Module):
@@ -27,18 +28,22 @@ class SmallClassifier(nn.Module):
         return self.fc(self.conv2(self.first(x)))
 
 
-def transfer(backbone, source, num_classes, epochs, runs, freeze, batch_size, device, labels_n=None, log=print):
+def transfer(backbone, source, prepare, num_classes, epochs, runs, freeze, batch_size, device, labels_n=None, log=print,
+             ledger=NO_LEDGER):
     from fastssl.eval.finetune import balanced_subset
 
     first = backbone.stages["layer1"]
     y_all = np.asarray(source.train.labels)
     idx = balanced_subset(y_all, labels_n, num_classes, 0) if labels_n else np.arange(len(y_all))
-    x = torch.cat(list(image_batches(source.train, source.image_size, source.mean, source.std, 512, "cpu", idx)))
+    x = torch.cat(list(image_batches(source.train, source.image_size, prepare, 512, "cpu", idx)))
     y = torch.from_numpy(y_all[idx])
-    xt = torch.cat(list(image_batches(source.test, source.image_size, source.mean, source.std, 512, "cpu")))
+    xt = torch.cat(list(image_batches(source.test, source.image_size, prepare, 512, "cpu")))
     yt = torch.from_numpy(np.asarray(source.test.labels))
     accs = []
     for run in range(runs):
+        if ledger.has(run):
+            accs.append(ledger.get(run))
+            continue
         torch.manual_seed(1000 + run)  # the new layers' init and the batch order differ per run
         net = SmallClassifier(copy.deepcopy(first), backbone.dim("layer1"), source.image_size, num_classes).to(device)
         for p in net.first.parameters():
@@ -46,6 +51,7 @@ def transfer(backbone, source, num_classes, epochs, runs, freeze, batch_size, de
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
         switch = int(round(2 * epochs / 3))
         for ep in range(epochs):
+            ledger.check()
             if ep == switch:
                 for gr in opt.param_groups:
                     gr["lr"] = 1e-4
@@ -62,6 +68,7 @@ def transfer(backbone, source, num_classes, epochs, runs, freeze, batch_size, de
             correct = sum((net(xb.to(device)).argmax(1).cpu() == yb).sum().item()
                           for xb, yb in zip(xt.split(512), yt.split(512)))
         accs.append(100.0 * correct / len(xt))
+        ledger.add(run, accs[-1])
         log(f"  transfer run {run}: {accs[-1]:.2f}% ({'frozen' if freeze else 'fine-tuned'} first layer, {epochs} epochs)")
     return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs, "frozen": freeze,
             "labels": int(len(idx))}

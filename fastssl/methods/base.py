@@ -31,6 +31,7 @@ class Method(nn.Module):
     resize_views: bool = False  # True when boxes differ from view_size and must be resized
     color_jitter: bool = False  # True when the plan's colour changes must be applied
     num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
+    view_transform = None  # replaces the pipeline's normalisation (e.g. data.color.ColorSplit)
 
     def __init__(self, cfg, backbone: Backbone, image_size: int, num_images: int = 0):
         super().__init__()
@@ -60,6 +61,13 @@ class Method(nn.Module):
         """``loss.impl`` resolved for tensor ``t``: auto = fused on CUDA, eager elsewhere."""
         impl = self.cfg.loss.impl
         return ("fused" if t.is_cuda else "eager") if impl == "auto" else impl
+
+    @classmethod
+    def eval_input(cls, cfg, source):
+        """The network input of whole images for evaluation: (B, 3, H, W) uint8 -> float."""
+        mean = torch.tensor(source.mean).view(1, 3, 1, 1)
+        std = torch.tensor(source.std).view(1, 3, 1, 1)
+        return lambda x: (x.float() / 255.0 - mean.to(x.device)) / std.to(x.device)
 
     @classmethod
     def validate(cls, cfg, data_info: Dict) -> None:

@@ -271,8 +271,8 @@ class InvariancePropagation(Method):
         was = self.training
         self.eval()
         dev = self.bank.device
-        test = torch.cat([self.embed(x).cpu() for x in image_batches(source.test, source.image_size, source.mean,
-                                                                      source.std, 256, dev)])
+        test = torch.cat([self.embed(x).cpu() for x in image_batches(source.test, source.image_size,
+                                                                      self.eval_input(self.cfg, source), 256, dev)])
         self.train(was)
         m = self.cfg.method
         pred = knn_classify(self.bank[keep.to(dev)].cpu(), labels[keep], test, source.num_classes,

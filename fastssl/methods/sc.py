@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import numpy as np
 import torch
 
-from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
+from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color, square_crops
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -85,10 +84,7 @@ class SpatialContrasting(Method):
         return self.patch_side(self.cfg.method, self.image_size)
 
     def crop_plan(self, rng, n):
-        p, s = self.view_size, self.image_size
-        yx = rng.integers(0, s - p + 1, size=(n, 2, 2), dtype=np.int32)  # (n, view, [y, x])
-        boxes = np.concatenate([yx, np.full((n, 2, 2), p, np.int32)], axis=2)
-        flips = rng.integers(0, 2, size=(n, 2), dtype=np.uint8) if self.cfg.method.flip else np.zeros((n, 2), np.uint8)
+        boxes, flips = square_crops(rng, n, 2, self.view_size, self.image_size, self.cfg.method.flip)
         return boxes, flips, draw_color(rng, n, 2, self.cfg.method.color)
 
     def forward(self, views, index):

@@ -13,13 +13,16 @@ import torch
 import torch.nn as nn
 import torchvision
 
-ARCHS = ("convnet", "shallow", "resnet18", "resnet50")
+ARCHS = ("convnet", "shallow", "resnet18", "resnet50", "simplenet", "split-simplenet", "split-resnet18")
 _STAGES = {
     "convnet": ("block1", "block2", "block3"),
     "shallow": ("layer1", "layer2", "layer3"),
     "resnet18": ("layer1", "layer2", "layer3", "layer4"),
     "resnet50": ("layer1", "layer2", "layer3", "layer4"),
+    "simplenet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
 }
+_STAGES["split-simplenet"] = _STAGES["simplenet"]
+_STAGES["split-resnet18"] = _STAGES["resnet18"]
 
 
 def stages_of(arch: str):
@@ -58,8 +61,29 @@ class Backbone(nn.Module):
         return self.widths[stage or self.stage_names[-1]]
 
 
-def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SplitBackbone(Backbone):
+    """Two sub-networks side by side, each seeing only its own input channels (Split-Brain):
+    ``halves[0]`` gets channels ``[:split]``, ``halves[1]`` the rest; every stage's output is
+    the two halves' maps concatenated along channels."""
+
+    def __init__(self, half_a: Backbone, half_b: Backbone, split: int):
+        nn.Module.__init__(self)
+        self.halves = nn.ModuleList([half_a, half_b])
+        self.split = split
+        self.widths = {k: half_a.widths[k] + half_b.widths[k] for k in half_a.widths}
+
+    @property
+    def stage_names(self):
+        return self.halves[0].stage_names
+
+    def forward(self, x, stages=None):
+        a = self.halves[0](x[:, :self.split], stages)
+        b = self.halves[1](x[:, self.split:], stages)
+        return {k: torch.cat([a[k], b[k]], 1) for k in a}
 
 
 def convnet(width: int = 64) -> Backbone:
@@ -71,6 +95,28 @@ def convnet(width: int = 64) -> Backbone:
         block3=nn.Sequential(_conv_bn(2 * w, 4 * w), _conv_bn(4 * w, 4 * w)),
     )
     return Backbone(nn.Identity(), stages, {"block1": w, "block2": 2 * w, "block3": 4 * w})
+
+
+def simplenet(width: int = 64, in_channels: int = 3) -> Backbone:
+    """The 5-layer "SimpleNet" of the Split-Brain study: 3x3 conv-BN-ReLU, widths w, 2w, 4w,
+    4w, 4w, the first three with stride 2 (output stride 8: 12x12 maps for 96 px inputs)."""
+    w = [width, 2 * width, 4 * width, 4 * width, 4 * width]
+    cin = [in_channels] + w[:-1]
+    stages = OrderedDict((f"conv{i + 1}", _conv_bn(cin[i], w[i], 2 if i < 3 else 1)) for i in range(5))
+    return Backbone(nn.Identity(), stages, {f"conv{i + 1}": w[i] for i in range(5)})
+
+
+def resnet18_narrow(width: int = 64, in_channels: int = 3) -> Backbone:
+    """ResNet-18 (torchvision BasicBlocks) with stage widths w, 2w, 4w, 8w, a 3x3 stride-1 stem
+    and no max-pool: output stride 8."""
+    from torchvision.models.resnet import BasicBlock
+
+    net = torchvision.models.resnet18(weights=None)  # for its _make_layer
+    net.inplanes, net.dilation = width, 1
+    stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    stages = OrderedDict((n, net._make_layer(BasicBlock, width * m, 2, stride=1 if m == 1 else 2))
+                         for n, m in zip(_STAGES["resnet18"], (1, 2, 4, 8)))
+    return Backbone(stem, stages, {n: width * m for n, m in zip(_STAGES["resnet18"], (1, 2, 4, 8))})
 
 
 def shallow(width: int = 64, kernel: int = 6, pool: int = 2) -> Backbone:
@@ -104,6 +150,13 @@ def resnet(arch: str, small_stem: bool) -> Backbone:
 
 
 def build_backbone(model_cfg, image_size: int) -> Backbone:
+    """``split-*`` archs: two half-width nets over input channels [:1] and [1:] (Split-Brain)."""
+    if model_cfg.arch.startswith("split-"):
+        half = {"split-simplenet": simplenet, "split-resnet18": resnet18_narrow}[model_cfg.arch]
+        w = max(1, model_cfg.width // 2)
+        return SplitBackbone(half(w, 1), half(w, 2), 1)
+    if model_cfg.arch == "simplenet":
+        return simplenet(model_cfg.width)
     if model_cfg.arch == "convnet":
         return convnet(model_cfg.width)
     if model_cfg.arch == "shallow":
