@@ -55,8 +55,8 @@ def main(argv=None):
         elif suite == "lab":
             lab.main(["--out", out] + (["--images", "256", "--batch", "64", "--repeats", "1"] if tiny else []))
         else:
-            train_step.main(["--out", out] + (["--steps", "6", "data.batch_size=32", "data.builtin.num_train=512"]
-                                              if tiny else []))
+            train_step.main(["--out", out] + (["--methods", "sc", "layerwise", "invp", "--steps", "6",
+                                               "data.batch_size=32", "data.builtin.num_train=512"] if tiny else []))
     env = environment()
     with open(os.path.join(out, "environment.json"), "w") as f:
         json.dump(env, f, indent=2)
