@@ -57,12 +57,17 @@ def main(argv=None):
         else:
             train_step.main(["--out", out] + (["--methods", "sc", "layerwise", "invp", "--steps", "6",
                                                "data.batch_size=32", "data.builtin.num_train=512"] if tiny else []))
+    write_report(out)
+
+
+def write_report(out: str) -> None:
+    """report.md + environment.json from every suite's latest table in ``out`` (a partial
+    re-run refreshes only its own part)."""
     env = environment()
     with open(os.path.join(out, "environment.json"), "w") as f:
         json.dump(env, f, indent=2)
     parts = [f"# fastssl benchmarks on {device_name()}\n",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n"]
-    # every suite's latest table in this folder (a partial re-run refreshes only its own)
     names = [f"pipelines-{m}" for m in METHODS] + ["kernels", "knn", "lab", "train_step"]
     for name in names:
         if os.path.isfile(os.path.join(out, f"{name}.md")):

@@ -25,12 +25,17 @@ from fastssl.data.color import ColorSplit  # noqa: E402
 from fastssl.data.sources import make_builtin  # noqa: E402
 
 
-def reference_bins(im: np.ndarray, split: ColorSplit):
-    """scikit-image + NumPy: per-channel bins (s, s, 3) of the block-mean colours, and the
-    unfloored bin coordinates (to tell values that sit on a bin edge)."""
+def reference_colour(im: np.ndarray, split: ColorSplit) -> np.ndarray:
+    """scikit-image: HWC float64 in the space's units (Lab, or RGB 0..255)."""
     from skimage.color import rgb2lab
 
-    c = rgb2lab(im) if split.space == "lab" else im.astype(np.float64)
+    return rgb2lab(im) if split.space == "lab" else im.astype(np.float64)
+
+
+def reference_bins(im: np.ndarray, split: ColorSplit, c: np.ndarray | None = None):
+    """NumPy: per-channel bins (s, s, 3) of the block-mean colours, and the unfloored bin
+    coordinates (to tell values that sit on a bin edge); ``c`` = the image's colour when known."""
+    c = reference_colour(im, split) if c is None else c
     if split.rescale:
         lo, hi = c.min((0, 1)), c.max((0, 1)) + 1e-6
     else:
@@ -44,12 +49,10 @@ def reference_bins(im: np.ndarray, split: ColorSplit):
 
 def reference_targets(im: np.ndarray, split: ColorSplit):
     """The baseline's outputs for one HWC uint8 image: (input CHW, targets 1, targets 2)."""
-    from skimage.color import rgb2lab
-
-    c = rgb2lab(im) if split.space == "lab" else im.astype(np.float64)
+    c = reference_colour(im, split)  # converted once, for the input and the targets
     centre, half = split.input_scale()
     inp = ((c - centre) / half).astype(np.float32).transpose(2, 0, 1)
-    q, _ = reference_bins(im, split)
+    q, _ = reference_bins(im, split, c)
     return inp, q[..., 0], q[..., 1] * split.bins2 + q[..., 2]
 
 

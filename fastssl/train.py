@@ -193,7 +193,8 @@ def main(argv=None) -> int:
                 with autocast(precision, d.device):
                     out = ddp(views, batch["index"].to(d.device, non_blocking=True))
                 out["loss"] = fault.loss(step + 1, out["loss"])
-                bad = dist.any_rank(not torch.isfinite(out["loss"]).item(), d.device)  # all ranks skip together
+                # one all-reduce per step: every rank skips a non-finite step and stops on a signal together
+                bad, stopping = dist.any_ranks([~torch.isfinite(out["loss"].detach()), stop.requested], d.device)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out["loss"]).backward()  # (also when bad: DDP's gradient buckets expect it)
                 if bad:
@@ -228,7 +229,6 @@ def main(argv=None) -> int:
                         return abort(f"fastssl: {bad_in_row} non-finite losses in a row (train.max_bad_steps="
                                      f"{cfg.train.max_bad_steps}): stopping at step {step}; the last checkpoint "
                                      f"{ck_path} is intact (lower optim.lr or set train.grad_clip)")
-                stopping = dist.any_rank(stop.requested, d.device)
                 if stopping or step % cfg.train.ckpt_every_steps == 0:
                     if not save(f"signal {stop.name}" if stopping else "periodic"):
                         return abort(f"fastssl: stopping at step {step}: checkpoints cannot be written")

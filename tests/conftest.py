@@ -39,6 +39,27 @@ def train_cmd(out_dir, *overrides, config="configs/sc/builtin.yaml", nproc=None)
     return base + ["fastssl/train.py", "--config", config, f"out_dir={out_dir}", *TINY, *overrides]
 
 
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def kill_and_resume(tmp_path, common, config, kill_range):
+    """The crash-resume experiment every method's test runs: an uninterrupted run, and the same
+    run SIGKILLed after a random step in ``kill_range`` (low, high) then resumed.  Returns the
+    reference's final checkpoint, the checkpoint left by the crash, the resumed run's final
+    checkpoint and the kill step."""
+    import signal
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    run(train_cmd(ref, *common, config=config))
+    kill_at = int(torch.randint(*kill_range, (1,)))
+    p = run(train_cmd(out, *common, config=config), check=False, env_extra={"FASTSSL_KILL_AT_STEP": str(kill_at)})
+    assert p.returncode == -signal.SIGKILL
+    after_crash = load_ckpt(out / "checkpoints" / "last.pt")
+    run(train_cmd(out, *common, config=config) + ["--resume"])
+    return load_ckpt(ref / "checkpoints" / "last.pt"), after_crash, load_ckpt(out / "checkpoints" / "last.pt"), kill_at
+
+
 @pytest.fixture
 def tiny_cfg():
     from fastssl.config import load_config

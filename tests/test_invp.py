@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run, train_cmd
+from conftest import ROOT, kill_and_resume, run, train_cmd
 from fastssl.methods.invp import hardest_positives, invp_losses, knn_graph, propagate
 from test_train import load
 
@@ -133,17 +133,9 @@ def test_ablations_run(tmp_path, ablation):
 
 
 def test_bank_and_graph_survive_kill_and_resume(tmp_path):
-    import signal
-
     common = ["train.epochs=3", "train.ckpt_every_steps=3", "data.batch_size=64", "method.rampup_epoch=1"]  # 8 steps/epoch
-    ref = tmp_path / "ref"
-    run(train_cmd(ref, *common, config=CFG))
-    out = tmp_path / "killed"
-    kill_at = int(torch.randint(10, 23, (1,)))
-    p = run(train_cmd(out, *common, config=CFG), check=False, env_extra={"FASTSSL_KILL_AT_STEP": str(kill_at)})
-    assert p.returncode == -signal.SIGKILL
-    run(train_cmd(out, *common, config=CFG) + ["--resume"])
-    a, b = load(ref / "checkpoints" / "last.pt")["model"], load(out / "checkpoints" / "last.pt")["model"]
+    ref, _, resumed, _ = kill_and_resume(tmp_path, common, CFG, (10, 23))
+    a, b = ref["model"], resumed["model"]
     assert {"bank", "graph"} <= set(a)
     assert (a["graph"] >= 0).all()
     for k in a:

@@ -1,12 +1,11 @@
 """Layer-wise contrastive: adjacent overlapping patches, stage-by-stage training, transfer."""
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PY, ROOT, run, train_cmd
+from conftest import PY, ROOT, kill_and_resume, run, train_cmd
 from fastssl.config import ConfigError
 from test_train import load
 
@@ -113,15 +112,9 @@ def make_init_layer2():
 
 def test_sigkill_in_second_stage_then_resume_equals_uninterrupted(tmp_path):
     common = ["method.layers=2", "train.epochs=2", "train.ckpt_every_steps=3", "data.batch_size=64"]  # 8 steps/stage
-    ref = tmp_path / "ref"
-    run(train_cmd(ref, *common, config=CFG))
-    out = tmp_path / "killed"
-    kill_at = int(torch.randint(9, 16, (1,)))  # inside the second stage
-    p = run(train_cmd(out, *common, config=CFG), check=False, env_extra={"FASTSSL_KILL_AT_STEP": str(kill_at)})
-    assert p.returncode == -signal.SIGKILL
-    assert 8 <= load(out / "checkpoints" / "last.pt")["step"] <= kill_at
-    run(train_cmd(out, *common, config=CFG) + ["--resume"])
-    a, b = load(ref / "checkpoints" / "last.pt")["model"], load(out / "checkpoints" / "last.pt")["model"]
+    ref, crashed, resumed, kill_at = kill_and_resume(tmp_path, common, CFG, (9, 16))  # inside the second stage
+    assert 8 <= crashed["step"] <= kill_at
+    a, b = ref["model"], resumed["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

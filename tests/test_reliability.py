@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PY, ROOT, TINY, env, run, train_cmd
+from conftest import PY, ROOT, TINY, env, kill_and_resume, run, train_cmd
 from fastssl.config import ConfigError, load_config
 from test_train import load, records
 
@@ -25,16 +25,8 @@ from test_train import load, records
 
 
 def test_splitbrain_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    cfg = "configs/splitbrain/builtin.yaml"
     common = ["train.epochs=2", "train.ckpt_every_steps=4", "data.builtin.num_train=384"]  # 12 steps/epoch
-    ref = tmp_path / "ref"
-    run(train_cmd(ref, *common, config=cfg))
-    out = tmp_path / "killed"
-    kill_at = int(torch.randint(5, 23, (1,)))
-    p = run(train_cmd(out, *common, config=cfg), check=False, env_extra={"FASTSSL_KILL_AT_STEP": str(kill_at)})
-    assert p.returncode == -signal.SIGKILL
-    run(train_cmd(out, *common, config=cfg) + ["--resume"])
-    a, b = load(ref / "checkpoints/last.pt"), load(out / "checkpoints/last.pt")
+    a, _, b, kill_at = kill_and_resume(tmp_path, common, "configs/splitbrain/builtin.yaml", (5, 23))
     assert a["step"] == b["step"] == 24
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after a kill at step {kill_at}"

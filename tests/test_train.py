@@ -7,13 +7,12 @@ import time
 
 import torch
 
-from conftest import PY, ROOT, env, run, train_cmd
+from conftest import PY, ROOT, env, kill_and_resume, load_ckpt, run, train_cmd
 
 FIELDS = {"step", "epoch", "loss", "lr", "images_per_s", "data_stall"}
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+load = load_ckpt
 
 
 def records(out):
@@ -52,17 +51,12 @@ def _params(path):
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     common = ["train.epochs=2", "train.ckpt_every_steps=5", "data.builtin.num_train=640"]  # 20 steps/epoch
-    ref = tmp_path / "ref"
-    run(train_cmd(ref, *common))
-    out = tmp_path / "killed"
-    kill_at = int(torch.randint(6, 39, (1,)))  # a random step, mid-epoch or across the epoch boundary
-    p = run(train_cmd(out, *common), check=False, env_extra={"FASTSSL_KILL_AT_STEP": str(kill_at)})
-    assert p.returncode == -signal.SIGKILL
-    killed_at = load(out / "checkpoints" / "last.pt")["step"]
+    # a random kill step, mid-epoch or across the epoch boundary
+    ref, crashed, resumed, kill_at = kill_and_resume(tmp_path, common, "configs/sc/builtin.yaml", (6, 39))
+    killed_at = crashed["step"]
     assert killed_at == kill_at // 5 * 5  # the last periodic checkpoint before the crash
-    run(train_cmd(out, *common) + ["--resume"])
-    a, b = _params(ref / "checkpoints" / "last.pt"), _params(out / "checkpoints" / "last.pt")
-    assert load(out / "checkpoints" / "last.pt")["step"] == 40
+    a, b = ref["model"], resumed["model"]
+    assert resumed["step"] == 40
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after kill at step {killed_at} + resume"
 

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+from fastssl.data.sources import _CIFAR, IMAGE_EXTS
+
 CONVERTED = {"L": "grayscale", "LA": "grayscale + alpha", "CMYK": "CMYK", "P": "palette", "RGBA": "RGB + alpha",
              "I;16": "16-bit grayscale", "I": "32-bit grayscale", "1": "1-bit"}
 
@@ -153,8 +154,6 @@ def check_folder(root: str, use_cache: bool = True, progress: bool = True) -> Re
 
 
 def detect_source(path: str) -> str:
-    from fastssl.data.sources import _CIFAR
-
     for d in (path, os.path.join(path, "stl10_binary")):
         if os.path.isfile(os.path.join(d, "train_X.bin")):
             return "stl10"

@@ -67,11 +67,6 @@ class ColorSplit:
     def classes(self) -> Tuple[int, int]:
         return self.bins1, self.bins2 ** 2
 
-    @property
-    def groups(self) -> Tuple[int, int]:
-        """Input channels of the two halves: (1, 2)."""
-        return 1, 2
-
     def fixed_range(self) -> Tuple[np.ndarray, np.ndarray]:
         """(lo, hi) per channel of the space's fixed range."""
         if self.space == "lab":

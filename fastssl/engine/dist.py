@@ -45,11 +45,15 @@ def cleanup() -> None:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (so that all ranks stop together)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags, device: torch.device):
+    """``any_rank`` for several flags (bools or 0-d tensors) in one all-reduce and one sync."""
+    t = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
 
 
 def barrier() -> None:

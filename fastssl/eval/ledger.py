@@ -30,11 +30,10 @@ class Ledger:
         if self.path is None:  # NO_LEDGER (shared by every call): records nothing
             return
         self.runs[k] = result
-        if self.path:
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"runs": self.runs}, f)
-            os.replace(tmp, self.path)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"runs": self.runs}, f)
+        os.replace(tmp, self.path)
 
     def check(self) -> None:
         if self.stop is not None and self.stop.requested:
