@@ -1,11 +1,11 @@
 """Run every benchmark suite that applies to this machine and write one report.
 
-    python -m benchmarks [--tiny] [--suites pipelines kernels knn lab train_step] [--out DIR]
+    python -m benchmarks [--tiny] [--suites pipelines kernels knn lab exemplar train_step] [--out DIR]
 
 Suites: data pipelines per method (DALI GPU / DALI CPU / torchvision DataLoader), fused loss
 kernels (fused / eager / torch.compile; GPU only, or the interpreter with --tiny), kNN graph
 (FAISS / torch / scikit-learn), Lab conversion + quantisation (DALI GPU / DALI CPU /
-scikit-image), end-to-end training steps per method and pipeline
+scikit-image), Exemplar-CNN surrogate patches (DALI GPU / DALI CPU / DataLoader), end-to-end training steps per method and pipeline
 (images/s, data-stall).  Each compares against its baseline in the same run.  Results go to
 benchmarks/results/<device>/: one JSON and one markdown table per suite, PNG plots, and
 report.md (every suite's latest table in the folder) + environment.json; ``python -m
@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import kernels, knn, lab, pipelines, train_step  # noqa: E402
+from benchmarks import exemplar, kernels, knn, lab, pipelines, train_step  # noqa: E402
 from benchmarks.common import RESULTS, device_name, environment  # noqa: E402
 
 METHODS = ("sc", "layerwise", "invp", "splitbrain")
-SUITES = ("pipelines", "kernels", "knn", "lab", "train_step")
+SUITES = ("pipelines", "kernels", "knn", "lab", "exemplar", "train_step")
 
 
 def main(argv=None):
@@ -54,6 +54,9 @@ def main(argv=None):
             knn.main(["--out", out] + (["--n", "2000", "--repeats", "1"] if tiny else []))
         elif suite == "lab":
             lab.main(["--out", out] + (["--images", "256", "--batch", "64", "--repeats", "1"] if tiny else []))
+        elif suite == "exemplar":
+            exemplar.main(["--out", out] + (["--images", "128", "--per-class", "4", "--batch", "128", "--repeats", "1"]
+                                            if tiny else []))
         else:
             train_step.main(["--out", out] + (["--methods", "sc", "layerwise", "invp", "--steps", "6",
                                                "data.batch_size=32", "data.builtin.num_train=512"] if tiny else []))
@@ -68,7 +71,7 @@ def write_report(out: str) -> None:
         json.dump(env, f, indent=2)
     parts = [f"# fastssl benchmarks on {device_name()}\n",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n"]
-    names = [f"pipelines-{m}" for m in METHODS] + ["kernels", "knn", "lab", "train_step"]
+    names = [f"pipelines-{m}" for m in METHODS] + ["kernels", "knn", "lab", "exemplar", "train_step"]
     for name in names:
         if os.path.isfile(os.path.join(out, f"{name}.md")):
             parts.append("## " + _body(os.path.join(out, f"{name}.md")))

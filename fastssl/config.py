@@ -68,6 +68,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     milestones: List[float] = field(default_factory=list)  # epochs, for `step`
     gamma: float = 0.1
+    gammas: List[float] = field(default_factory=list)  # one factor per milestone (empty: gamma at each)
     scale_lr: bool = True
 
 
@@ -103,6 +104,9 @@ class EvalConfig:
     transfer_epochs: int = 15  # transfer protocol (layerwise): small classifier on the learned first layer
     transfer_runs: int = 3
     transfer_freeze: bool = False  # frozen (True) or fine-tuned (False) first layer
+    svm_c: float = 1.0  # svm-folds: LinearSVC C on standardised features
+    svm_folds: int = 10  # svm-folds without predefined folds: random folds of svm_fold_size train images
+    svm_fold_size: int = 1000
     batch_size: int = 256
 
 
@@ -218,6 +222,10 @@ def validate(cfg: DictConfig) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     _check(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    _check(len(o.gammas) in (0, len(o.milestones)), "optim.gammas",
+           f"{len(o.gammas)} factors for {len(o.milestones)} milestones (give one per milestone, or none)")
+    for i, g in enumerate(o.gammas):
+        _check(0 < g <= 1, f"optim.gammas[{i}]", f"must be in (0, 1], got {g}")
     for i, ms in enumerate(o.milestones):
         _check(0 < ms <= t.epochs, f"optim.milestones[{i}]", f"{ms} is outside (0, train.epochs={t.epochs}]")
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
@@ -231,6 +239,9 @@ def validate(cfg: DictConfig) -> None:
     _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
     _check(e.transfer_epochs >= 1, "eval.transfer_epochs", f"must be >= 1, got {e.transfer_epochs}")
     _check(e.transfer_runs >= 1, "eval.transfer_runs", f"must be >= 1, got {e.transfer_runs}")
+    _check(e.svm_c > 0, "eval.svm_c", f"must be > 0, got {e.svm_c}")
+    _check(e.svm_folds >= 1, "eval.svm_folds", f"must be >= 1, got {e.svm_folds}")
+    _check(e.svm_fold_size >= 2, "eval.svm_fold_size", f"must be >= 2, got {e.svm_fold_size}")
     _check(e.knn_temperature > 0, "eval.knn_temperature", f"must be > 0, got {e.knn_temperature}")
     _check(e.finetune_labels is None or e.finetune_labels >= 1, "eval.finetune_labels", f"must be >= 1, got {e.finetune_labels}")
     if e.layer is not None:

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
 
     # A method trains in one or more stages (e.g. one layer at a time); each stage has its own
     # trainable parameters, crop recipe, data loader and optimiser.
-    steps_per_epoch = loader_steps(len(source.pretrain), cfg.data.batch_size, d.world)
+    steps_per_epoch = loader_steps(model.epoch_items(len(source.pretrain)), cfg.data.batch_size, d.world)
     total_steps = model.num_stages * cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     for stage in range(stage0, model.num_stages):
         if finished:
             break
-        model.begin_stage(stage)
+        model.begin_stage(stage, source)
         loader = build_loader(cfg, source, source.pretrain, model, d.rank, d.world, device_id=d.local_rank)
         optimizer, opt_name = build_optimizer(cfg, model, global_batch, d.device)
         scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)

@@ -52,3 +52,13 @@ def test_lab_benchmark_tiny(tmp_path):
     assert {r["impl"].split(" (")[0] for r in rows} >= {"scikit-image + numpy", "dali-cpu"}
     assert all(r["images_per_s"]["median"] > 0 for r in rows) and rows[0]["ratio_vs_skimage"] == 1.0
     assert {r["rescale"] for r in rows} == {False, True} and (tmp_path / "lab.png").stat().st_size > 1000
+
+
+def test_exemplar_benchmark_tiny(tmp_path):
+    run([PY, "-m", "benchmarks.exemplar", "--images", "64", "--per-class", "4", "--batch", "64", "--repeats", "1",
+         "--workers", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "exemplar.json").read_text())["rows"]
+    names = [r["executor"].split(" (")[0] for r in rows]
+    assert names[:2] == ["torch-dataloader", "dali-cpu"] and names[-1] == "materialised"
+    assert rows[0]["ratio_vs_dataloader"] == 1.0 and all(r["patches_per_s"]["median"] > 0 for r in rows)
+    assert all(r["patches"] == 256 for r in rows) and (tmp_path / "exemplar.png").stat().st_size > 1000

@@ -137,15 +137,19 @@ class _Loader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        return make_epoch_plan(len(self.split), self.batch_size, self.plan_fn, self.seed, epoch, self.rank, self.world)
+
     def plan(self) -> EpochPlan:
-        return make_epoch_plan(len(self.split), self.batch_size, self.plan_fn, self.seed, self.epoch, self.rank, self.world)
+        return self.epoch_plan(self.epoch)
 
 
 # --------------------------------------------------------------------------- DALI
 
 
 class _PlanSource:
-    """Iterable for ``fn.external_source``: one epoch of (images, index, box_v, flip_v...) batches.
+    """Iterable for ``fn.external_source``: one epoch of a loader's plan, batch by batch
+    (``loader.epoch_plan(epoch)`` and ``loader.step_inputs(plan, k)`` say what goes in).
 
     DALI calls ``iter()`` on the source when it builds the graph, again before the first
     batch, and by itself after an epoch ends (it may prefetch from the next one before the
@@ -164,28 +168,24 @@ class _PlanSource:
             self.epoch, self.k = l.epoch, l.start_step
         else:
             self.epoch, self.k = self.finished + 1, 0
-        self.plan = make_epoch_plan(len(l.split), l.batch_size, l.plan_fn, l.seed, self.epoch, l.rank, l.world)
+        self.plan = l.epoch_plan(self.epoch)
         return self
 
     def __next__(self):
         if self.k >= self.plan.steps:
             self.finished = self.epoch
             raise StopIteration
-        idx, boxes, flips, color = self.plan.step(self.k)
         self.k += 1
-        split = self.loader.split
-        if split.encoded:
-            images = [np.fromfile(split.files[i], dtype=np.uint8) for i in idx]
-        else:
-            images = [np.ascontiguousarray(split.images[i]) for i in idx]
-        out = [images, list(idx.reshape(-1, 1))]
-        for v in range(boxes.shape[1]):
-            out.append(list(np.ascontiguousarray(boxes[:, v, :2])))  # anchor (y, x)
-            out.append(list(np.ascontiguousarray(boxes[:, v, 2:])))  # shape (h, w)
-            out.append(list(flips[:, v].astype(np.int32)))
-            if self.loader.color:
-                out.append(list(np.ascontiguousarray(color[:, v])))  # hue, saturation, value
-        return out
+        return self.loader.step_inputs(self.plan, self.k - 1)
+
+
+def dali_decode(encoded, device: str, base_size: int):
+    """Encoded JPEG/PNG bytes -> RGB, shorter side resized to ``base_size``, centre square."""
+    from nvidia.dali import fn, types
+
+    images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=base_size, antialias=True)
+    return fn.crop(images, crop=(base_size, base_size))
 
 
 def build_dali_pipeline(source, num_views: int, device: str, batch_size: int, num_threads: int,
@@ -204,9 +204,7 @@ def build_dali_pipeline(source, num_views: int, device: str, batch_size: int, nu
         outs = fn.external_source(source=source, num_outputs=2 + per_view * num_views, batch=True, cycle="raise")
         images, index = outs[0], outs[1]
         if encoded:
-            images = fn.decoders.image(images, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=base_size, antialias=True)
-            images = fn.crop(images, crop=(base_size, base_size))
+            images = dali_decode(images, device, base_size)
         elif device == "gpu":
             images = images.gpu()
         views = []
@@ -236,21 +234,37 @@ class DaliLoader(_Loader):
                  out_size, resize, mean, std, color=False, num_threads=2, prefetch=2, device_id=None,
                  transform=None):
         super().__init__(split, plan_fn, batch_size, seed, rank, world)
+        self.num_views, self.color = num_views, color
+        outs = num_views * (transform.num_outputs if transform is not None else 1)
+        self.init_iter([f"view{v}" for v in range(outs)] + ["index"], lambda src: build_dali_pipeline(
+            src, num_views, device, batch_size, max(1, num_threads), device_id if device == "gpu" else None,
+            base_size, out_size, resize, split.encoded, mean, std, color, prefetch, seed, transform))
+
+    def init_iter(self, names, build):
+        """Outputs ``names`` (the last is the index) of the pipeline ``build(source)``, which is
+        built on first use, after set_epoch."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.num_views, self.color = num_views, color
         self.source = _PlanSource(self)
-        outs = num_views * (transform.num_outputs if transform is not None else 1)
-        self.names = [f"view{v}" for v in range(outs)] + ["index"]
-        self._it = None
+        self.names, self._it = names, None
+        self._make_iter = lambda: DALIGenericIterator([build(self.source)], self.names, auto_reset=False)
+        self.epoch, self.start_step = 0, 0
 
-        def make_iter():  # built on first use, after set_epoch
-            pipe = build_dali_pipeline(self.source, num_views, device, batch_size, max(1, num_threads),
-                                       device_id if device == "gpu" else None, base_size, out_size,
-                                       resize, split.encoded, mean, std, color, prefetch, seed, transform)
-            return DALIGenericIterator([pipe], self.names, auto_reset=False)
-
-        self._make_iter = make_iter
+    def step_inputs(self, plan: EpochPlan, k: int):
+        """The external source's inputs of step k: images, index, and each view's crop."""
+        idx, boxes, flips, color = plan.step(k)
+        if self.split.encoded:
+            images = [np.fromfile(self.split.files[i], dtype=np.uint8) for i in idx]
+        else:
+            images = [np.ascontiguousarray(self.split.images[i]) for i in idx]
+        out = [images, list(idx.reshape(-1, 1))]
+        for v in range(boxes.shape[1]):
+            out.append(list(np.ascontiguousarray(boxes[:, v, :2])))  # anchor (y, x)
+            out.append(list(np.ascontiguousarray(boxes[:, v, 2:])))  # shape (h, w)
+            out.append(list(flips[:, v].astype(np.int32)))
+            if self.color:
+                out.append(list(np.ascontiguousarray(color[:, v])))  # hue, saturation, value
+        return out
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if self._it is not None and (epoch, start_step) != (self.epoch + 1, 0):
@@ -352,8 +366,11 @@ class TorchLoader(_Loader):
         self.std = torch.tensor(std).view(3, 1, 1)
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
 
+    def batch_dataset(self, plan):
+        return _BatchDataset(self, plan)
+
     def __iter__(self):
-        ds = _BatchDataset(self, self.plan())
+        ds = self.batch_dataset(self.plan())
         kw = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers > 0 else {}
         dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                          pin_memory=self.pin_memory, worker_init_fn=_worker_init, **kw)
@@ -371,6 +388,9 @@ def resolve_pipeline(name: str) -> str:
 
 def build_loader(cfg, source, split: Split, method, rank: int = 0, world: int = 1, device_id=None):
     """The pretraining loader for ``method``'s recipe on ``split``, per ``data.pipeline``."""
+    own = method.make_loader(cfg, source, rank, world, device_id)
+    if own is not None:
+        return own
     kind = resolve_pipeline(cfg.data.pipeline)
     common = dict(split=split, plan_fn=method.crop_plan, num_views=method.num_views,
                   batch_size=cfg.data.batch_size, seed=cfg.seed, rank=rank, world=world,

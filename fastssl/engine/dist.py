@@ -56,6 +56,19 @@ def any_ranks(flags, device: torch.device):
     return [v > 0 for v in t.tolist()]
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (pickled; for small host-side results such as a clustering)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

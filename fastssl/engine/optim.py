@@ -2,7 +2,8 @@
 
 apex's fused optimisers are used when apex is importable and the model is on CUDA (NGC
 images ship apex); otherwise torch's own (``fused=True`` on CUDA).  Biases and norm
-parameters get no weight decay.  The schedule is a per-step multiplier (LambdaLR), so a
+parameters get no weight decay, unless the method sets its own groups (``param_groups``: e.g.
+Exemplar-CNN's per-layer learning rates and L2).  The schedule is a per-step multiplier (LambdaLR), so a
 resumed run continues it exactly.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 def build_optimizer(cfg, model: torch.nn.Module, global_batch: int, device: torch.device):
     o = cfg.optim
     lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
-    groups = _param_groups(model, o.weight_decay)
+    own = getattr(model, "param_groups", None)
+    groups = own(lr) if own is not None else _param_groups(model, o.weight_decay)
     cuda = device.type == "cuda"
     if cuda:
         try:  # apex, where installed
@@ -54,7 +56,8 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     if o.schedule == "step":
         epoch = step / steps_per_epoch
-        return o.gamma ** sum(epoch >= m for m in o.milestones)
+        gammas = list(o.gammas) or [o.gamma] * len(o.milestones)
+        return math.prod(g for g, m in zip(gammas, o.milestones) if epoch >= m)
     return 1.0
 
 

@@ -1,6 +1,6 @@
 """Evaluate a pre-trained (or randomly initialised) backbone on the labeled part of the data.
 
-    python -m fastssl.eval --checkpoint runs/x/checkpoints/last.pt --protocol linear|knn|finetune|transfer \
+    python -m fastssl.eval --checkpoint runs/x/checkpoints/last.pt --protocol linear|knn|finetune|transfer|svm-folds \
         [--config FILE] [--random-init] [--out FILE.json] [--resume] [key=value ...]
 
 ``--random-init`` evaluates the same network untrained (seeded init), for comparison.
@@ -26,7 +26,7 @@ from fastssl.engine.signals import StopRequest
 from fastssl.eval.ledger import NO_LEDGER, Ledger, Preempted
 from fastssl.models import build_backbone
 
-PROTOCOLS = ("linear", "knn", "finetune", "transfer")
+PROTOCOLS = ("linear", "knn", "finetune", "transfer", "svm-folds")
 
 
 def parse_args(argv):
@@ -78,6 +78,19 @@ def evaluate(cfg, protocol: str, state, device, log=print, ledger=NO_LEDGER):
         return finetune(backbone, source, prepare, e.finetune_labels, ncls, e.finetune_epochs, e.finetune_lr,
                         e.finetune_seeds, min(e.batch_size, 128), device, log, ledger)
     t = time.time()
+    if protocol == "svm-folds":
+        from fastssl.eval.svm import eval_folds, extract_pooled, svm_folds
+
+        folds = eval_folds(source, e.svm_folds, e.svm_fold_size, cfg.seed)
+        used = np.unique(np.concatenate(folds))  # only the fold images' features are needed
+        ftr = extract_pooled(backbone, source.train, source, prepare, e.batch_size, device, used).numpy()
+        xtr = np.zeros((len(source.train), ftr.shape[1]), np.float32)
+        xtr[used] = ftr
+        xte = extract_pooled(backbone, source.test, source, prepare, e.batch_size, device).numpy()
+        log(f"  features: {ftr.shape[1]} per image, {len(used)} train, {len(xte)} test ({time.time() - t:.1f}s); "
+            f"{len(folds)} folds{' (predefined)' if source.folds else ''}")
+        return svm_folds(xtr, np.asarray(source.train.labels), xte, np.asarray(source.test.labels), folds, e.svm_c,
+                         ledger, log)
     xtr = extract(backbone, source.train, source, prepare, e.batch_size, device, e.layer)
     xte = extract(backbone, source.test, source, prepare, e.batch_size, device, e.layer)
     ytr, yte = torch.from_numpy(np.asarray(source.train.labels)), torch.from_numpy(np.asarray(source.test.labels))

@@ -29,4 +29,4 @@ def available():
 
 
 # Importing a method module registers it.
-from fastssl.methods import invp, layerwise, sc, splitbrain  # noqa: E402,F401
+from fastssl.methods import exemplar, invp, layerwise, sc, splitbrain  # noqa: E402,F401

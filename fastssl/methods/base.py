@@ -40,8 +40,18 @@ class Method(nn.Module):
         self.image_size = image_size
         self.num_images = num_images  # size of the pre-training split (for per-image state)
 
-    def begin_stage(self, stage: int) -> None:
-        """Before a stage's loader and optimiser are built: set what trains and the crop recipe."""
+    def begin_stage(self, stage: int, source=None) -> None:
+        """Before a stage's loader and optimiser are built: set what trains and the crop recipe
+        (``source``: the data, for methods whose state is built from the images)."""
+
+    def epoch_items(self, num_images: int) -> int:
+        """Samples per epoch (default: every pre-training image once)."""
+        return num_images
+
+    def make_loader(self, cfg, source, rank: int, world: int, device_id):
+        """A method whose samples are not crops of one image each (Exemplar-CNN's surrogate
+        patches) returns its own loader here; None = the shared crop-plan pipeline."""
+        return None
 
     def end_stage(self, stage: int, out_dir: str) -> None:
         """After a stage's last step, on rank 0 (e.g. write the learned filters)."""

@@ -87,7 +87,7 @@ class LayerwiseContrastive(Method):
                 raise ConfigError(f"{key}: {p} px patches shifted by {m.max_shift} do not fit {size}x{size} images")
 
     # ---- stages
-    def begin_stage(self, stage: int) -> None:
+    def begin_stage(self, stage: int, source=None) -> None:
         """Train stage ``stage`` only: earlier stages frozen, later ones not used."""
         self.stage = stage
         for i, (name, mod) in enumerate(self.backbone.stages.items()):

@@ -11,15 +11,17 @@ from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
-ARCHS = ("convnet", "shallow", "resnet18", "resnet50", "simplenet", "split-simplenet", "split-resnet18")
+ARCHS = ("convnet", "shallow", "resnet18", "resnet50", "simplenet", "split-simplenet", "split-resnet18", "exemplar-cnn")
 _STAGES = {
     "convnet": ("block1", "block2", "block3"),
     "shallow": ("layer1", "layer2", "layer3"),
     "resnet18": ("layer1", "layer2", "layer3", "layer4"),
     "resnet50": ("layer1", "layer2", "layer3", "layer4"),
     "simplenet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    "exemplar-cnn": ("conv1", "conv2", "conv3", "fc1"),
 }
 _STAGES["split-simplenet"] = _STAGES["simplenet"]
 _STAGES["split-resnet18"] = _STAGES["resnet18"]
@@ -149,6 +151,50 @@ def resnet(arch: str, small_stem: bool) -> Backbone:
     return Backbone(stem, stages, widths)
 
 
+class Standardize(nn.Module):
+    """Per-channel ``(x - mean) / std`` with the statistics as buffers (saved with the weights):
+    the network takes [0, 1] pixels and carries its own normalisation to evaluation."""
+
+    def __init__(self, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class DenseAsConv(nn.Module):
+    """A fully connected layer over a ``channels x k x k`` map that also runs convolutionally on
+    larger maps (a k x k convolution): on the k x k training input it is exactly the Linear layer."""
+
+    def __init__(self, channels: int, k: int, out: int):
+        super().__init__()
+        self.k = k
+        self.linear = nn.Linear(channels * k * k, out)
+
+    def forward(self, x):
+        if x.shape[-2:] == (self.k, self.k):
+            return self.linear(x.flatten(1))[:, :, None, None]
+        w = self.linear.weight.view(self.linear.out_features, -1, self.k, self.k)
+        return F.conv2d(x, w, self.linear.bias)
+
+
+def exemplar_cnn(width: int = 64, patch: int = 32) -> Backbone:
+    """The Exemplar-CNN of Dosovitskiy et al. (seed Table 1): at width 64, conv 92/256/512 5x5
+    (pad 2, ReLU; 3x3/2 max-pool after the first two; dropout .25) and fc 1024 (ReLU, dropout .5)
+    over the 512 x 7 x 7 map of a 32 px patch.  Larger images run the fc convolutionally."""
+    c = [max(1, round(92 * width / 64)), 4 * width, 8 * width, 16 * width]
+    side = ((patch - 3) // 2 + 1 - 3) // 2 + 1  # after the two 3x3/2 poolings (32 -> 15 -> 7)
+    stages = OrderedDict(
+        conv1=nn.Sequential(nn.Conv2d(3, c[0], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), nn.Dropout(0.25)),
+        conv2=nn.Sequential(nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), nn.Dropout(0.25)),
+        conv3=nn.Sequential(nn.Conv2d(c[1], c[2], 5, padding=2), nn.ReLU(inplace=True), nn.Dropout(0.25)),
+        fc1=nn.Sequential(DenseAsConv(c[2], side, c[3]), nn.ReLU(inplace=True), nn.Dropout(0.5)),
+    )
+    return Backbone(Standardize(), stages, dict(zip(_STAGES["exemplar-cnn"], c)))
+
+
 def build_backbone(model_cfg, image_size: int) -> Backbone:
     """``split-*`` archs: two half-width nets over input channels [:1] and [1:] (Split-Brain)."""
     if model_cfg.arch.startswith("split-"):
@@ -157,6 +203,8 @@ def build_backbone(model_cfg, image_size: int) -> Backbone:
         return SplitBackbone(half(w, 1), half(w, 2), 1)
     if model_cfg.arch == "simplenet":
         return simplenet(model_cfg.width)
+    if model_cfg.arch == "exemplar-cnn":
+        return exemplar_cnn(model_cfg.width)
     if model_cfg.arch == "convnet":
         return convnet(model_cfg.width)
     if model_cfg.arch == "shallow":

@@ -1,0 +1,90 @@
+"""Surrogate-class merging for Exemplar-CNN (../shared/METHODS.md section 2, "Clustering").
+
+1. Complete-linkage agglomerative clustering (scikit-learn) of L2-normalised features of one
+   half of the images, cut where the largest distance inside a cluster reaches ``threshold``.
+   Clusters of two or more images become classes (largest first, up to the class budget).
+2. The budget is filled with single images of that half that are in no such cluster, each
+   joined by its ``neighbours`` nearest images of the held-out half (cosine similarity, FAISS
+   inner-product index; every held-out image joins at most one class).
+
+Complete linkage needs all pairwise distances: scikit-learn/SciPy keep a condensed float64
+matrix, n (n - 1) / 2 x 8 bytes (8,000 images: 256 MB, 20,000: 1.6 GB).  Beyond ``max_images``
+the half is first split by FAISS k-means into parts of at most ``max_images`` and each part is
+clustered alone: exact within a part; a cluster can no longer straddle two parts.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from fastssl.knn import KNNIndex
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def complete_linkage(feats: np.ndarray, threshold: float, max_images: int = 20000, seed: int = 0) -> np.ndarray:
+    """Cluster id per row (complete linkage, Euclidean, cut at ``threshold``)."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    n = len(feats)
+    if n < 2:
+        return np.zeros(n, np.int64)
+    if n <= max_images:
+        ac = AgglomerativeClustering(n_clusters=None, distance_threshold=threshold, linkage="complete")
+        return ac.fit_predict(feats).astype(np.int64)
+    import faiss
+
+    parts = int(np.ceil(2 * n / max_images))  # k-means parts are uneven: aim at half the cap
+    km = faiss.Kmeans(feats.shape[1], parts, niter=20, seed=seed)
+    km.train(np.ascontiguousarray(feats, np.float32))
+    _, assign = km.index.search(np.ascontiguousarray(feats, np.float32), 1)
+    assign = assign.reshape(-1)
+    out, offset = np.empty(n, np.int64), 0
+    for p in range(parts):
+        rows = np.flatnonzero(assign == p)
+        for s in range(0, len(rows), max_images):  # a part over the cap is cut in pieces
+            r = rows[s:s + max_images]
+            lab = complete_linkage(feats[r], threshold, max_images, seed)
+            out[r] = lab + offset
+            offset += int(lab.max()) + 1 if len(lab) else 0
+    return out
+
+
+def merge_classes(feats_a: np.ndarray, feats_b: np.ndarray, budget: int, threshold: float = 1.25,
+                  neighbours: int = 3, max_images: int = 20000, seed: int = 0) -> Tuple[list, dict]:
+    """Classes as lists of ``("a", row)`` / ``("b", row)`` members (rows of ``feats_a``, the
+    clustered half, and ``feats_b``, the held-out half), and a summary for the log."""
+    fa, fb = _normalise(feats_a), _normalise(feats_b)
+    lab = complete_linkage(fa, threshold, max_images, seed)
+    ids, counts = np.unique(lab, return_counts=True)
+    multi = ids[counts >= 2][np.argsort(-counts[counts >= 2], kind="stable")][:budget]
+    classes = [[("a", int(r)) for r in np.flatnonzero(lab == c)] for c in multi]
+    in_cluster = np.isin(lab, multi)
+    singles = np.random.default_rng(seed).permutation(np.flatnonzero(~in_cluster))[: budget - len(classes)]
+    used = np.zeros(len(fb), bool)
+    joined = 0
+    if len(singles) and len(fb) and neighbours > 0:
+        index = KNNIndex(torch.from_numpy(fb), metric="ip", use_gpu=None)
+        _, nn = index.search(torch.from_numpy(fa[singles]), min(len(fb), 4 * neighbours + 8))
+        nn = nn.numpy()
+    for i, s in enumerate(singles):
+        members = [("a", int(s))]
+        if len(fb) and neighbours > 0:
+            for j in nn[i]:
+                if len(members) > neighbours:
+                    break
+                if j >= 0 and not used[j]:
+                    used[j] = True
+                    members.append(("b", int(j)))
+        joined += len(members) - 1
+        classes.append(members)
+    sizes = [len(c) for c in classes]
+    summary = {"clusters": len(multi), "largest": int(max(counts)) if len(counts) else 0, "singles": len(singles),
+               "joined": joined, "classes": len(classes), "images": int(sum(sizes)),
+               "mean_size": float(np.mean(sizes)) if sizes else 0.0}
+    return classes, summary

@@ -1,0 +1,336 @@
+"""Exemplar-CNN: Sobel-weighted anchors, the six transformation families (DALI graph and its
+torch twin), surrogate labels, the seed's optimiser groups, clustering on planted clusters,
+the fold-SVM protocol on STL-10's fold_indices.txt, materialised sets, and a short run."""
+import colorsys
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from conftest import PY, ROOT, TINY, run, train_cmd
+from fastssl.config import ConfigError, load_config
+from fastssl.data import exemplar as ex
+
+CFG = "configs/exemplar/builtin.yaml"
+SMALL = ["model.width=8", "method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=2",
+         "data.batch_size=32"]
+
+
+def run_dali(images, params, patch=32):
+    """The DALI graph (CPU backend) on explicit parameters: (n, P, P, 3) uint8."""
+    class Src:
+        def __iter__(self):
+            self.done = False
+            return self
+
+        def __next__(self):
+            if self.done:
+                raise StopIteration
+            self.done = True
+            return [[np.ascontiguousarray(i) for i in images], [np.array([k]) for k in range(len(images))],
+                    list(params.affine), list(params.cmat), list(params.coff), list(params.hsv)]
+
+    pipe = ex.build_surrogate_pipeline(Src(), "cpu", len(images), 1, None, patch, False, images[0].shape[0])
+    pipe.build()
+    out, _ = pipe.run()
+    return np.stack([np.asarray(out[i]) for i in range(len(images))])
+
+
+def both(images, params, patch=32):
+    """DALI and torch patches of the same parameters; they must agree to one grey level."""
+    d = run_dali(images, params, patch)
+    t = ex.generate_torch(ex.to_chw(images), params, patch).numpy()
+    diff = np.abs(d.astype(int) - t.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    return d.astype(np.float64)
+
+
+def params(n, anchors=None, shift=None, scale=1.0, angle=0.0, pca=1.0, hsv=None, size=64, pca_basis=None):
+    anchors = np.full((n, 2), size / 2) if anchors is None else anchors
+    return ex.make_params(anchors, np.zeros((n, 2)) if shift is None else shift, np.full(n, scale), np.full(n, angle),
+                          np.full((n, 3), pca), np.tile(ex.IDENTITY_HSV if hsv is None else hsv, (n, 1)), 32, size,
+                          pca_basis)
+
+
+def ramp(size=64, axis=1, slope=2.0, base=40.0):
+    v = base + slope * np.arange(size)
+    img = np.broadcast_to(v[None, :] if axis == 1 else v[:, None], (size, size))
+    return np.repeat(np.round(img)[..., None], 3, 2).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+def test_anchors_follow_the_edge_map():
+    """One vertical edge: every anchor lies on it, uniformly along it (chi-square); two edges of
+    strengths 1:3 get anchors in that ratio (binomial test)."""
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, 32:] = 200
+    a = ex.sample_anchors(ex.to_chw([img] * 3000), torch.Generator().manual_seed(0)).numpy()
+    assert set(np.unique(a[:, 1])) <= {31.5, 32.5}
+    counts = np.bincount(a[:, 0].astype(int), minlength=64)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    two = np.zeros((64, 64, 3), np.uint8)
+    two[:, 16:] = 50  # step of 50 at x = 16
+    two[:, 48:] = 200  # step of 150 at x = 48
+    a = ex.sample_anchors(ex.to_chw([two] * 3000), torch.Generator().manual_seed(1)).numpy()
+    right = int((a[:, 1] > 40).sum())
+    assert set(np.unique(np.round(a[:, 1] - 0.5))) <= {15, 16, 47, 48}
+    assert stats.binomtest(right, 3000, 0.75).pvalue > 1e-3
+    flat = ex.sample_anchors(ex.to_chw([np.full((16, 16, 3), 9, np.uint8)] * 2000), torch.Generator().manual_seed(2))
+    assert len(np.unique(flat.numpy(), axis=0)) > 200  # a flat image: anchors anywhere
+
+
+# --------------------------------------------------------------------------- transformation families
+
+
+def test_dali_and_torch_agree_on_random_transformations():
+    rng = np.random.default_rng(0)
+    imgs = [np.clip(rng.normal(128, 60, (48, 48, 3)), 0, 255).astype(np.uint8) for _ in range(16)]
+    imgs = [np.asarray(torch.nn.functional.avg_pool2d(torch.from_numpy(i).permute(2, 0, 1)[None].float(), 5, 1, 2)[0]
+                       .permute(1, 2, 0)).round().astype(np.uint8) for i in imgs]
+    basis = ex.pca_basis(ex.to_chw(imgs))
+    anchors = rng.uniform(0, 48, (16, 2))
+    p = ex.draw_params(rng, anchors, ex.SurrogateAug(), 32, 48, basis)
+    both(imgs, p)
+
+
+def test_identity_is_the_seed_patch():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    anchors = np.array([[20.0, 30.0], [40.0, 41.0]])  # pixel-centre coordinates: rows 4..35, 14..45
+    d = both([img, img], params(2, anchors=anchors))
+    assert np.array_equal(d[0], img[4:36, 14:46]) and np.array_equal(d[1], img[24:56, 25:57])
+
+
+def test_translation_scale_rotation_move_the_patch_as_they_should():
+    img = ramp(slope=2.0)  # value = 40 + 2 x
+    base = both([img], params(1))[0, ..., 0]
+    shifted = both([img], params(1, shift=np.array([[0.0, 5.0]])))[0, ..., 0]
+    assert abs((shifted - base).mean() - 10.0) < 0.5  # 5 px right: +10 levels
+    gx = lambda p: np.diff(p, axis=1)[4:-4, 4:-4].mean()  # noqa: E731
+    assert abs(gx(base) - 2.0) < 0.05
+    assert abs(gx(both([img], params(1, scale=0.5))[0, ..., 0]) - 4.0) < 0.1  # twice the window: twice the slope
+    assert abs(gx(both([img], params(1, scale=1.4))[0, ..., 0]) - 2.0 / 1.4) < 0.05
+    rot = both([img], params(1, angle=20.0))[0, ..., 0]
+    gy, gxr = np.diff(rot, axis=0)[4:-4, 4:-4].mean(), np.diff(rot, axis=1)[4:-4, 4:-4].mean()
+    # the window turns by +20 degrees, so the content (the ramp's gradient) turns by -20 in the patch
+    assert abs(np.degrees(np.arctan2(gy, gxr)) + 20.0) < 1.0 and abs(np.hypot(gy, gxr) - 2.0) < 0.05
+
+
+def test_pca_contrast_scales_the_pixel_spread():
+    rng = np.random.default_rng(2)
+    img = np.clip(rng.normal(128, 12, (64, 64, 3)) + rng.normal(0, 12, (64, 64, 1)), 0, 255).astype(np.uint8)
+    basis = ex.pca_basis(ex.to_chw([img]))
+    base = both([img], params(1, pca_basis=basis))[0]
+    for f in (0.5, 2.0):
+        out = both([img], params(1, pca=f, pca_basis=basis))[0]
+        assert abs(out.std() / base.std() - f) < 0.05 * f
+        assert abs(out.mean() - base.mean()) < 1.5  # around the set's mean
+    one = np.array([2.0, 1.0, 1.0])  # only the smallest component: the leading one's spread is kept
+    p = ex.make_params(np.full((1, 2), 32.0), np.zeros((1, 2)), [1.0], [0.0], one[None], ex.IDENTITY_HSV[None], 32, 64, basis)
+    proj = lambda x: (x.reshape(-1, 3) / 255.0 - basis[0]) @ basis[1]  # noqa: E731
+    pb, po = proj(base), proj(both([img], p)[0])
+    assert abs(po[:, 0].std() / pb[:, 0].std() - 2.0) < 0.1 and abs(po[:, 2].std() / pb[:, 2].std() - 1.0) < 0.05
+
+
+def hsv_of(patch):
+    return np.array([colorsys.rgb_to_hsv(*(px / 255.0)) for px in patch.reshape(-1, 3)])
+
+
+def test_saturation_value_and_hue_change_as_they_should():
+    rng = np.random.default_rng(3)
+    img = np.clip(rng.normal([150, 90, 60], 20, (64, 64, 3)), 0, 255).astype(np.uint8)  # orange-ish
+    base = hsv_of(both([img], params(1))[0])
+    sq = hsv_of(both([img], params(1, hsv=[2, 1, 0, 1, 1, 0, 0]))[0])  # S^2
+    assert np.allclose(sq[:, 1], base[:, 1] ** 2, atol=0.02) and np.allclose(sq[:, 2], base[:, 2], atol=0.01)
+    root = hsv_of(both([img], params(1, hsv=[0.5, 1, 0, 1, 1, 0, 0]))[0])
+    assert (root[:, 1] > base[:, 1]).mean() > 0.99
+    v = hsv_of(both([img], params(1, hsv=[1, 1, 0, 1, 1.2, 0.05, 0]))[0])  # V * 1.2 + 0.05
+    assert np.allclose(v[:, 2], np.clip(base[:, 2] * 1.2 + 0.05, 0, 1), atol=0.01)
+    assert np.allclose(v[:, 0], base[:, 0], atol=0.02)  # hue kept
+    h = hsv_of(both([img], params(1, hsv=[1, 1, 0, 1, 1, 0, 0.1]))[0])
+    dh = (h[:, 0] - base[:, 0] + 0.5) % 1.0 - 0.5
+    assert abs(np.median(dh) - 0.1) < 0.01 and np.allclose(h[:, 1], base[:, 1], atol=0.02)
+
+
+# --------------------------------------------------------------------------- labels, groups, config
+
+
+def test_surrogate_items_and_labels():
+    s = ex.SurrogateSet(np.array([5, 9, 2, 7, 3]), np.array([0, 1, 1, 2, 1]), np.zeros((5, 2), np.float32), 4)
+    items = s.items(6)
+    assert len(items) == 4 * 6
+    first = items[:18]  # classes 0, 1, 2 in order, 6 patches each, members in turn
+    assert s.labels[first].tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert s.members[first[6:12]].tolist() == [9, 2, 3, 9, 2, 3]
+    assert set(items[18:]) <= set(first)  # class 3 is empty: the epoch is filled by repetition
+
+
+def test_loader_delivers_each_class_per_class_times_with_its_label(tiny_cfg):
+    from fastssl.data.pipeline import build_loader
+    from fastssl.data.sources import build_source
+    from fastssl.methods.exemplar import ExemplarCNN
+    from fastssl.models import build_backbone
+
+    cfg = tiny_cfg(*SMALL, "method.cluster.enabled=false", config=os.path.join(ROOT, CFG))
+    src = build_source(cfg)
+    m = ExemplarCNN(cfg, build_backbone(cfg.model, src.image_size), src.image_size, len(src.pretrain))
+    m.begin_stage(0, src)
+    assert sorted(m.sset.members.tolist()) == m.sset.members.tolist() and len(set(m.sset.members)) == 64
+    loader = build_loader(cfg, src, src.pretrain, m)
+    loader.set_epoch(0)
+    seen = []
+    for b in loader:
+        x, idx = b["views"][0], b["index"]
+        assert x.shape == (32, 32, 32, 3) and x.dtype == torch.uint8
+        seen.append(m.member_label[idx].numpy())
+        out = m(b["views"], idx)
+        assert torch.isfinite(out["loss"])
+    assert np.array_equal(np.bincount(np.concatenate(seen)), np.full(64, 8))
+    std = m.backbone.stem.std.view(-1)
+    assert (std > 0.05).all() and (std < 0.5).all()  # normalisation from the surrogate set
+
+
+def test_optimiser_groups_and_schedule_carry_the_seed_values():
+    from fastssl.data.sources import build_source
+    from fastssl.engine.optim import build_optimizer, lr_factor
+    from fastssl.methods.exemplar import ExemplarCNN
+    from fastssl.models import build_backbone
+
+    cfg = load_config(os.path.join(ROOT, "configs/exemplar/stl10.yaml"),
+                      ["data.source=builtin", "data.path=null", "method.num_classes=100", "model.width=8"])
+    src = build_source(cfg)
+    m = ExemplarCNN(cfg, build_backbone(cfg.model, src.image_size), src.image_size, len(src.pretrain))
+    opt, _ = build_optimizer(cfg, m, 128, torch.device("cpu"))
+    g = {x["name"]: x for x in opt.param_groups}
+    assert (g["weights"]["lr"], g["biases"]["lr"], g["fc1"]["lr"], g["fc2"]["lr"]) == pytest.approx((0.1, 0.2, 0.1, 0.025))
+    assert (g["weights"]["weight_decay"], g["biases"]["weight_decay"]) == (0.0, 0.0)
+    assert (g["fc1"]["weight_decay"], g["fc2"]["weight_decay"]) == pytest.approx((0.004, 0.016))
+    assert g["fc2"]["params"][0] is m.classifier.weight and g["fc1"]["params"][0].shape == (16 * 8, 8 * 8 * 49)
+    convs = [mod.weight for mod in m.backbone.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert {id(p) for p in convs} <= {id(p) for p in g["weights"]["params"]}
+    assert sum(len(x["params"]) for x in opt.param_groups) == len(list(m.parameters()))
+    assert opt.defaults["momentum"] == 0.9
+    f = [lr_factor(cfg, e * 10, 10) for e in (0, 74, 75, 85, 92, 100, 109)]
+    assert f == pytest.approx([1, 1, 0.4, 0.1, 0.04, 0.01, 0.01])
+    assert cfg.train.epochs == 110
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.arch=convnet", "model.arch"), ("method.num_classes=100000", "method.num_classes"),
+    ("method.aug.scale=[0,2]", "method.aug.scale"), ("method.aug.hue=0.7", "method.aug.hue"),
+    ("method.cluster.fraction=1.0", "method.cluster.fraction"), ("optim.gammas=[0.5]", "optim.gammas"),
+    ("method.surrogate_dir=/nonexistent", "method.surrogate_dir")])
+def test_bad_settings_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(os.path.join(ROOT, CFG), [override, "method.cluster.enabled=false"])
+
+
+# --------------------------------------------------------------------------- clustering
+
+
+def planted(seed=0, d=32):
+    """40 tight clusters of 2-6 points far apart + 60 isolated points (clustered half); and for
+    every isolated point 3 close held-out points (held-out half) plus 50 far ones."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(100, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    a, truth = [], []
+    for c in range(40):
+        for _ in range(rng.integers(2, 7)):
+            a.append(centres[c] + rng.normal(0, 0.02, d))
+            truth.append(c)
+    singles = list(range(len(a), len(a) + 60))
+    a.extend(centres[40:])
+    truth.extend(range(40, 100))
+    b = [centres[40 + i // 3] + rng.normal(0, 0.05, d) for i in range(180)] + list(rng.normal(size=(50, d)) * 3)
+    return np.array(a), np.array(truth), singles, np.array(b)
+
+
+@pytest.mark.parametrize("max_images", [20000, 60])
+def test_clustering_recovers_planted_clusters_and_joins_neighbours(max_images):
+    from fastssl.knn.cluster import merge_classes
+
+    a, truth, singles, b = planted()
+    classes, summary = merge_classes(a, b, budget=100, threshold=0.5, neighbours=3, max_images=max_images)
+    multi = [sorted(r for w, r in c) for c in classes if all(w == "a" for w, _ in c) and len(c) > 1]
+    want = sorted(sorted(np.flatnonzero(truth == c).tolist()) for c in range(40))
+    assert sorted(multi) == want and summary["clusters"] == 40
+    joined = [c for c in classes if c[0][0] == "a" and c[0][1] in singles]
+    assert len(joined) == 60 and summary["classes"] == 100
+    for c in joined:
+        k = truth[c[0][1]] - 40
+        assert sorted(r for w, r in c[1:]) == [3 * k, 3 * k + 1, 3 * k + 2]  # its own 3 planted neighbours
+    small, s2 = merge_classes(a, b, budget=25, threshold=0.5)
+    assert len(small) == 25 and s2["singles"] == 0  # the budget caps the classes (largest clusters first)
+
+
+# --------------------------------------------------------------------------- svm-folds
+
+
+def test_svm_folds_reads_the_stl10_fold_file(tmp_path):
+    from formats import write_stl10
+
+    from fastssl.data.sources import build_source
+    from fastssl.eval.__main__ import evaluate
+    from fastssl.eval.svm import eval_folds
+
+    root = tmp_path / "stl10_binary"
+    ref = write_stl10(str(root), n_unl=4, n_train=40, n_test=12, seed=3)
+    with open(root / "fold_indices.txt", "w") as f:  # 10 folds of 20 (0-based indices, as STL-10 ships them)
+        folds = [np.random.default_rng(k).permutation(40)[:20] for k in range(10)]
+        for fo in folds:
+            f.write(" ".join(map(str, fo)) + " \n")
+    cfg = load_config(os.path.join(ROOT, CFG), ["data.source=stl10", f"data.path={root}", "method.num_classes=8",
+                                                "method.cluster.enabled=false", "data.batch_size=8", "model.width=4"])
+    src = build_source(cfg)
+    got = eval_folds(src, 3, 5)
+    assert len(got) == 10 and all(np.array_equal(g, w) for g, w in zip(got, folds))
+    res = evaluate(cfg, "svm-folds", None, torch.device("cpu"), log=lambda *a: None)
+    assert res["fold_sizes"] == [20] * 10 and len(res["runs"]) == 10
+    assert res["std"] == pytest.approx(np.std(res["runs"]))
+    assert all(0 <= r <= 100 for r in res["runs"]) and len(set(res["runs"])) > 1  # the folds differ
+    builtin = load_config(os.path.join(ROOT, CFG), [*TINY, *SMALL, "eval.svm_folds=4", "eval.svm_fold_size=50"])
+    rnd = eval_folds(build_source(builtin), 4, 50, seed=0)
+    assert [len(r) for r in rnd] == [50] * 4 and all(len(set(r)) == 50 for r in rnd)
+    assert ref["train"].shape[0] == 40
+
+
+# --------------------------------------------------------------------------- materialised set, run
+
+
+def test_materialise_then_train_from_the_file(tmp_path):
+    out = tmp_path / "surrogate"
+    run([PY, "-m", "fastssl.data.exemplar", "--config", CFG, "--out", str(out), *TINY, *SMALL])
+    meta = json.load(open(out / "meta.json"))
+    patches = np.load(out / "patches.npy", mmap_mode="r")
+    assert meta["patches"] == len(patches) == 64 * 8 and patches.shape[1:] == (32, 32, 3)
+    rows = np.load(out / "rows.npy")
+    st = torch.load(out / "surrogate_set.pt", weights_only=True)
+    assert np.array_equal(np.bincount(st["labels"].numpy()[rows]), np.full(64, 8))
+    run(train_cmd(tmp_path / "run", *SMALL, "method.cluster.enabled=false", f"method.surrogate_dir={out}",
+                  "train.epochs=1", config=CFG))
+    log = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any("val_acc" in r for r in log) and log[0]["loss"] == pytest.approx(np.log(64), abs=0.3)
+
+
+def test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering(tmp_path):
+    """Stage 1 trains, the clustering re-forms the classes, stage 2 retrains from scratch; a run
+    SIGKILLed in stage 2 and resumed ends with the reference's weights and surrogate set."""
+    from conftest import kill_and_resume
+
+    common = [*SMALL, "method.cluster.enabled=true", "method.cluster.threshold=0.6", "train.epochs=1",
+              "train.ckpt_every_steps=4", "data.pipeline=dali-cpu"]
+    ref, crashed, resumed, kill_at = kill_and_resume(tmp_path, common, CFG, (19, 30))
+    assert ref["step"] == resumed["step"] == 32 and crashed["step"] < kill_at
+    for k, v in ref["model"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, resumed["model"][k]), k
+    s_ref, s_res = ref["model"]["_extra_state"], resumed["model"]["_extra_state"]
+    assert s_ref["clustered"] and s_res["clustered"]
+    assert all(torch.equal(s_ref["sset"][k], s_res["sset"][k]) for k in ("members", "labels", "anchors"))
+    assert len(s_ref["sset"]["members"]) > 64 // 2  # the merged classes hold clustered and held-out images
