@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import bar_plot, summary, timed, write_results  # noqa: E402
 from fastssl.data import exemplar as ex  # noqa: E402
+from fastssl.data.pipeline import to_chw  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main(argv=None):
     split = Split(images=np.ascontiguousarray(images))
     n = a.images
     sset = ex.make_surrogate_set(split, a.size, np.arange(n), np.arange(n), n, seed=0)
-    pca = ex.pca_basis(ex.to_chw(images[:1000]))
+    pca = ex.pca_basis(to_chw(images[:1000]))
     aug = ex.SurrogateAug()
     common = dict(split=split, sset=sset, aug=aug, patch=32, image_size=a.size, pca=pca, per_class=a.per_class,
                   batch_size=a.batch, seed=0, rank=0, world=1)

@@ -13,6 +13,7 @@ from scipy import stats
 from conftest import PY, ROOT, TINY, run, train_cmd
 from fastssl.config import ConfigError, load_config
 from fastssl.data import exemplar as ex
+from fastssl.data.pipeline import to_chw
 
 CFG = "configs/exemplar/builtin.yaml"
 SMALL = ["model.width=8", "method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=2",
@@ -42,7 +43,7 @@ def run_dali(images, params, patch=32):
 def both(images, params, patch=32):
     """DALI and torch patches of the same parameters; they must agree to one grey level."""
     d = run_dali(images, params, patch)
-    t = ex.generate_torch(ex.to_chw(images), params, patch).numpy()
+    t = ex.generate_torch(to_chw(images), params, patch).numpy()
     diff = np.abs(d.astype(int) - t.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     return d.astype(np.float64)
@@ -69,18 +70,18 @@ def test_anchors_follow_the_edge_map():
     strengths 1:3 get anchors in that ratio (binomial test)."""
     img = np.zeros((64, 64, 3), np.uint8)
     img[:, 32:] = 200
-    a = ex.sample_anchors(ex.to_chw([img] * 3000), torch.Generator().manual_seed(0)).numpy()
+    a = ex.sample_anchors(to_chw([img] * 3000), torch.Generator().manual_seed(0)).numpy()
     assert set(np.unique(a[:, 1])) <= {31.5, 32.5}
     counts = np.bincount(a[:, 0].astype(int), minlength=64)
     assert stats.chisquare(counts).pvalue > 1e-3
     two = np.zeros((64, 64, 3), np.uint8)
     two[:, 16:] = 50  # step of 50 at x = 16
     two[:, 48:] = 200  # step of 150 at x = 48
-    a = ex.sample_anchors(ex.to_chw([two] * 3000), torch.Generator().manual_seed(1)).numpy()
+    a = ex.sample_anchors(to_chw([two] * 3000), torch.Generator().manual_seed(1)).numpy()
     right = int((a[:, 1] > 40).sum())
     assert set(np.unique(np.round(a[:, 1] - 0.5))) <= {15, 16, 47, 48}
     assert stats.binomtest(right, 3000, 0.75).pvalue > 1e-3
-    flat = ex.sample_anchors(ex.to_chw([np.full((16, 16, 3), 9, np.uint8)] * 2000), torch.Generator().manual_seed(2))
+    flat = ex.sample_anchors(to_chw([np.full((16, 16, 3), 9, np.uint8)] * 2000), torch.Generator().manual_seed(2))
     assert len(np.unique(flat.numpy(), axis=0)) > 200  # a flat image: anchors anywhere
 
 
@@ -92,7 +93,7 @@ def test_dali_and_torch_agree_on_random_transformations():
     imgs = [np.clip(rng.normal(128, 60, (48, 48, 3)), 0, 255).astype(np.uint8) for _ in range(16)]
     imgs = [np.asarray(torch.nn.functional.avg_pool2d(torch.from_numpy(i).permute(2, 0, 1)[None].float(), 5, 1, 2)[0]
                        .permute(1, 2, 0)).round().astype(np.uint8) for i in imgs]
-    basis = ex.pca_basis(ex.to_chw(imgs))
+    basis = ex.pca_basis(to_chw(imgs))
     anchors = rng.uniform(0, 48, (16, 2))
     p = ex.draw_params(rng, anchors, ex.SurrogateAug(), 32, 48, basis)
     both(imgs, p)
@@ -124,7 +125,7 @@ def test_translation_scale_rotation_move_the_patch_as_they_should():
 def test_pca_contrast_scales_the_pixel_spread():
     rng = np.random.default_rng(2)
     img = np.clip(rng.normal(128, 12, (64, 64, 3)) + rng.normal(0, 12, (64, 64, 1)), 0, 255).astype(np.uint8)
-    basis = ex.pca_basis(ex.to_chw([img]))
+    basis = ex.pca_basis(to_chw([img]))
     base = both([img], params(1, pca_basis=basis))[0]
     for f in (0.5, 2.0):
         out = both([img], params(1, pca=f, pca_basis=basis))[0]

@@ -31,13 +31,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastssl.data.pipeline import DaliLoader, TorchLoader, load_image_file, resolve_pipeline
+from fastssl.data.pipeline import (DaliLoader, TorchLoader, _Loader, dali_images, global_batches, resolve_pipeline,
+                                   split_images)
 from fastssl.data.sources import Split
 
 
@@ -75,18 +77,6 @@ def check_aug(a, key: str = "method.aug") -> None:
 
 
 # --------------------------------------------------------------------------- seed patches
-
-
-def to_chw(images) -> torch.Tensor:
-    """A list/array of HWC uint8 images -> (N, 3, H, W) uint8."""
-    return torch.from_numpy(np.stack([np.asarray(x) for x in images])).permute(0, 3, 1, 2)
-
-
-def split_images(split: Split, index, size: int) -> torch.Tensor:
-    """(len(index), 3, size, size) uint8 images of a split (decoded with PIL for folders)."""
-    if split.encoded:
-        return torch.stack([load_image_file(split.files[int(i)], size) for i in index])
-    return to_chw([split.images[int(i)] for i in index])
 
 
 def sobel_edges(images: torch.Tensor) -> torch.Tensor:
@@ -238,54 +228,19 @@ def hsv_adjust(r, g, b, p, ops):
     return out
 
 
-class _TorchOps:
-    max3 = staticmethod(lambda r, g, b: torch.maximum(torch.maximum(r, g), b))
-    min3 = staticmethod(lambda r, g, b: torch.minimum(torch.minimum(r, g), b))
-    maximum = staticmethod(lambda x, y: torch.clamp(x, min=y))
-    minimum = staticmethod(torch.minimum)
-    pow = staticmethod(torch.pow)
-    floor = staticmethod(torch.floor)
-    clamp = staticmethod(torch.clamp)
-    f = staticmethod(lambda m: m.float())
+_TORCH_OPS = SimpleNamespace(max3=lambda r, g, b: torch.maximum(torch.maximum(r, g), b),
+                             min3=lambda r, g, b: torch.minimum(torch.minimum(r, g), b),
+                             maximum=lambda x, y: torch.clamp(x, min=y), minimum=torch.minimum, pow=torch.pow,
+                             floor=torch.floor, clamp=torch.clamp, f=lambda m: m.float())
 
 
-class _DaliOps:
-    @staticmethod
-    def max3(r, g, b):
-        import nvidia.dali.math as dm
-        return dm.max(dm.max(r, g), b)
+def _dali_ops():
+    """The ``ops`` of ``hsv_adjust`` for a DALI graph (nvidia.dali.math; bools cast by arithmetic)."""
+    import nvidia.dali.math as dm
 
-    @staticmethod
-    def min3(r, g, b):
-        import nvidia.dali.math as dm
-        return dm.min(dm.min(r, g), b)
-
-    @staticmethod
-    def maximum(x, y):
-        import nvidia.dali.math as dm
-        return dm.max(x, y)
-
-    @staticmethod
-    def minimum(x, y):
-        import nvidia.dali.math as dm
-        return dm.min(x, y)
-
-    @staticmethod
-    def pow(x, y):
-        import nvidia.dali.math as dm
-        return dm.pow(x, y)
-
-    @staticmethod
-    def floor(x):
-        import nvidia.dali.math as dm
-        return dm.floor(x)
-
-    @staticmethod
-    def clamp(x, lo, hi):
-        import nvidia.dali.math as dm
-        return dm.clamp(x, lo, hi)
-
-    f = staticmethod(lambda m: m * 1.0)
+    return SimpleNamespace(max3=lambda r, g, b: dm.max(dm.max(r, g), b), min3=lambda r, g, b: dm.min(dm.min(r, g), b),
+                           maximum=dm.max, minimum=dm.min, pow=dm.pow, floor=dm.floor, clamp=dm.clamp,
+                           f=lambda m: m * 1.0)
 
 
 def _to_uint8(x):
@@ -311,7 +266,7 @@ def generate_torch(images: torch.Tensor, params: PatchParams, patch: int) -> tor
     x = torch.einsum("nij,njyx->niyx", cm, x) + torch.from_numpy(params.coff).to(dev).view(n, 3, 1, 1)
     x = (x / 255.0).clamp(0.0, 1.0)
     hp = torch.from_numpy(params.hsv).to(dev)
-    out = hsv_adjust(x[:, 0], x[:, 1], x[:, 2], lambda i: hp[:, i].view(n, 1, 1), _TorchOps)
+    out = hsv_adjust(x[:, 0], x[:, 1], x[:, 2], lambda i: hp[:, i].view(n, 1, 1), _TORCH_OPS)
     return torch.floor(_to_uint8(torch.stack(out, -1))).clamp(0, 255).to(torch.uint8)
 
 
@@ -338,7 +293,7 @@ def build_surrogate_pipeline(source, device: str, batch_size: int, num_threads: 
         import nvidia.dali.math as dm
 
         x = dm.clamp(x / 255.0, 0.0, 1.0)
-        out = hsv_adjust(x[:, :, 0], x[:, :, 1], x[:, :, 2], lambda i: hsv[i], _DaliOps)
+        out = hsv_adjust(x[:, :, 0], x[:, :, 1], x[:, :, 2], lambda i: hsv[i], _dali_ops())
         y = dm.clamp(dm.floor(_to_uint8(fn.stack(*out, axis=2))), 0.0, 255.0)
         return fn.cast(y, dtype=types.UINT8), index
 
@@ -356,9 +311,8 @@ class SurrogatePlan:
                  seed, epoch, rank, world):
         self.sset, self.aug, self.patch, self.image_size, self.pca = sset, aug, patch, image_size, pca
         self.batch_size, self.seed, self.epoch, self.rank, self.world = batch_size, seed, epoch, rank, world
-        perm = np.random.default_rng([seed, epoch]).permutation(len(items))
-        self.steps = len(items) // (batch_size * world)
-        self.rows = items[perm[: self.steps * batch_size * world]].reshape(self.steps, world, batch_size)
+        self.rows = items[global_batches(np.random.default_rng([seed, epoch]).permutation(len(items)), batch_size, world)]
+        self.steps = len(self.rows)
 
     def step(self, k: int):
         """(member rows, image indices, PatchParams) of this rank's part of global step k."""
@@ -370,12 +324,10 @@ class SurrogatePlan:
 
 
 class _SurrogateMixin:
-    def _setup(self, sset, aug, patch, image_size, pca, per_class):
+    def _setup(self, split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world):
         self.sset, self.aug, self.patch, self.image_size, self.pca = sset, aug, patch, image_size, pca
         self.items = sset.items(per_class)
-        self.steps_per_epoch = len(self.items) // (self.batch_size * self.world)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(self.items)} patches are fewer than one global batch of {self.batch_size} x {self.world}")
+        _Loader.__init__(self, split, None, batch_size, seed, rank, world, items=len(self.items))
 
     def epoch_plan(self, epoch: int) -> SurrogatePlan:
         return SurrogatePlan(self.items, self.sset, self.aug, self.patch, self.image_size, self.pca,
@@ -387,19 +339,14 @@ class DaliSurrogateLoader(_SurrogateMixin, DaliLoader):
 
     def __init__(self, split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world,
                  device, num_threads=2, prefetch=2, device_id=None):
-        self.batch_size, self.seed, self.rank, self.world, self.split = batch_size, seed, rank, world, split
-        self._setup(sset, aug, patch, image_size, pca, per_class)
+        self._setup(split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world)
         self.init_iter(["patches", "index"], lambda src: build_surrogate_pipeline(
             src, device, batch_size, max(1, num_threads), device_id if device == "gpu" else None, patch,
             split.encoded, image_size, prefetch, seed))
 
     def step_inputs(self, plan: SurrogatePlan, k: int):
         rows, idx, p = plan.step(k)
-        if self.split.encoded:
-            images = [np.fromfile(self.split.files[i], dtype=np.uint8) for i in idx]
-        else:
-            images = [np.ascontiguousarray(self.split.images[i]) for i in idx]
-        return [images, list(rows.reshape(-1, 1)), list(p.affine), list(p.cmat), list(p.coff), list(p.hsv)]
+        return [dali_images(self.split, idx), list(rows.reshape(-1, 1)), list(p.affine), list(p.cmat), list(p.coff), list(p.hsv)]
 
 
 class _SurrogateBatches(torch.utils.data.Dataset):
@@ -420,35 +367,25 @@ class TorchSurrogateLoader(_SurrogateMixin, TorchLoader):
 
     def __init__(self, split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world,
                  num_workers=2, prefetch=2, pin_memory=False):
-        self.batch_size, self.seed, self.rank, self.world, self.split = batch_size, seed, rank, world, split
-        self.epoch, self.start_step = 0, 0
-        self._setup(sset, aug, patch, image_size, pca, per_class)
+        self._setup(split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world)
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
 
     def batch_dataset(self, plan):
         return _SurrogateBatches(self, plan)
 
 
-class FileSurrogateLoader:
+class FileSurrogateLoader(_Loader):
     """Patches materialised once (``python -m fastssl.data.exemplar``), read from a memory map."""
 
     def __init__(self, folder: str, batch_size, seed, rank, world):
         self.patches, self.rows, _ = open_materialised(folder)
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.steps_per_epoch = len(self.rows) // (batch_size * world)
-        self.epoch, self.start_step = 0, 0
-
-    def __len__(self):
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+        super().__init__(None, None, batch_size, seed, rank, world, items=len(self.rows))
 
     def __iter__(self):
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
-        b, w = self.batch_size, self.world
+        batches = global_batches(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows)),
+                                 self.batch_size, self.world)
         for k in range(self.start_step, self.steps_per_epoch):
-            sel = np.sort(perm[(k * w + self.rank) * b:(k * w + self.rank + 1) * b])  # sorted: sequential reads
+            sel = np.sort(batches[k, self.rank])  # sorted: sequential reads
             yield {"views": [torch.from_numpy(self.patches[sel])], "index": torch.from_numpy(self.rows[sel])}
 
 
@@ -546,7 +483,6 @@ def main(argv=None) -> int:
     source = build_source(cfg)
     sset, pca = seed_surrogate_set(cfg, source)
     loader = build_surrogate_loader(cfg, source, sset, cfg.method.aug, pca)
-    loader.batch_size = cfg.data.batch_size
     rate = materialise(loader, a.out, sset)
     print(f"fastssl.data.exemplar: {len(loader) * cfg.data.batch_size} patches of {sset.num_classes} classes "
           f"-> {a.out} ({rate:.0f} patches/s)")

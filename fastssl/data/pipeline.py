@@ -109,27 +109,37 @@ class EpochPlan:
         return self.index[s], self.boxes[s], self.flips[s], self.color[s]
 
 
+def global_batches(order: np.ndarray, batch_size: int, world: int) -> np.ndarray:
+    """An epoch's shuffled ``order`` cut into whole global batches: (steps, world, batch_size);
+    rank r's step k is ``[k, r]`` (the last partial global batch is dropped)."""
+    steps = steps_per_epoch(len(order), batch_size, world)
+    return order[: steps * batch_size * world].reshape(steps, world, batch_size)
+
+
 def make_epoch_plan(n: int, batch_size: int, plan_fn: PlanFn, seed: int, epoch: int,
                     rank: int = 0, world: int = 1) -> EpochPlan:
     """Shuffle, draw every image's crops, and keep this rank's shard (whole batches only)."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(n)
     boxes, flips, color = plan_fn(rng, n)  # drawn for all n: the plan is independent of world size
-    steps = n // (batch_size * world)
-    take = perm[: steps * batch_size * world].reshape(steps, world, batch_size)[:, rank].reshape(-1)
+    take = global_batches(perm, batch_size, world)[:, rank].reshape(-1)
     return EpochPlan(take.astype(np.int64), boxes[take], flips[take], color[take], batch_size)
 
 
 class _Loader:
     """Common epoch bookkeeping of the pipelines: ``set_epoch(e, start_step)`` then iterate."""
 
-    def __init__(self, split: Split, plan_fn: PlanFn, batch_size: int, seed: int, rank: int, world: int):
+    def __init__(self, split: Split, plan_fn: Optional[PlanFn], batch_size: int, seed: int, rank: int, world: int,
+                 items: Optional[int] = None):
+        """``items``: samples per epoch when they are not the split's images (e.g. surrogate patches)."""
         self.split, self.plan_fn = split, plan_fn
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch, self.start_step = 0, 0
-        self.steps_per_epoch = steps_per_epoch(len(split), batch_size, world)
+        n = len(split) if items is None else items
+        self.steps_per_epoch = steps_per_epoch(n, batch_size, world)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(split)} images are fewer than one global batch of {batch_size} x {world}")
+            raise ValueError(f"{n} {'images' if items is None else 'samples'} are fewer than one global batch of "
+                             f"{batch_size} x {world}")
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -177,6 +187,14 @@ class _PlanSource:
             raise StopIteration
         self.k += 1
         return self.loader.step_inputs(self.plan, self.k - 1)
+
+
+def dali_images(split: Split, idx) -> List[np.ndarray]:
+    """What an external source feeds DALI for images ``idx``: encoded file bytes (decoded in the
+    graph) or contiguous HWC uint8 arrays."""
+    if split.encoded:
+        return [np.fromfile(split.files[i], dtype=np.uint8) for i in idx]
+    return [np.ascontiguousarray(split.images[i]) for i in idx]
 
 
 def dali_decode(encoded, device: str, base_size: int):
@@ -253,11 +271,7 @@ class DaliLoader(_Loader):
     def step_inputs(self, plan: EpochPlan, k: int):
         """The external source's inputs of step k: images, index, and each view's crop."""
         idx, boxes, flips, color = plan.step(k)
-        if self.split.encoded:
-            images = [np.fromfile(self.split.files[i], dtype=np.uint8) for i in idx]
-        else:
-            images = [np.ascontiguousarray(self.split.images[i]) for i in idx]
-        out = [images, list(idx.reshape(-1, 1))]
+        out = [dali_images(self.split, idx), list(idx.reshape(-1, 1))]
         for v in range(boxes.shape[1]):
             out.append(list(np.ascontiguousarray(boxes[:, v, :2])))  # anchor (y, x)
             out.append(list(np.ascontiguousarray(boxes[:, v, 2:])))  # shape (h, w)
@@ -317,6 +331,18 @@ def load_image_file(path: str, size: int) -> torch.Tensor:
         t = TF.pil_to_tensor(im.convert("RGB"))
     t = TF.resize(t, size, antialias=True)
     return TF.center_crop(t, [size, size])
+
+
+def to_chw(images) -> torch.Tensor:
+    """A list/array of HWC uint8 images -> (N, 3, H, W) uint8."""
+    return torch.from_numpy(np.stack([np.asarray(x) for x in images])).permute(0, 3, 1, 2)
+
+
+def split_images(split: Split, index, size: int) -> torch.Tensor:
+    """(len(index), 3, size, size) uint8 whole images of a split (decoded with PIL for folders)."""
+    if split.encoded:
+        return torch.stack([load_image_file(split.files[int(i)], size) for i in index])
+    return to_chw([split.images[int(i)] for i in index])
 
 
 class _BatchDataset(torch.utils.data.Dataset):

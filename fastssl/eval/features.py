@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastssl.data.pipeline import load_image_file
+from fastssl.data.pipeline import split_images
 from fastssl.data.sources import Split
 
 
@@ -13,12 +13,7 @@ def image_batches(split: Split, size: int, prepare, batch_size: int, device, ind
     ``prepare`` maps a (B, 3, H, W) uint8 batch to the input (``Method.eval_input``)."""
     idx = np.arange(len(split)) if index is None else np.asarray(index)
     for start in range(0, len(idx), batch_size):
-        sel = idx[start:start + batch_size]
-        if split.encoded:
-            x = torch.stack([load_image_file(split.files[i], size) for i in sel])
-        else:
-            x = torch.from_numpy(np.stack([np.asarray(split.images[int(i)]) for i in sel])).permute(0, 3, 1, 2)
-        yield prepare(x.to(device))
+        yield prepare(split_images(split, idx[start:start + batch_size], size).to(device))
 
 
 @torch.no_grad()

@@ -220,7 +220,7 @@ class ExemplarCNN(Method):
             half = perm[: int(round(c.fraction * n))]
             held = perm[len(half):]
             dev = self.pca_mean.device
-            prep = lambda x: x.float() / 255.0  # noqa: E731 (the network standardises its input itself)
+            prep = self.eval_input(self.cfg, source)
             fa = extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, half).numpy()
             fb = extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, held).numpy()
             classes, summary = merge_classes(fa, fb, m.num_classes, c.threshold, c.neighbours, c.max_images, self.cfg.seed)
