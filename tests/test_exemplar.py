@@ -313,6 +313,12 @@ def test_materialise_then_train_from_the_file(tmp_path):
     rows = np.load(out / "rows.npy")
     st = torch.load(out / "surrogate_set.pt", weights_only=True)
     assert np.array_equal(np.bincount(st["labels"].numpy()[rows]), np.full(64, 8))
+    from fastssl.data.sources import build_source
+    from fastssl.methods.exemplar import seed_surrogate_set
+
+    cfg = load_config(os.path.join(ROOT, CFG), [*TINY, *SMALL])
+    _, basis = seed_surrogate_set(cfg, build_source(cfg))  # the basis the patches were made with is stored
+    assert np.allclose(st["pca_mean"].numpy(), basis[0]) and np.allclose(st["pca_vecs"].numpy(), basis[1])
     run(train_cmd(tmp_path / "run", *SMALL, "method.cluster.enabled=false", f"method.surrogate_dir={out}",
                   "train.epochs=1", config=CFG))
     log = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]

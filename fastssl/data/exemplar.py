@@ -453,7 +453,9 @@ def materialise(loader, folder: str, sset: SurrogateSet, progress: bool = True) 
     del out
     os.replace(tmp, os.path.join(folder, "patches.npy"))
     np.save(os.path.join(folder, "rows.npy"), rows)
-    torch.save(sset.state(), os.path.join(folder, "surrogate_set.pt"))
+    mean, vecs = loader.pca
+    torch.save({**sset.state(), "pca_mean": torch.from_numpy(mean), "pca_vecs": torch.from_numpy(vecs)},
+               os.path.join(folder, "surrogate_set.pt"))  # the basis: validation patches use the same contrast
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump({"patches": n, "classes": sset.num_classes, "patch": loader.patch, "rate": rate}, f)
     return rate

@@ -173,7 +173,7 @@ class ExemplarCNN(Method):
 
             st = torch.load(os.path.join(m.surrogate_dir, "surrogate_set.pt"), weights_only=True)
             sset, patches = SurrogateSet.from_state(st), open_materialised(m.surrogate_dir)[0]
-            pca = (np.zeros(3, np.float32), np.eye(3, dtype=np.float32))
+            pca = (st["pca_mean"].numpy(), st["pca_vecs"].numpy())
             sample = torch.from_numpy(np.asarray(patches[np.linspace(0, len(patches) - 1, 4096).astype(int)]))
         else:
             sset, pca = seed_surrogate_set(self.cfg, source)
