@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import device_name, write_results  # noqa: E402
+from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused  # noqa: E402
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused  # noqa: E402
 from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused  # noqa: E402
 
@@ -36,13 +37,51 @@ def triplet_hard(fn):
     return lambda a, p, n: fn(a, p, n, margin=0.5, distance="euclidean", hardest=True)
 
 
+def invp_bank(fn, K):
+    """InvP's loss on a bank: L_ins + 0.6 L_inv (rows with positives), hard positives P = 20."""
+    def loss(f, bank, index, pos):
+        l_ins, l_inv = fn(f, bank, index, pos, 0.07, K, 20)
+        return l_ins.mean() + 0.6 * l_inv.nan_to_num(0.0).mean()
+    return loss
+
+
+def unit(*shape, dt):
+    return torch.nn.functional.normalize(torch.randn(*shape, device=DEV), dim=-1).to(dt)
+
+
+def bank_inputs(s, dt):
+    """A batch against a bank it belongs to (the first B entries), 84 propagated positives each."""
+    bank = unit(s["N"], s["D"], dt=dt)
+    f = (bank[:s["B"]].float() + 0.5 * unit(s["B"], s["D"], dt=torch.float32)).to(dt)
+    return [f, bank, torch.arange(s["B"], device=DEV), torch.randint(0, s["N"], (s["B"], 84), device=DEV)]
+
+
+def pair_sizes(tiny):
+    return [dict(B=64, D=32), dict(B=96, D=64)] if tiny else [
+        dict(B=b, D=d) for b in (256, 1024, 4096, 16384) for d in (64, 128, 512)]
+
+
+def bank_sizes(tiny):
+    return [dict(B=16, N=3000, D=32, K=64)] if tiny else [
+        dict(B=256, N=n, D=128, K=4096) for n in (65536, 262144, 1281167)] + [
+        dict(B=256, N=1281167, D=d, K=4096) for d in (64, 512)] + [dict(B=1024, N=1281167, D=128, K=4096)]
+
+
 LOSSES = {
-    # name: (fused, eager, inputs(B, D, dtype), flops(B, D) of the fused fwd+bwd, min bytes(B, D, elem))
-    "sc": (sc_loss_fused, sc_loss_eager, lambda B, D, dt: [torch.randn(B, D, device=DEV, dtype=dt) for _ in range(2)],
-           lambda B, D: 2 * B * B * D * 5, lambda B, D, e: 4 * B * D * e),
-    "triplet-hardest": (triplet_hard(triplet_loss_fused), triplet_hard(triplet_loss_eager),
-                        lambda B, D, dt: [torch.randn(B, D, device=DEV, dtype=dt) for _ in range(3)],
-                        lambda B, D: 2 * B * 2 * B * D, lambda B, D, e: 6 * B * D * e),
+    # name: fused, eager, sizes(tiny), inputs(size, dtype), how many inputs are differentiated,
+    #       FLOPs of the fused fwd+bwd(size), least bytes it must move(size, element size)
+    "sc": dict(fused=sc_loss_fused, eager=sc_loss_eager, sizes=pair_sizes,
+               make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(2)], grads=2,
+               flops=lambda s: 2 * s["B"] ** 2 * s["D"] * 5, bytes=lambda s, e: 4 * s["B"] * s["D"] * e),
+    "triplet-hardest": dict(fused=triplet_hard(triplet_loss_fused), eager=triplet_hard(triplet_loss_eager),
+                            sizes=pair_sizes, grads=3,
+                            make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(3)],
+                            flops=lambda s: 2 * s["B"] * 2 * s["B"] * s["D"], bytes=lambda s, e: 6 * s["B"] * s["D"] * e),
+    # the bank loss's floor is one pass over the bank (its FLOPs: the B x N logits, once)
+    "invp-bank": dict(fused=lambda *x: invp_bank(bank_loss_fused, x[-1])(*x[:-1]),
+                      eager=lambda *x: invp_bank(bank_loss_eager, x[-1])(*x[:-1]), sizes=bank_sizes, grads=1,
+                      make=lambda s, dt: bank_inputs(s, dt) + [s["K"]],
+                      flops=lambda s: 2 * s["B"] * s["N"] * s["D"], bytes=lambda s, e: s["N"] * s["D"] * e),
 }
 
 
@@ -61,8 +100,8 @@ def time_it(fn, repeats):
     return {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts)}
 
 
-def fwd_bwd(fn, inputs):
-    xs = [x.detach().requires_grad_() for x in inputs]
+def fwd_bwd(fn, inputs, grads):
+    xs = [x.detach().requires_grad_() if i < grads else x for i, x in enumerate(inputs)]
 
     def go():
         loss = fn(*xs)
@@ -70,13 +109,13 @@ def fwd_bwd(fn, inputs):
     return go
 
 
-def peak_mem(fn, inputs):
+def peak_mem(fn, inputs, grads):
     if not CUDA:
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fwd_bwd(fn, inputs)()
+    fwd_bwd(fn, inputs, grads)()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
 
@@ -106,24 +145,23 @@ def main(argv=None):
     if not CUDA and not a.tiny:
         print("benchmarks.kernels: no CUDA GPU here; the full sweep needs one (use --tiny to check the script)")
         return 0
-    sizes = [(64, 32), (96, 64)] if a.tiny else [(b, d) for b in (256, 1024, 4096, 16384) for d in (64, 128, 512)]
     dtypes = [torch.float32] if a.tiny else [torch.bfloat16, torch.float32]
     repeats = 2 if a.tiny else a.repeats
     use_compile = not (a.no_compile or a.tiny)
     ceil = ceilings()
     rows = []
-    for name, (fused, eager, make, flops, nbytes) in LOSSES.items():
-        impls = {"fused": fused, "eager": eager}
+    for name, spec in LOSSES.items():
+        impls = {"fused": spec["fused"], "eager": spec["eager"]}
         if use_compile:
-            impls["compiled"] = torch.compile(eager)
+            impls["compiled"] = torch.compile(spec["eager"])
         for dt in dtypes:
-            for B, D in sizes:
-                inputs = make(B, D, dt)
-                row = {"loss": name, "B": B, "D": D, "dtype": str(dt).split(".")[-1]}
+            for size in spec["sizes"](a.tiny):
+                inputs = spec["make"](size, dt)
+                row = {"loss": name, **size, "dtype": str(dt).split(".")[-1]}
                 for impl, fn in impls.items():
                     try:
-                        row[impl] = time_it(fwd_bwd(fn, inputs), repeats)
-                        row[impl]["peak_mem_bytes"] = peak_mem(fn, inputs)
+                        row[impl] = time_it(fwd_bwd(fn, inputs, spec["grads"]), repeats)
+                        row[impl]["peak_mem_bytes"] = peak_mem(fn, inputs, spec["grads"])
                     except torch.OutOfMemoryError:
                         row[impl] = {"oom": True}
                         torch.cuda.empty_cache()
@@ -134,10 +172,11 @@ def main(argv=None):
                 if CUDA and "median_ms" in row["fused"]:
                     t = row["fused"]["median_ms"] / 1e3
                     peak = ceil["matmul_bfloat16_tflops" if dt == torch.bfloat16 else "matmul_float32_tflops"]
-                    row["fused"]["flop_fraction"] = flops(B, D) / t / 1e12 / peak
-                    row["fused"]["bandwidth_fraction"] = nbytes(B, D, inputs[0].element_size()) / t / 1e12 / ceil["copy_tb_s"]
+                    row["fused"]["flop_fraction"] = spec["flops"](size) / t / 1e12 / peak
+                    row["fused"]["bandwidth_fraction"] = spec["bytes"](size, inputs[0].element_size()) / t / 1e12 / ceil["copy_tb_s"]
                 rows.append(row)
-                print(f"  {name:16s} B={B:6d} D={D:4d} {row['dtype']:9s} " + "  ".join(
+                del inputs
+                print(f"  {name:16s} {size_label(row):28s} {row['dtype']:9s} " + "  ".join(
                     f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in impls), flush=True)
     table = render(rows, list(impls), ceil, a.tiny)
     print(table)
@@ -151,8 +190,12 @@ def _mb(x):
     return "-" if x is None else f"{x / 2 ** 20:.1f}"
 
 
+def size_label(r):
+    return " ".join(f"{k}={r[k]}" for k in ("B", "N", "D", "K") if k in r)
+
+
 def render(rows, impls, ceil, tiny):
-    head = "| loss | B | D | dtype | " + " | ".join(f"{i} ms" for i in impls) + \
+    head = "| loss | size | dtype | " + " | ".join(f"{i} ms" for i in impls) + \
            " | fused vs eager | fused vs compiled | peak MiB fused / eager | fused FLOP frac. | fused BW frac. |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -161,7 +204,7 @@ def render(rows, impls, ceil, tiny):
         vs_c = (f"{r['compiled']['median_ms'] / f['median_ms']:.2f}x" if "compiled" in r and "median_ms" in r["compiled"]
                 and "median_ms" in f else "-")
         sp = f"{f['speedup_vs_eager']:.2f}x" if f.get("speedup_vs_eager") else "-"
-        lines.append(f"| {r['loss']} | {r['B']} | {r['D']} | {r['dtype']} | {ms} | {sp} | {vs_c} | "
+        lines.append(f"| {r['loss']} | {size_label(r)} | {r['dtype']} | {ms} | {sp} | {vs_c} | "
                      f"{_mb(f.get('peak_mem_bytes'))} / {_mb(r['eager'].get('peak_mem_bytes'))} | "
                      f"{f.get('flop_fraction', float('nan')):.2f} | {f.get('bandwidth_fraction', float('nan')):.2f} |")
     note = ("\nTiny mode on a CPU: the fused kernels ran under the Triton interpreter, so these timings say "
@@ -179,13 +222,14 @@ def plot(rows, path):
     losses = sorted({r["loss"] for r in rows})
     fig, axes = plt.subplots(1, len(losses), figsize=(6 * len(losses), 4), squeeze=False)
     for ax, name in zip(axes[0], losses):
+        mine = [r for r in rows if r["loss"] == name]
+        ref, x = mine[0], "N" if "N" in mine[0] else "B"  # the sweep through the first size
         for impl in ("fused", "eager", "compiled"):
-            pts = [(r["B"], r[impl]["median_ms"]) for r in rows if r["loss"] == name and impl in r
-                   and "median_ms" in r[impl] and r["D"] == max(x["D"] for x in rows if x["loss"] == name)
-                   and r["dtype"] == rows[0]["dtype"]]
+            pts = [(r[x], r[impl]["median_ms"]) for r in mine if impl in r and "median_ms" in r[impl]
+                   and all(r[k] == ref[k] for k in ("B", "N", "D", "K", "dtype") if k in r and k != x)]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="batch B", ylabel="fwd+bwd ms", title=f"{name} ({device_name()})")
+        ax.set(xscale="log", yscale="log", xlabel="bank N" if x == "N" else "batch B", ylabel="fwd+bwd ms", title=f"{name} ({device_name()})")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

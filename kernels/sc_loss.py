@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, launch_device, upcast
+from ._common import dot_precision, dot_tile, launch_device, upcast
 
 
 def sc_loss_eager(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
@@ -35,15 +35,7 @@ def _dist_tile(a_ptr, b_ptr, rows, cols, B, D, stride_a, stride_b, a_sq, b_sq, d
                BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                UPCAST: tl.constexpr):
     """(BM, BN) Euclidean distances of a-rows x b-rows, exact positives on the diagonal."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, D, BLOCK_D):
-        offs = k + tl.arange(0, BLOCK_D)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + offs[None, :], mask=(rows[:, None] < B) & (offs[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_b + offs[None, :], mask=(cols[:, None] < B) & (offs[None, :] < D), other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong; the GPU's is native
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+    acc = dot_tile(a_ptr, b_ptr, rows, cols, B, B, D, stride_a, stride_b, BM, BN, BLOCK_D, PREC, UPCAST)
     d2 = a_sq[:, None] + b_sq[None, :] - 2.0 * acc
     d = tl.sqrt(tl.maximum(d2, 0.0))
     return tl.where(rows[:, None] == cols[None, :], dpos[:, None], d)

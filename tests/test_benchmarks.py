@@ -20,12 +20,13 @@ def test_kernel_benchmark_tiny(tmp_path):
     run([PY, "-m", "benchmarks.kernels", "--tiny", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "kernels.json").read_text())
     losses = {r["loss"] for r in res["rows"]}
-    assert losses == {"sc", "triplet-hardest"}
+    assert losses == {"sc", "triplet-hardest", "invp-bank"}
     for r in res["rows"]:
         assert r["fused"]["median_ms"] > 0 and r["eager"]["median_ms"] > 0
         assert r["eager"]["speedup_vs_eager"] == 1.0
     assert (tmp_path / "kernels.png").stat().st_size > 1000
-    assert "| sc | 64 | 32 | float32 |" in (tmp_path / "kernels.md").read_text()
+    md = (tmp_path / "kernels.md").read_text()
+    assert "| sc | B=64 D=32 | float32 |" in md and "| invp-bank | B=16 N=3000 D=32 K=64 | float32 |" in md
 
 
 def test_entry_point_tiny_writes_report(tmp_path):

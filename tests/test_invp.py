@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, kill_and_resume, run, train_cmd
-from fastssl.methods.invp import hardest_positives, invp_losses, knn_graph, propagate
+from fastssl.kernels.bank_loss import hardest_positives, invp_losses
+from fastssl.methods.invp import knn_graph, propagate
 from test_train import load
 
 CFG = "configs/invp/builtin.yaml"

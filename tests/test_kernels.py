@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import PY, run, train_cmd
+from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused, bank_lse, last_fallback_rows
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
 from fastssl.kernels.triplet import (hardest_negatives_eager, hardest_negatives_fused, pair_distance,
                                      triplet_loss_eager, triplet_loss_fused)
@@ -97,12 +98,89 @@ def test_triplet_direct_computation_and_errors():
         triplet_loss_fused(a, p)
 
 
-def test_training_loss_fused_matches_eager(tmp_path):
+def unit(n, d, g, dtype=torch.float32):
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype)
+
+
+def assert_topk_sets_agree(idx, logits, k):
+    """The fused top-K indices are the eager ones, up to exact ties at the K-th value."""
+    kth = logits.topk(k, dim=1).values[:, -1:]
+    chosen = logits.gather(1, idx)
+    assert (chosen >= kth - 1e-4).all()  # everything picked is in the top-K
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()  # no entry twice
+
+
+BANK = [(1, 17, 3, 5, None), (7, 300, 20, 50, None), (37, 2001, 33, 100, None), (37, 2001, 33, 100, 7),
+        (16, 500, 130, 499, None), (5, 200, 16, 0, None), (9, 301, 64, 301, None)]
+
+
+@pytest.mark.parametrize("B,N,D,K,stride,dtype", [(*s, torch.float32) for s in BANK] + [
+    (*s, dt) for s in (BANK[3], BANK[5]) for dt in (torch.bfloat16, torch.float16)])
+def test_bank_lse_fused_equals_eager(B, N, D, K, stride, dtype):
+    """Top-K (or whole-bank) log-sum-exp of f @ bank.T / tau: value, indices and gradient."""
+    g = torch.Generator().manual_seed(B * N + D)
+    f, bank = leaf(unit(B, D, g), dtype), unit(N, D, g, dtype)
+    lse, idx = bank_lse(f, bank, 0.07, K, sample_stride=stride)
+    (gf,) = torch.autograd.grad((lse * torch.linspace(0.5, 1.5, B, device=DEV)).sum(), f)
+    logits = f.float() @ bank.float().t() / 0.07
+    if 0 < K < N:
+        assert idx.shape == (B, K)
+        assert_topk_sets_agree(idx, logits.detach(), K)
+        ref = logits.topk(K, dim=1).values.logsumexp(1)
+    else:
+        assert idx is None
+        ref = logits.logsumexp(1)
+    (ge,) = torch.autograd.grad((ref * torch.linspace(0.5, 1.5, B, device=DEV)).sum(), f)
+    tol = TOL[dtype]
+    torch.testing.assert_close(lse, ref.detach(), atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(gf.float(), ge.float(), atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("K,P", [(64, 3), (0, 0), (200, 0)])
+def test_bank_loss_fused_equals_eager(K, P):
+    """InvP's two terms (instance, propagated positives) and their gradients, fused vs eager."""
+    g = torch.Generator().manual_seed(K + P)
+    B, N, D = 23, 700, 40
+    f, bank = leaf(unit(B, D, g), torch.float32), unit(N, D, g)
+    index = torch.randperm(N, generator=g)[:B].to(DEV)
+    pos = torch.randint(0, N, (B, 9), generator=g).to(DEV)
+    pos[torch.rand(B, 9, generator=g).to(DEV) < 0.3] = -1
+    pos[0] = -1  # a row without positives
+    out = {}
+    for name, fn in (("fused", bank_loss_fused), ("eager", bank_loss_eager)):
+        l_ins, l_inv = fn(f, bank, index, pos, 0.1, K, P)
+        has = ~torch.isnan(l_inv)
+        total = l_ins.mean() + 0.6 * l_inv[has].mean()
+        out[name] = (l_ins.detach(), l_inv.detach(), torch.autograd.grad(total, f)[0])
+    assert torch.isnan(out["fused"][1][0]) and torch.isnan(out["eager"][1][0])
+    for a, b in zip(out["fused"], out["eager"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_bank_topk_exact_when_the_threshold_sample_fails():
+    """A collapsed bank (every entry alike, the InvP failure mode) overflows the candidate
+    lists, and a misleading sample leaves too few: the affected rows are recomputed exactly."""
+    g = torch.Generator().manual_seed(3)
+    f = unit(6, 8, g)
+    same = unit(1, 8, g).expand(1000, 8).contiguous()
+    lse, idx = bank_lse(f, same, 0.1, 50)
+    assert last_fallback_rows() == 6
+    torch.testing.assert_close(lse, (f @ same.t() / 0.1).topk(50, dim=1).values.logsumexp(1))
+    bank = unit(400, 8, g)
+    bank[::50] = f[0]  # the sampled entries are row 0's most similar: its threshold is too high
+    lse, idx = bank_lse(f, bank, 0.1, 30, sample_stride=50)
+    assert last_fallback_rows() >= 1
+    assert idx.shape == (6, 30)
+    assert_topk_sets_agree(idx, f @ bank.t() / 0.1, 30)
+
+
+@pytest.mark.parametrize("config", ["configs/sc/builtin.yaml", "configs/invp/builtin.yaml"])
+def test_training_loss_fused_matches_eager(tmp_path, config):
     """loss.impl=fused (Triton; interpreted on CPU) gives the eager run's losses, step by step."""
     losses = {}
     for impl in ("eager", "fused"):
         out = tmp_path / impl
-        run(train_cmd(out, "train.max_steps=4", f"loss.impl={impl}", "data.batch_size=16"))
+        run(train_cmd(out, "train.max_steps=4", f"loss.impl={impl}", "data.batch_size=16", config=config))
         losses[impl] = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["fused"]) == 4
     for a, b in zip(losses["fused"], losses["eager"]):

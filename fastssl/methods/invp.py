@@ -20,7 +20,9 @@ With s = exp(cos / tau) and the anchor's own bank entry s_self:
     L_inv = -log( sum_{p in hard pos} s_p / (sum_{j in top-K} s_j - s_self) )
     L = L_ins + lambda * w(epoch) * L_inv,   w = 0 before ``rampup_epoch``, 1 after
 
-computed in log space (top-K taken to contain self; self is added when it is not among them).
+computed in log space (top-K taken to contain self; self is added when it is not among them),
+by ``fastssl.kernels.bank_loss``: eager (the whole B x N logit matrix) or fused (one streaming
+pass over the bank, exact top-K), chosen by ``loss.impl``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
+from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 
@@ -100,37 +103,6 @@ def propagate(graph: torch.Tensor, anchors: torch.Tensor, steps: int) -> torch.T
     dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
     cand = cand.masked_fill(dup | (cand == anchors[:, None]), -1)
     return cand.sort(1, descending=True).values  # valid first, -1 last
-
-
-def hardest_positives(pos_logits: torch.Tensor, valid: torch.Tensor, p: int):
-    """Mask of the ``p`` least similar valid positives per row (all valid ones when p == 0)."""
-    if p <= 0 or p >= pos_logits.shape[1]:
-        return valid
-    order = pos_logits.masked_fill(~valid, float("inf")).topk(p, dim=1, largest=False).indices
-    keep = torch.zeros_like(valid)
-    keep.scatter_(1, order, True)
-    return keep & valid
-
-
-def invp_losses(logits: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, background: int,
-                hard_pos: int):
-    """Per-row L_ins and L_inv (NaN where a row has no positive), from logits = cos / tau (B, N)."""
-    self_logit = logits.gather(1, index[:, None])[:, 0]
-    if 0 < background < logits.shape[1]:
-        bg, bg_idx = logits.topk(background, dim=1)
-        lse = bg.logsumexp(1)
-        missing = ~(bg_idx == index[:, None]).any(1)
-        lse = torch.where(missing, torch.logaddexp(lse, self_logit), lse)
-    else:
-        lse = logits.logsumexp(1)
-    l_ins = lse - self_logit
-    valid = pos >= 0
-    pos_logits = logits.gather(1, pos.clamp(min=0))
-    use = hardest_positives(pos_logits.detach(), valid, hard_pos)
-    lse_pos = pos_logits.masked_fill(~use, float("-inf")).logsumexp(1)
-    log_denominator = lse + torch.log(-torch.expm1(self_logit - lse))  # log(sum_bg s - s_self)
-    l_inv = log_denominator - lse_pos
-    return l_ins, torch.where(use.any(1), l_inv, torch.full_like(l_inv, float("nan")))
 
 
 # ----------------------------------------------------------------------------- the method
@@ -222,10 +194,10 @@ class InvariancePropagation(Method):
     def forward(self, views, index):
         m = self.cfg.method
         f = self.embed(views[0])
-        logits = f @ self.bank.t() / m.temperature
         steps = 1 if m.positives == "knn" else m.graph_steps
         pos = propagate(self.graph, index, steps) if (self.graph >= 0).all() else torch.full_like(index[:, None], -1)
-        l_ins, l_inv = invp_losses(logits, index, pos, m.background, m.hard_positives)
+        loss = bank_loss_fused if self.loss_impl(f) == "fused" else bank_loss_eager
+        l_ins, l_inv = loss(f, self.bank, index, pos, m.temperature, m.background, m.hard_positives)
         w = 1.0 if self.epoch >= m.rampup_epoch else 0.0
         has_pos = ~torch.isnan(l_inv)
         l_inv_mean = l_inv[has_pos].mean() if has_pos.any() else l_ins.new_zeros(())

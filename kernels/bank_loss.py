@@ -1,0 +1,313 @@
+"""Invariance Propagation's memory-bank loss, fused: the batch's similarities to every entry of
+a bank of N features stream through on-chip memory once; the B x N matrix never exists.
+
+    logits = f @ bank.T / tau                         (B, N), only ever a tile at a time
+    lse    = log sum_{j in top-K of the row} exp(logits_j)      (K = 0: the whole bank)
+
+The fused part is that log-sum-exp and its gradient.  The rest of the loss (the anchor's own
+entry, its propagated positives: O(B * (1 + C) * D) gathered rows) is ordinary autograd over
+gathered bank rows, in ``_combine``, shared with the eager twin ``bank_loss_eager``.
+
+Top-K (K up to 4,096 and more) by exact sample-select, in one pass over the bank:
+
+1. threshold: each row's logits against a strided sample of S ~ 8K + 4,096 bank entries
+   (a small matmul), and the value above which 1.5 K * S / N of them lie.  About 1.5 K entries
+   of the whole bank lie above it.
+2. ``_bank_scan`` (one program per tile of BN bank entries, looping over the batch): the logit
+   tile, then every entry at or above its row's threshold is appended to the row's candidate
+   list (an atomic counter per row reserves the slots, a prefix sum places them).
+3. ``torch.topk`` of each row's candidates (at most 3 K + 256 of them) is the exact top-K when
+   the row has at least K candidates and its list did not overflow; rows where either fails
+   (the sample misjudged, or massive ties) are recomputed exactly against the whole bank in
+   eager PyTorch; ``last_fallback_rows()`` says how many.
+
+Backward: dlse/df_i = 1/tau * sum_j softmax_j bank_j over the row's top-K, a gather of K bank
+rows per batch row (``_bank_grad_topk``), or, for the whole bank, a second streaming pass
+(``_bank_grad_full``).  The bank is not differentiated (InvP updates it by EMA).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, dot_tile, launch_device, upcast
+
+_STATS = {"fallback_rows": 0}
+
+
+def last_fallback_rows() -> int:
+    """Rows of the last fused top-K call recomputed eagerly (0 in the normal case)."""
+    return _STATS["fallback_rows"]
+
+
+# ----------------------------------------------------------------------------- shared maths
+
+
+def hardest_positives(pos_logits: torch.Tensor, valid: torch.Tensor, p: int) -> torch.Tensor:
+    """Mask of the ``p`` least similar valid positives per row (all valid ones when p == 0)."""
+    if p <= 0 or p >= pos_logits.shape[1]:
+        return valid
+    order = pos_logits.masked_fill(~valid, float("inf")).topk(p, dim=1, largest=False).indices
+    keep = torch.zeros_like(valid)
+    keep.scatter_(1, order, True)
+    return keep & valid
+
+
+def _combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_pos):
+    """InvP's two per-row terms from the background log-sum-exp, the anchor's own logit and its
+    positives' logits (see fastssl/methods/invp.py):
+
+        L_ins = -log( s_self / sum_bg s_j ),   L_inv = -log( sum_hardpos s_p / (sum_bg s_j - s_self) )
+
+    The background always holds self: it is added when the top-K did not contain it."""
+    lse = torch.where(self_in_lse, lse, torch.logaddexp(lse, self_logit))
+    l_ins = lse - self_logit
+    use = hardest_positives(pos_logits.detach(), valid, hard_pos)
+    lse_pos = pos_logits.masked_fill(~use, float("-inf")).logsumexp(1)
+    log_denominator = lse + torch.log(-torch.expm1(self_logit - lse))  # log(sum_bg s - s_self)
+    l_inv = log_denominator - lse_pos
+    return l_ins, torch.where(use.any(1), l_inv, torch.full_like(l_inv, float("nan")))
+
+
+def invp_losses(logits: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, background: int,
+                hard_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row L_ins and L_inv (NaN where a row has no positive), from the full logits (B, N)."""
+    self_logit = logits.gather(1, index[:, None])[:, 0]
+    if 0 < background < logits.shape[1]:
+        bg, bg_idx = logits.topk(background, dim=1)
+        lse, self_in = bg.logsumexp(1), (bg_idx == index[:, None]).any(1)
+    else:
+        lse, self_in = logits.logsumexp(1), torch.ones_like(index, dtype=torch.bool)
+    return _combine(lse, self_in, self_logit, logits.gather(1, pos.clamp(min=0)), pos >= 0, hard_pos)
+
+
+def bank_loss_eager(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
+                    tau: float, background: int, hard_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the whole (B, N) logit matrix in fp32, then ``invp_losses``.
+
+    f (B, D) batch features, bank (N, D), index (B,) each row's own entry, pos (B, C) positive
+    entries with -1 padding; returns per-row (L_ins, L_inv)."""
+    _check(f, bank, index, pos)
+    logits = f.float() @ bank.float().t() / tau
+    return invp_losses(logits, index, pos, background, hard_pos)
+
+
+def bank_loss_fused(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
+                    tau: float, background: int, hard_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and values as ``bank_loss_eager``; fp32/bf16/fp16, fp32 accumulation."""
+    _check(f, bank, index, pos)
+    lse, top = bank_lse(f, bank, tau, background)
+    ff = f.float()
+    self_logit = (ff * bank[index].float()).sum(1) / tau
+    self_in = (top == index[:, None]).any(1) if top is not None else torch.ones_like(index, dtype=torch.bool)
+    pos_logits = torch.einsum("bd,bcd->bc", ff, bank[pos.clamp(min=0)].float()) / tau
+    return _combine(lse, self_in, self_logit, pos_logits, pos >= 0, hard_pos)
+
+
+def _check(f, bank, index, pos):
+    if f.ndim != 2 or bank.ndim != 2 or f.shape[1] != bank.shape[1]:
+        raise ValueError(f"bank loss: f (B, D) and bank (N, D) must share D, got {tuple(f.shape)} and {tuple(bank.shape)}")
+    if index.shape != (f.shape[0],) or pos.ndim != 2 or pos.shape[0] != f.shape[0]:
+        raise ValueError(f"bank loss: index must be (B,) and pos (B, C) for B = {f.shape[0]}, "
+                         f"got {tuple(index.shape)} and {tuple(pos.shape)}")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logit_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, inv_tau,
+                BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """(BM, BN) fp32 logits f[rows] . bank[cols] / tau."""
+    acc = dot_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, BM, BN, BLOCK_D, PREC, UPCAST)
+    return acc * inv_tau
+
+
+@triton.jit
+def _bank_scan(f_ptr, bank_ptr, thr_ptr, cnt_ptr, cval_ptr, cidx_ptr, pm_ptr, ps_ptr,
+               B, N, D, stride_f, stride_b, inv_tau, CAP,
+               COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of BN bank entries against the whole batch.  COLLECT: append entries at or
+    above the row threshold to the row's candidates.  Else: this tile's (max, sum exp) per row."""
+    pid = tl.program_id(0)
+    cols = pid * BN + tl.arange(0, BN)
+    cmask = cols < N
+    for m0 in range(0, B, BM):
+        rows = m0 + tl.arange(0, BM)
+        rmask = rows < B
+        logits = _logit_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, inv_tau,
+                             BM, BN, BLOCK_D, PREC, UPCAST)
+        valid = rmask[:, None] & cmask[None, :]
+        if COLLECT:
+            thr = tl.load(thr_ptr + rows, mask=rmask, other=float("inf"))
+            take = (valid & (logits >= thr[:, None])).to(tl.int32)
+            base = tl.atomic_add(cnt_ptr + rows, tl.sum(take, 1), mask=rmask)  # reserves the slots
+            slot = base[:, None] + tl.cumsum(take, 1) - 1
+            keep = (take > 0) & (slot < CAP)
+            at = rows[:, None].to(tl.int64) * CAP + slot
+            tl.store(cval_ptr + at, logits, mask=keep)
+            tl.store(cidx_ptr + at, cols[None, :] + 0 * rows[:, None], mask=keep)
+        else:
+            logits = tl.where(valid, logits, float("-inf"))
+            m = tl.where(rmask, tl.max(logits, 1), 0.0)  # (rows past B: no -inf - -inf)
+            s = tl.sum(tl.exp(logits - m[:, None]), 1)
+            tl.store(pm_ptr + pid * B + rows, m, mask=rmask)
+            tl.store(ps_ptr + pid * B + rows, s, mask=rmask)
+
+
+@triton.jit
+def _bank_grad_full(f_ptr, bank_ptr, lse_ptr, part_ptr, B, N, D, stride_f, stride_b, inv_tau,
+                    SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """sum_j softmax_j bank_j for a block of rows over every SPLIT-th tile of the bank."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < B
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BM, BLOCK_D), tl.float32)
+    for n0 in range(tl.program_id(1) * BN, N, SPLIT * BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < N
+        logits = _logit_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, inv_tau,
+                             BM, BN, BLOCK_D, PREC, UPCAST)
+        p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(logits - lse[:, None]), 0.0)
+        b = tl.load(bank_ptr + cols[:, None] * stride_b + dd[None, :], mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
+        acc += tl.dot(p, b.to(tl.float32), input_precision="ieee")
+    at = (tl.program_id(1) * B + rows[:, None]).to(tl.int64) * D + dd[None, :]
+    tl.store(part_ptr + at, acc, mask=rmask[:, None] & (dd[None, :] < D))
+
+
+@triton.jit
+def _bank_grad_topk(bank_ptr, idx_ptr, w_ptr, grad_ptr, K, D, stride_b,
+                    BK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_i = sum_j w_ij bank[idx_ij] over the row's K entries (one program per row)."""
+    row = tl.program_id(0).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < K
+        idx = tl.load(idx_ptr + row * K + kk, mask=km, other=0)
+        w = tl.load(w_ptr + row * K + kk, mask=km, other=0.0)
+        b = tl.load(bank_ptr + idx[:, None] * stride_b + dd[None, :], mask=km[:, None] & (dd[None, :] < D), other=0.0)
+        acc += tl.sum(w[:, None] * b.to(tl.float32), 0)
+    tl.store(grad_ptr + row * D + dd, acc, mask=dd < D)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _blocks(D: int):
+    bd = max(16, triton.next_power_of_2(D))
+    if bd <= 128:
+        return 64, 64, bd
+    return (32, 32, bd) if bd <= 512 else (16, 32, 512)
+
+
+def _thresholds(f, bank, tau, k, sample_stride: Optional[int]):
+    """Per-row logit above which ~1.5 K of the bank's entries lie, from a strided sample."""
+    N = bank.shape[0]
+    stride = sample_stride or max(1, N // (8 * k + 4096))
+    sample = bank[::stride]
+    logits = f.float() @ sample.float().t() / tau
+    ks = k if stride == 1 else min(sample.shape[0], math.ceil(1.5 * k * sample.shape[0] / N) + 4)
+    thr = logits.topk(ks, dim=1).values[:, -1]
+    return thr - 1e-4 * thr.abs().clamp(min=1.0)  # the kernel's dot may round the other way
+
+
+def _topk_rows(f, bank, tau, k, sample_stride):
+    """Exact (values, indices) of each row's top-K logits, in one streaming pass."""
+    B, D = f.shape
+    N = bank.shape[0]
+    cap = 3 * k + 256
+    thr = _thresholds(f, bank, tau, k, sample_stride)
+    cnt = torch.zeros(B, device=f.device, dtype=torch.int32)
+    cval = torch.full((B, cap), float("-inf"), device=f.device, dtype=torch.float32)
+    cidx = torch.zeros((B, cap), device=f.device, dtype=torch.int32)
+    bm, bn, bd = _blocks(D)
+    with launch_device(f):
+        _bank_scan[(triton.cdiv(N, bn),)](f, bank, thr, cnt, cval, cidx, cval, cval, B, N, D, f.stride(0),
+                                          bank.stride(0), 1.0 / tau, cap, COLLECT=True, BM=bm, BN=bn,
+                                          BLOCK_D=min(bd, 128), PREC=dot_precision(f.dtype), UPCAST=upcast(f.dtype))
+    vals, at = cval.topk(k, dim=1)
+    idx = cidx.gather(1, at).long()
+    bad = ((cnt < k) | (cnt > cap)).nonzero()[:, 0]
+    _STATS["fallback_rows"] = int(bad.numel())
+    if bad.numel():  # exact, against the whole bank, for these rows only
+        vals[bad], idx[bad] = (f[bad].float() @ bank.float().t() / tau).topk(k, dim=1)
+    return vals, idx
+
+
+def _full_lse(f, bank, tau):
+    B, D = f.shape
+    N = bank.shape[0]
+    bm, bn, bd = _blocks(D)
+    tiles = triton.cdiv(N, bn)
+    pm = torch.empty(tiles, B, device=f.device, dtype=torch.float32)
+    ps = torch.empty_like(pm)
+    with launch_device(f):
+        _bank_scan[(tiles,)](f, bank, pm, pm, pm, pm, pm, ps, B, N, D, f.stride(0), bank.stride(0), 1.0 / tau, 0,
+                             COLLECT=False, BM=bm, BN=bn, BLOCK_D=min(bd, 128), PREC=dot_precision(f.dtype),
+                             UPCAST=upcast(f.dtype))
+    m = pm.max(0).values
+    return m + (ps * torch.exp(pm - m)).sum(0).log()
+
+
+class BankLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f, bank, tau, k, sample_stride):
+        ctx.tau, ctx.in_dtype = tau, f.dtype
+        f = f.to(bank.dtype).contiguous()
+        bank = bank.detach().contiguous()
+        N = bank.shape[0]
+        if 0 < k < N:
+            vals, idx = _topk_rows(f, bank, tau, k, sample_stride)
+            lse = vals.logsumexp(1)
+            ctx.save_for_backward(bank, idx, vals, lse)
+            ctx.full = False
+            ctx.mark_non_differentiable(idx)
+            return lse, idx
+        lse = _full_lse(f, bank, tau)
+        ctx.save_for_backward(f, bank, lse)
+        ctx.full = True
+        return lse, torch.empty(0, dtype=torch.long, device=f.device)
+
+    @staticmethod
+    def backward(ctx, g_lse, _g_idx):
+        B = g_lse.shape[0]
+        if ctx.full:
+            f, bank, lse = ctx.saved_tensors
+            N, D = bank.shape
+            bm, bn, bd = _blocks(D)
+            split = max(1, min(64, triton.cdiv(N, bn)))
+            part = torch.empty(split, B, D, device=f.device, dtype=torch.float32)
+            with launch_device(f):
+                _bank_grad_full[(triton.cdiv(B, bm), split)](
+                    f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.tau, SPLIT=split,
+                    BM=bm, BN=bn, BLOCK_D=bd, PREC=dot_precision(f.dtype), UPCAST=upcast(f.dtype))
+            grad = part.sum(0)
+        else:
+            bank, idx, vals, lse = ctx.saved_tensors
+            D = bank.shape[1]
+            w = torch.exp(vals - lse[:, None]).contiguous()
+            grad = torch.empty(B, D, device=bank.device, dtype=torch.float32)
+            with launch_device(bank):
+                _bank_grad_topk[(B,)](bank, idx.contiguous(), w, grad, idx.shape[1], D, bank.stride(0),
+                                      BK=32, BLOCK_D=max(16, triton.next_power_of_2(D)))
+        grad = grad * (g_lse.float()[:, None] / ctx.tau)
+        return grad.to(ctx.in_dtype), None, None, None, None
+
+
+def bank_lse(f: torch.Tensor, bank: torch.Tensor, tau: float, k: int,
+             sample_stride: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per row: log-sum-exp of its top-``k`` logits f @ bank.T / tau (k = 0 or >= N: all of
+    them) and the top-k entries' indices (None for the whole bank).  Differentiable in f.
+    ``sample_stride`` overrides the threshold sample's stride (tests)."""
+    lse, idx = BankLSE.apply(f, bank, tau, int(k), sample_stride)
+    return lse, (idx if idx.numel() else None)
