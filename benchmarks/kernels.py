@@ -1,4 +1,5 @@
-"""Fused loss kernels vs eager PyTorch vs torch.compile'd eager, each loss in isolation.
+"""Fused loss kernels vs eager PyTorch vs torch.compile'd eager (and pykeops for the SC loss,
+where it is installed), each loss in isolation.
 
     python -m benchmarks.kernels            # GPU: the full sweep
     python -m benchmarks.kernels --tiny     # any machine: a few small sizes (CPU: Triton interpreter)
@@ -45,6 +46,23 @@ def invp_bank(fn, K):
     return loss
 
 
+def sc_loss_keops(f1, f2):
+    """The SC loss on pykeops (where installed): symbolic B x B distances, reduced on the fly."""
+    from pykeops.torch import LazyTensor
+
+    a, b = f1.float(), f2.float()
+    d = ((LazyTensor(a[:, None, :]) - LazyTensor(b[None, :, :])) ** 2).sum(-1).sqrt()
+    return ((-d).logsumexp(dim=1).view(-1) + (a - b).norm(dim=1)).mean()
+
+
+def have_keops() -> bool:
+    try:
+        import pykeops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def unit(*shape, dt):
     return torch.nn.functional.normalize(torch.randn(*shape, device=DEV), dim=-1).to(dt)
 
@@ -70,7 +88,7 @@ def bank_sizes(tiny):
 LOSSES = {
     # name: fused, eager, sizes(tiny), inputs(size, dtype), how many inputs are differentiated,
     #       FLOPs of the fused fwd+bwd(size), least bytes it must move(size, element size)
-    "sc": dict(fused=sc_loss_fused, eager=sc_loss_eager, sizes=pair_sizes,
+    "sc": dict(fused=sc_loss_fused, eager=sc_loss_eager, keops=sc_loss_keops, sizes=pair_sizes,
                make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(2)], grads=2,
                flops=lambda s: 2 * s["B"] ** 2 * s["D"] * 5, bytes=lambda s, e: 4 * s["B"] * s["D"] * e),
     "triplet-hardest": dict(fused=triplet_hard(triplet_loss_fused), eager=triplet_hard(triplet_loss_eager),
@@ -154,6 +172,8 @@ def main(argv=None):
         impls = {"fused": spec["fused"], "eager": spec["eager"]}
         if use_compile:
             impls["compiled"] = torch.compile(spec["eager"])
+        if "keops" in spec and have_keops() and not a.tiny:
+            impls["keops"] = spec["keops"]
         for dt in dtypes:
             for size in spec["sizes"](a.tiny):
                 inputs = spec["make"](size, dt)
@@ -178,7 +198,7 @@ def main(argv=None):
                 del inputs
                 print(f"  {name:16s} {size_label(row):28s} {row['dtype']:9s} " + "  ".join(
                     f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in impls), flush=True)
-    table = render(rows, list(impls), ceil, a.tiny)
+    table = render(rows, [i for i in ("fused", "eager", "compiled", "keops") if any(i in r for r in rows)], ceil, a.tiny)
     print(table)
     out = write_results("kernels", rows, table, a.out)
     plot(rows, os.path.join(out, "kernels.png"))
@@ -199,7 +219,8 @@ def render(rows, impls, ceil, tiny):
            " | fused vs eager | fused vs compiled | peak MiB fused / eager | fused FLOP frac. | fused BW frac. |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        ms = " | ".join(f"{r[i].get('median_ms', float('nan')):.3f}" if "median_ms" in r[i] else "OOM" for i in impls)
+        ms = " | ".join("-" if i not in r else f"{r[i]['median_ms']:.3f}" if "median_ms" in r[i] else "OOM"
+                        for i in impls)
         f = r["fused"]
         vs_c = (f"{r['compiled']['median_ms'] / f['median_ms']:.2f}x" if "compiled" in r and "median_ms" in r["compiled"]
                 and "median_ms" in f else "-")
@@ -224,7 +245,7 @@ def plot(rows, path):
     for ax, name in zip(axes[0], losses):
         mine = [r for r in rows if r["loss"] == name]
         ref, x = mine[0], "N" if "N" in mine[0] else "B"  # the sweep through the first size
-        for impl in ("fused", "eager", "compiled"):
+        for impl in ("fused", "eager", "compiled", "keops"):
             pts = [(r[x], r[impl]["median_ms"]) for r in mine if impl in r and "median_ms" in r[impl]
                    and all(r[k] == ref[k] for k in ("B", "N", "D", "K", "dtype") if k in r and k != x)]
             if pts:

@@ -109,11 +109,11 @@ def test_sc_beats_random_init_under_the_linear_probe(tmp_path):
     """A short SC run on the built-in set must beat the same network untrained by a clear margin."""
     out = tmp_path / "learn"
     run([PY, "fastssl/train.py", "--config", "configs/sc/builtin.yaml", f"out_dir={out}", "train.epochs=4",
-         "train.progress=false", "train.tensorboard=false"])
+         "data.builtin.num_train=2048", "data.batch_size=64", "train.progress=false", "train.tensorboard=false"])
     res = {}
     for extra in ([], ["--random-init"]):
         run([PY, "-m", "fastssl.eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--protocol", "linear",
-             "eval.linear_epochs=30", "eval.linear_seeds=1", *extra])
+             "eval.linear_epochs=30", "eval.linear_seeds=1", "data.builtin.num_train=2048", *extra])
         with open(out / ("eval_linear" + ("_random" if extra else "") + ".json")) as f:
             res["random" if extra else "sc"] = json.load(f)["accuracy"]
     assert res["sc"] >= res["random"] + 5.0, res
