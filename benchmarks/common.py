@@ -62,6 +62,15 @@ def write_results(suite: str, rows: list, table_md: str, out_dir: str | None = N
     return out_dir
 
 
+def publish(suite: str, rows: list, table_md: str, out_dir, labels, ratios, xlabel: str, title: str) -> str:
+    """Print a suite's table, write its JSON/markdown and its bar chart of ratios; returns the folder."""
+    print(table_md)
+    out = write_results(suite, rows, table_md, out_dir)
+    bar_plot(labels, ratios, xlabel, title, os.path.join(out, f"{suite}.png"))
+    print("written to", out)
+    return out
+
+
 def bar_plot(labels, values, xlabel: str, title: str, path: str) -> None:
     """A horizontal bar chart (ratios against a suite's baseline), labelled with the device."""
     import matplotlib

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bar_plot, summary, timed, write_results  # noqa: E402
+from benchmarks.common import publish, summary, timed  # noqa: E402
 from fastssl.data import exemplar as ex  # noqa: E402
 from fastssl.data.pipeline import to_chw  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
@@ -90,11 +90,8 @@ def main(argv=None):
     table = "\n".join(lines) + (f"\n\n{a.images} seed images of {a.size} px x {a.per_class} patches of 32x32 "
                                 f"(all six transformation families), batch {a.batch}, {a.repeats} repeats; the last "
                                 f"column extrapolates the rate to the paper's 1.6M-patch set.")
-    print(table)
-    out = write_results("exemplar", rows, table, a.out)
-    bar_plot([r["executor"] for r in rows], [r["ratio_vs_dataloader"] for r in rows], "patches/s vs torch DataLoader",
-             "Exemplar-CNN surrogate patches", os.path.join(out, "exemplar.png"))
-    print("written to", out)
+    publish("exemplar", rows, table, a.out, [r["executor"] for r in rows], [r["ratio_vs_dataloader"] for r in rows],
+            "patches/s vs torch DataLoader", "Exemplar-CNN surrogate patches")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bar_plot, timed, write_results  # noqa: E402
+from benchmarks.common import publish, timed  # noqa: E402
 from fastssl.knn import KNNIndex, gpu_count  # noqa: E402
 
 
@@ -67,11 +67,8 @@ def main(argv=None):
         lines.append(f"| {r['impl']} | {r['n']} | {r['d']} | {r['k']} | {r['seconds_median']:.3f} | "
                      f"{r['seconds_min']:.3f} | {r['seconds_max']:.3f} | {r['speedup_vs_torch']:.2f}x |")
     table = "\n".join(lines) + f"\n\nkNN graph of {a.n} unit vectors (all rows queried), {a.repeats} repeats."
-    print(table)
-    out = write_results("knn", rows, table, a.out)
-    bar_plot([r["impl"] for r in rows], [r["speedup_vs_torch"] for r in rows], "speed vs torch brute force",
-             f"kNN graph, N={a.n}", os.path.join(out, "knn.png"))
-    print("written to", out)
+    publish("knn", rows, table, a.out, [r["impl"] for r in rows], [r["speedup_vs_torch"] for r in rows],
+            "speed vs torch brute force", f"kNN graph, N={a.n}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bar_plot, summary, timed, write_results  # noqa: E402
+from benchmarks.common import publish, summary, timed  # noqa: E402
 from fastssl.data.color import ColorSplit  # noqa: E402
 from fastssl.data.sources import make_builtin  # noqa: E402
 
@@ -139,12 +139,8 @@ def main(argv=None):
     table = "\n".join(lines) + (f"\n\n{a.size}x{a.size} images -> Lab input + 100-bin L and 10x10-bin ab targets on a "
                                 f"{a.size // 8}x{a.size // 8} grid; {rows[0]['images']} images, batch {a.batch}, "
                                 f"{a.repeats} repeats.")
-    print(table)
-    out = write_results("lab", rows, table, a.out)
-    bar_plot([f"{r['impl']} {'re-scaled' if r['rescale'] else 'plain'}" for r in rows],
-             [r["ratio_vs_skimage"] for r in rows], "images/s vs scikit-image + numpy",
-             "Lab conversion + quantisation", os.path.join(out, "lab.png"))
-    print("written to", out)
+    publish("lab", rows, table, a.out, [f"{r['impl']} {'re-scaled' if r['rescale'] else 'plain'}" for r in rows],
+            [r["ratio_vs_skimage"] for r in rows], "images/s vs scikit-image + numpy", "Lab conversion + quantisation")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bar_plot, summary, timed, write_results  # noqa: E402
+from benchmarks.common import publish, summary, timed  # noqa: E402
 from fastssl.config import load_config  # noqa: E402
 from fastssl.data.pipeline import DaliLoader, TorchLoader  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
@@ -98,11 +98,8 @@ def main(argv=None):
         lines.append(f"| {r['method']} | {r['image_size']}px | {r['executor']} | {ips['median']:.0f} | {ips['min']:.0f} "
                      f"| {ips['max']:.0f} | {r['ratio_vs_torch']:.2f}x |")
     table = "\n".join(lines) + f"\n\n{a.images} images, batch {a.batch}, {a.workers} workers/threads, {a.repeats} repeats."
-    print(table)
-    out = write_results(f"pipelines-{a.method}", rows, table, a.out)
-    bar_plot([f"{r['image_size']}px {r['executor']}" for r in rows], [r["ratio_vs_torch"] for r in rows],
-             "images/s vs torchvision DataLoader", f"{a.method} data pipeline", os.path.join(out, f"pipelines-{a.method}.png"))
-    print("written to", out)
+    publish(f"pipelines-{a.method}", rows, table, a.out, [f"{r['image_size']}px {r['executor']}" for r in rows],
+            [r["ratio_vs_torch"] for r in rows], "images/s vs torchvision DataLoader", f"{a.method} data pipeline")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import bar_plot, write_results  # noqa: E402
+from benchmarks.common import publish  # noqa: E402
 
 
 def one(method, pipeline, steps, extra):
@@ -60,11 +60,8 @@ def main(argv=None):
     lines += [f"| {r['method']} | {r['pipeline']} | {r['images_per_s']:.0f} | {r['data_stall']:.1%} | "
               f"{r['ratio_vs_torch']:.2f}x |" for r in rows]
     table = "\n".join(lines) + f"\n\nOne process, each method's built-in config, {a.steps} steps; medians over logging windows after the first."
-    print(table)
-    out = write_results("train_step", rows, table, a.out)
-    bar_plot([f"{r['method']} {r['pipeline']}" for r in rows], [r["ratio_vs_torch"] for r in rows],
-             "training images/s vs torchvision DataLoader", "end-to-end training step", os.path.join(out, "train_step.png"))
-    print("written to", out)
+    publish("train_step", rows, table, a.out, [f"{r['method']} {r['pipeline']}" for r in rows],
+            [r["ratio_vs_torch"] for r in rows], "training images/s vs torchvision DataLoader", "end-to-end training step")
 
 
 if __name__ == "__main__":
