@@ -32,6 +32,6 @@ setup(
         "tensorboard>=2.12",
         "pillow>=9",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "scikit-image>=0.20"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "matplotlib>=3.5", "scikit-image>=0.20"]},
     entry_points={"console_scripts": ["fastssl-eval=fastssl.eval.__main__:main"]},
 )
