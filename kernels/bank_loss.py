@@ -165,11 +165,12 @@ def _bank_scan(f_ptr, bank_ptr, thr_ptr, cnt_ptr, cval_ptr, cidx_ptr, pm_ptr, ps
 def _bank_grad_full(f_ptr, bank_ptr, lse_ptr, part_ptr, B, N, D, stride_f, stride_b, inv_tau,
                     SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
                     PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """sum_j softmax_j bank_j for a block of rows over every SPLIT-th tile of the bank."""
+    """sum_j softmax_j bank_j for a block of rows over every SPLIT-th tile of the bank, output
+    dimensions [program_id(2) * BLOCK_D, + BLOCK_D) (the logits always use all D)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < B
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    dd = tl.arange(0, BLOCK_D)
+    dd = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BM, BLOCK_D), tl.float32)
     for n0 in range(tl.program_id(1) * BN, N, SPLIT * BN):
         cols = n0 + tl.arange(0, BN)
@@ -288,7 +289,7 @@ class BankLSE(torch.autograd.Function):
             split = max(1, min(64, triton.cdiv(N, bn)))
             part = torch.empty(split, B, D, device=f.device, dtype=torch.float32)
             with launch_device(f):
-                _bank_grad_full[(triton.cdiv(B, bm), split)](
+                _bank_grad_full[(triton.cdiv(B, bm), split, triton.cdiv(D, bd))](
                     f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.tau, SPLIT=split,
                     BM=bm, BN=bn, BLOCK_D=bd, PREC=dot_precision(f.dtype), UPCAST=upcast(f.dtype))
             grad = part.sum(0)

@@ -111,7 +111,8 @@ def assert_topk_sets_agree(idx, logits, k):
 
 
 BANK = [(1, 17, 3, 5, None), (7, 300, 20, 50, None), (37, 2001, 33, 100, None), (37, 2001, 33, 100, 7),
-        (16, 500, 130, 499, None), (5, 200, 16, 0, None), (9, 301, 64, 301, None)]
+        (16, 500, 130, 499, None), (5, 200, 16, 0, None), (9, 301, 64, 301, None),
+        (3, 40, 600, 0, None), (3, 40, 600, 10, None)]  # D > 512: the backward's D is split in chunks
 
 
 @pytest.mark.parametrize("B,N,D,K,stride,dtype", [(*s, torch.float32) for s in BANK] + [
