@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
+from fastssl.engine.dist import rank
 from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -228,7 +229,7 @@ class InvariancePropagation(Method):
             out["bank_consistent"] = float(all(torch.equal(cs[0], x) for x in cs))
             if not out["bank_consistent"]:
                 raise RuntimeError("invp: the memory bank differs between ranks")
-        if (not dist.is_initialized() or dist.get_rank() == 0) and source.test.labels is not None and len(source.test):
+        if rank() == 0 and source.test.labels is not None and len(source.test):
             out["knn_accuracy"] = self.knn_monitor(source)
         return out
 
