@@ -154,6 +154,43 @@ def test_bank_consistent_under_two_process_ddp(tmp_path):
     assert torch.allclose(bank.norm(dim=1), torch.ones(len(bank)), atol=1e-5)
 
 
+def test_fingerprint_sees_rows_moved_in_a_normalised_bank():
+    from fastssl.engine.dist import fingerprint
+
+    bank = F.normalize(torch.randn(50, 16), dim=1)
+    moved = bank.clone()
+    moved[[3, 7]] = moved[[7, 3]]
+    a, b = fingerprint([bank]), fingerprint([moved])
+    assert torch.allclose(a[:, :2], b[:, :2])  # sum and sum of squares cannot tell them apart
+    assert not torch.equal(a, b)
+
+
+def _check_bank(rank, store, out):
+    import torch.distributed as dist
+    from fastssl.engine.dist import same_on_all_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    bank = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    graph = torch.arange(80).view(40, 2)
+    same = same_on_all_ranks([bank, graph], torch.device("cpu"))
+    if rank == 1:  # the same rows, two of them swapped on one rank
+        bank[[0, 1]] = bank[[1, 0]]
+    out.put((rank, same, same_on_all_ranks([bank, graph], torch.device("cpu"))))
+    dist.destroy_process_group()
+
+
+def test_same_on_all_ranks_under_two_process_gloo(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_check_bank, args=(r, tmp_path / "store", out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert got == [(0, True, False), (1, True, False)]
+
+
 def test_graph_with_approximate_index_runs(tmp_path):
     out = tmp_path / "hnsw"
     run(train_cmd(out, "method.graph_index=hnsw", "train.max_steps=9", "data.batch_size=64", "method.rampup_epoch=0",

@@ -82,15 +82,29 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def same_on_all_ranks(module: torch.nn.Module, device: torch.device) -> bool:
-    """Whether every rank holds bit-identical parameters (a cheap fingerprint).  Buffers are left
-    out: BatchNorm running statistics come from each rank's own last batch (DDP re-broadcasts
-    rank 0's at the next forward); method state such as a memory bank is checked by its method."""
+def fingerprint(tensors) -> torch.Tensor:
+    """(len, 3) float64 digest of each tensor: sum, sum of squares and a position-weighted sum.
+    The third term changes when entries move between positions, which the first two cannot see
+    (an L2-normalised memory bank keeps its sum of squares fixed at N whatever it holds)."""
+    rows = []
+    for t in tensors:
+        x = t.detach().double().flatten()
+        w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64).remainder_(9973)
+        rows.append(torch.stack([x.sum(), (x * x).sum(), (x * w).sum()]))
+    return torch.stack(rows)
+
+
+def same_on_all_ranks(tensors, device: torch.device) -> bool:
+    """Whether every rank holds bit-identical ``tensors`` (a module: its parameters), compared by
+    their ``fingerprint``.  Buffers of a module are left out: BatchNorm running statistics come
+    from each rank's own last batch (DDP re-broadcasts rank 0's at the next forward); method
+    state such as a memory bank is passed in by its method."""
     if not dist.is_initialized():
         return True
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.parameters()
     with torch.no_grad():
-        fp = torch.stack([torch.stack([t.double().sum(), (t.double() ** 2).sum()]) for t in
-                          module.parameters() if t.numel()]).to(device)
+        fp = fingerprint([t for t in tensors if t.numel()]).to(device)
     ref = fp.clone()
     dist.broadcast(ref, 0)
     ok = torch.tensor([1.0 if torch.equal(fp, ref) else 0.0], device=device)

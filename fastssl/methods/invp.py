@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
-from fastssl.engine.dist import rank
+from fastssl.engine.dist import rank, same_on_all_ranks
 from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -223,12 +223,9 @@ class InvariancePropagation(Method):
     def end_epoch(self, epoch, source):
         out = {}
         if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must hold the same bank
-            c = torch.stack([self.bank.double().sum(), (self.bank.double() ** 2).sum(0).max(), self.graph.double().sum()])
-            cs = [torch.empty_like(c) for _ in range(dist.get_world_size())]
-            dist.all_gather(cs, c)
-            out["bank_consistent"] = float(all(torch.equal(cs[0], x) for x in cs))
+            out["bank_consistent"] = float(same_on_all_ranks([self.bank, self.graph], self.bank.device))
             if not out["bank_consistent"]:
-                raise RuntimeError("invp: the memory bank differs between ranks")
+                raise RuntimeError("invp: the memory bank or kNN graph differs between ranks")
         if rank() == 0 and source.test.labels is not None and len(source.test):
             out["knn_accuracy"] = self.knn_monitor(source)
         return out
