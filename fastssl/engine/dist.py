@@ -83,15 +83,24 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprint(tensors) -> torch.Tensor:
-    """(len, 3) float64 digest of each tensor: sum, sum of squares and a position-weighted sum.
-    The third term changes when entries move between positions, which the first two cannot see
-    (an L2-normalised memory bank keeps its sum of squares fixed at N whatever it holds)."""
-    rows = []
+    """(len, 4) float64 digest of each tensor, viewed as rows (its first dimension) x the rest:
+    sum, sum of squares, and the row sums and column sums each weighted by their position.
+    The weighted sums change when entries move between rows or columns, which the first two
+    cannot see (an L2-normalised memory bank keeps its sum of squares fixed at N whatever it
+    holds).  Accumulated in float64 without a float64 copy of the tensor (a 1.28M x 128 bank
+    is checked every epoch)."""
+    f64 = torch.float64
+    out = []
     for t in tensors:
-        x = t.detach().double().flatten()
-        w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64).remainder_(9973)
-        rows.append(torch.stack([x.sum(), (x * x).sum(), (x * w).sum()]))
-    return torch.stack(rows)
+        x = t.detach()
+        x = x.reshape(len(x), -1) if x.dim() > 1 else x.reshape(-1, 1)
+        if not x.is_floating_point():
+            x = x.double()  # integer state (a kNN graph) is small
+        r, c = x.sum(1, dtype=f64), x.sum(0, dtype=f64)
+        out.append(torch.stack([r.sum(), torch.linalg.vector_norm(x, dtype=f64) ** 2,
+                                (r * torch.arange(1, len(r) + 1, device=x.device, dtype=f64)).sum(),
+                                (c * torch.arange(1, len(c) + 1, device=x.device, dtype=f64)).sum()]))
+    return torch.stack(out)
 
 
 def same_on_all_ranks(tensors, device: torch.device) -> bool:
