@@ -39,6 +39,20 @@ def train_cmd(out_dir, *overrides, config="configs/sc/builtin.yaml", nproc=None)
     return base + ["fastssl/train.py", "--config", config, f"out_dir={out_dir}", *TINY, *overrides]
 
 
+def eval_trained_and_random(run_dir, protocol, *overrides):
+    """``python -m fastssl.eval`` of ``run_dir``'s last checkpoint and of the same network
+    untrained (``--random-init``): their result files, (trained, random)."""
+    import json
+
+    res = []
+    for flag in ([], ["--random-init"]):
+        run([PY, "-m", "fastssl.eval", "--checkpoint", str(os.path.join(run_dir, "checkpoints", "last.pt")),
+             "--protocol", protocol, *flag, *overrides])
+        with open(os.path.join(run_dir, f"eval_{protocol}{'_random' if flag else ''}.json")) as f:
+            res.append(json.load(f))
+    return tuple(res)
+
+
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 

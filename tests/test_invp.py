@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PY, ROOT, kill_and_resume, run, train_cmd
+from conftest import PY, ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
 from fastssl.kernels.bank_loss import hardest_positives, invp_losses
 from fastssl.methods.invp import knn_graph, propagate
 from test_train import load
@@ -242,10 +242,5 @@ def test_builtin_learn_run_beats_random_init(tmp_path):
     assert len(knn) == 100
     base = random_init_monitor(cfg)
     assert np.mean(knn[-10:]) >= base + 5, (knn[-10:], base)
-    acc = {}
-    for flag in ([], ["--random-init"]):
-        res = tmp_path / f"lin{len(flag)}.json"
-        run([PY, "-m", "fastssl.eval", "--checkpoint", str(out / "checkpoints/last.pt"), "--protocol", "linear",
-             *flag, "--out", str(res)])
-        acc[bool(flag)] = json.loads(res.read_text())["accuracy"]
-    assert acc[False] >= acc[True] + 10, acc
+    trained, random = eval_trained_and_random(out, "linear")
+    assert trained["accuracy"] >= random["accuracy"] + 10, (trained, random)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PY, ROOT, kill_and_resume, run, train_cmd
+from conftest import PY, ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
 from fastssl.config import ConfigError
 from test_train import load
 
@@ -124,11 +124,6 @@ def test_transferred_first_layer_beats_random_init(tmp_path):
     out = tmp_path / "learn"
     run([PY, "fastssl/train.py", "--config", CFG, f"out_dir={out}", "train.progress=false", "train.tensorboard=false"])
     assert (out / "filters" / "layer1.png").is_file()
-    res = {}
-    for extra in ([], ["--random-init"]):
-        run([PY, "-m", "fastssl.eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--protocol", "transfer",
-             "eval.transfer_runs=2", "eval.transfer_epochs=4", *extra])
-        with open(out / ("eval_transfer" + ("_random" if extra else "") + ".json")) as f:
-            res["random" if extra else "learned"] = json.load(f)
-    assert res["learned"]["frozen"] and len(res["learned"]["runs"]) == 2
-    assert res["learned"]["accuracy"] >= res["random"]["accuracy"] + 5.0, res
+    learned, random = eval_trained_and_random(out, "transfer", "eval.transfer_runs=2", "eval.transfer_epochs=4")
+    assert learned["frozen"] and len(learned["runs"]) == 2
+    assert learned["accuracy"] >= random["accuracy"] + 5.0, (learned, random)
