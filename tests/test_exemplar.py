@@ -224,7 +224,8 @@ def test_optimiser_groups_and_schedule_carry_the_seed_values():
 @pytest.mark.parametrize("override, key", [
     ("model.arch=convnet", "model.arch"), ("method.num_classes=100000", "method.num_classes"),
     ("method.aug.scale=[0,2]", "method.aug.scale"), ("method.aug.hue=0.7", "method.aug.hue"),
-    ("method.cluster.fraction=1.0", "method.cluster.fraction"), ("optim.gammas=[0.5]", "optim.gammas"),
+    ("method.cluster.fraction=1.0", "method.cluster.fraction"), ("method.cluster.max_size=1", "method.cluster.max_size"),
+    ("optim.gammas=[0.5]", "optim.gammas"),
     ("method.surrogate_dir=/nonexistent", "method.surrogate_dir")])
 def test_bad_settings_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -268,6 +269,36 @@ def test_clustering_recovers_planted_clusters_and_joins_neighbours(max_images):
         assert sorted(r for w, r in c[1:]) == [3 * k, 3 * k + 1, 3 * k + 2]  # its own 3 planted neighbours
     small, s2 = merge_classes(a, b, budget=25, threshold=0.5)
     assert len(small) == 25 and s2["singles"] == 0  # the budget caps the classes (largest clusters first)
+
+
+def same_partition(a, b):
+    """Two label vectors describe the same grouping (labels may be numbered differently)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_tree_cut_equals_scikit_learn_and_the_size_cap_splits_a_loose_cut():
+    from scipy.spatial.distance import pdist, squareform
+    from sklearn.cluster import AgglomerativeClustering
+
+    from fastssl.knn.cluster import complete_linkage
+
+    x = np.abs(np.random.default_rng(3).normal(size=(301, 16)))  # non-negative, like ReLU features
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    d = squareform(pdist(x))
+    thr = float(np.quantile(d[np.triu_indices(len(x), 1)], 0.02))
+    for t in (thr, 1.25):
+        ref = AgglomerativeClustering(n_clusters=None, distance_threshold=t, linkage="complete").fit_predict(x)
+        assert same_partition(complete_linkage(x, t), ref)
+    loose = complete_linkage(x, 1.25)
+    assert np.bincount(loose).max() > 100  # every distance is below 1.25: a few huge clusters
+    capped = complete_linkage(x, 1.25, max_size=7)
+    sizes = np.bincount(capped)
+    assert sizes.max() <= 7 and (sizes >= 2).sum() > 30
+    for c in np.flatnonzero(sizes >= 2):
+        rows = np.flatnonzero(capped == c)
+        assert d[np.ix_(rows, rows)].max() < 1.25
+        assert len(set(loose[rows].tolist())) == 1  # a refinement of the uncapped cut
 
 
 # --------------------------------------------------------------------------- svm-folds
@@ -341,3 +372,23 @@ def test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering(tmp_
     assert s_ref["clustered"] and s_res["clustered"]
     assert all(torch.equal(s_ref["sset"][k], s_res["sset"][k]) for k in ("members", "labels", "anchors"))
     assert len(s_ref["sset"]["members"]) > 64 // 2  # the merged classes hold clustered and held-out images
+
+
+def test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init(tmp_path):
+    """configs/exemplar/builtin-learn.yaml: stage 1 learns its 64 surrogate classes, the clustering
+    re-forms them from several images each, stage 2 learns those from scratch, and the final
+    network beats the same network untrained under svm-folds (3 folds of 1,000 images)."""
+    from conftest import eval_trained_and_random, load_ckpt
+
+    out = tmp_path / "learn"
+    proc = run([PY, "fastssl/train.py", "--config", f"{ROOT}/configs/exemplar/builtin-learn.yaml", f"out_dir={out}",
+                "train.progress=false", "train.tensorboard=false"], timeout=1200)
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_acc"] for r in log if "val_acc" in r]  # surrogate accuracy, 10 epochs per stage
+    assert len(val) == 20 and max(val[7:10]) >= 30 and max(val[17:]) >= 20, val  # chance: 1.6%
+    assert "fastssl: exemplar clustering:" in proc.stderr
+    sset = load_ckpt(out / "checkpoints" / "last.pt")["model"]["_extra_state"]["sset"]
+    sizes = np.bincount(sset["labels"].numpy(), minlength=64)
+    assert sizes.min() >= 2 and sizes.max() <= 7  # every class is a cluster of 2-7 images
+    trained, random = eval_trained_and_random(out, "svm-folds")
+    assert trained["accuracy"] >= random["accuracy"] + 5, (trained, random)

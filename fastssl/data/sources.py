@@ -127,7 +127,7 @@ def make_builtin(n: int, size: int, num_classes: int, seed: int):
     images = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         coarse = rng.uniform(0.0, 1.0, (5, 5, 3)).astype(np.float32)
-        img = np.einsum("yi,ijc,xj->yxc", up, coarse, up)
+        img = np.einsum("yi,ijc,xj->yxc", up, coarse, up, optimize=True)
         for _ in range(rng.integers(5, 10)):
             cy, cx = rng.uniform(0, size, 2)
             r = rng.uniform(0.08, 0.16) * size

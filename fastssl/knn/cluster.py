@@ -1,13 +1,17 @@
 """Surrogate-class merging for Exemplar-CNN (../shared/METHODS.md section 2, "Clustering").
 
-1. Complete-linkage agglomerative clustering (scikit-learn) of L2-normalised features of one
-   half of the images, cut where the largest distance inside a cluster reaches ``threshold``.
-   Clusters of two or more images become classes (largest first, up to the class budget).
+1. Complete-linkage agglomerative clustering (SciPy) of L2-normalised features of one half of
+   the images, cut where the largest distance inside a cluster reaches ``threshold`` or the
+   cluster would grow past ``max_size`` images (the paper's clusters hold up to 7).  Clusters of
+   two or more images become classes (largest first, up to the class budget).  The size cap
+   keeps a threshold that is loose for a set's features (every distance below it) from putting
+   the whole half into one class: a merge above the cap is not made, and neither is any merge
+   above it in the tree.
 2. The budget is filled with single images of that half that are in no such cluster, each
    joined by its ``neighbours`` nearest images of the held-out half (cosine similarity, FAISS
    inner-product index; every held-out image joins at most one class).
 
-Complete linkage needs all pairwise distances: scikit-learn/SciPy keep a condensed float64
+Complete linkage needs all pairwise distances: SciPy keeps a condensed float64
 matrix, n (n - 1) / 2 x 8 bytes (8,000 images: 256 MB, 20,000: 1.6 GB).  Beyond ``max_images``
 the half is first split by FAISS k-means into parts of at most ``max_images`` and each part is
 clustered alone: exact within a part; a cluster can no longer straddle two parts.
@@ -27,16 +31,39 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def complete_linkage(feats: np.ndarray, threshold: float, max_images: int = 20000, seed: int = 0) -> np.ndarray:
-    """Cluster id per row (complete linkage, Euclidean, cut at ``threshold``)."""
-    from sklearn.cluster import AgglomerativeClustering
+def cut_tree(Z: np.ndarray, n: int, threshold: float, max_size: int = 0) -> np.ndarray:
+    """Cluster id per leaf of the SciPy linkage ``Z``: the largest subtrees whose merges all lie
+    below ``threshold`` and hold at most ``max_size`` leaves (0: no cap)."""
+    ok = np.ones(2 * n - 1, bool)
+    root = np.arange(n)  # union-find over the leaves
+    rep = np.arange(2 * n - 1)  # a leaf of every node
+
+    def find(i):
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for k, (a, b, d, cnt) in enumerate(Z):
+        a, b, node = int(a), int(b), n + k
+        rep[node] = rep[a]
+        ok[node] = ok[a] and ok[b] and d < threshold and (max_size <= 0 or cnt <= max_size)
+        if ok[node]:
+            root[find(rep[b])] = find(rep[a])
+    _, lab = np.unique([find(i) for i in range(n)], return_inverse=True)
+    return lab.astype(np.int64)
+
+
+def complete_linkage(feats: np.ndarray, threshold: float, max_images: int = 20000, seed: int = 0,
+                     max_size: int = 0) -> np.ndarray:
+    """Cluster id per row (complete linkage, Euclidean, cut at ``threshold`` and ``max_size``)."""
+    from scipy.cluster.hierarchy import linkage
 
     n = len(feats)
     if n < 2:
         return np.zeros(n, np.int64)
     if n <= max_images:
-        ac = AgglomerativeClustering(n_clusters=None, distance_threshold=threshold, linkage="complete")
-        return ac.fit_predict(feats).astype(np.int64)
+        return cut_tree(linkage(np.asarray(feats, np.float64), method="complete"), n, threshold, max_size)
     import faiss
 
     parts = int(np.ceil(2 * n / max_images))  # k-means parts are uneven: aim at half the cap
@@ -49,18 +76,18 @@ def complete_linkage(feats: np.ndarray, threshold: float, max_images: int = 2000
         rows = np.flatnonzero(assign == p)
         for s in range(0, len(rows), max_images):  # a part over the cap is cut in pieces
             r = rows[s:s + max_images]
-            lab = complete_linkage(feats[r], threshold, max_images, seed)
+            lab = complete_linkage(feats[r], threshold, max_images, seed, max_size)
             out[r] = lab + offset
             offset += int(lab.max()) + 1 if len(lab) else 0
     return out
 
 
 def merge_classes(feats_a: np.ndarray, feats_b: np.ndarray, budget: int, threshold: float = 1.25,
-                  neighbours: int = 3, max_images: int = 20000, seed: int = 0) -> Tuple[list, dict]:
+                  neighbours: int = 3, max_images: int = 20000, seed: int = 0, max_size: int = 0) -> Tuple[list, dict]:
     """Classes as lists of ``("a", row)`` / ``("b", row)`` members (rows of ``feats_a``, the
     clustered half, and ``feats_b``, the held-out half), and a summary for the log."""
     fa, fb = _normalise(feats_a), _normalise(feats_b)
-    lab = complete_linkage(fa, threshold, max_images, seed)
+    lab = complete_linkage(fa, threshold, max_images, seed, max_size)
     ids, counts = np.unique(lab, return_counts=True)
     multi = ids[counts >= 2][np.argsort(-counts[counts >= 2], kind="stable")][:budget]
     classes = [[("a", int(r)) for r in np.flatnonzero(lab == c)] for c in multi]

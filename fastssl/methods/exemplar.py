@@ -28,12 +28,14 @@ from fastssl.data.exemplar import (SurrogateAug, SurrogateSet, check_aug, draw_p
                                    make_surrogate_set, pca_basis, split_images)
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
+from fastssl.models import he_init
 
 
 @dataclass
 class ClusterConfig:
     enabled: bool = False  # second stage: cluster, re-form classes, retrain from scratch
     threshold: float = 1.25  # cut: largest distance inside a cluster (L2-normalised features)
+    max_size: int = 7  # and most images in a cluster (the paper's largest; 0: no cap)
     fraction: float = 0.5  # share of the images clustered; the rest is held out to join single images
     neighbours: int = 3  # held-out images joined to each single image
     max_images: int = 20000  # complete linkage is O(n^2) memory: above this, k-means parts first
@@ -83,6 +85,11 @@ class ExemplarCNN(Method):
         self.sset: Optional[SurrogateSet] = None
         self.clustered = False
         self._val = None
+        self._init_classifier()
+
+    def _init_classifier(self):
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     # ---- state that is not a tensor of fixed shape: the surrogate set (checkpointed)
     def get_extra_state(self):
@@ -128,6 +135,8 @@ class ExemplarCNN(Method):
             raise ConfigError(f"method.cluster.threshold: must be > 0, got {c.threshold}")
         if not 0 < c.fraction < 1:
             raise ConfigError(f"method.cluster.fraction: must be in (0, 1), got {c.fraction}")
+        if c.max_size == 1 or c.max_size < 0:
+            raise ConfigError(f"method.cluster.max_size: must be >= 2 (or 0: no cap), got {c.max_size}")
         if c.neighbours < 0 or c.max_images < 2:
             raise ConfigError(f"method.cluster: neighbours >= 0 and max_images >= 2, got {c.neighbours}, {c.max_images}")
         if m.surrogate_dir is not None:
@@ -223,11 +232,13 @@ class ExemplarCNN(Method):
             prep = self.eval_input(self.cfg, source)
             fa = extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, half).numpy()
             fb = extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, held).numpy()
-            classes, summary = merge_classes(fa, fb, m.num_classes, c.threshold, c.neighbours, c.max_images, self.cfg.seed)
+            classes, summary = merge_classes(fa, fb, m.num_classes, c.threshold, c.neighbours, c.max_images, self.cfg.seed,
+                                            c.max_size)
             members = np.array([half[r] if w == "a" else held[r] for cl in classes for w, r in cl], np.int64)
             labels = np.array([k for k, cl in enumerate(classes) for _ in cl], np.int64)
             result = (members, labels, summary)
-            print(f"fastssl: exemplar clustering: {summary['clusters']} clusters (largest {summary['largest']}) + "
+            cap = f", cap {c.max_size}" if c.max_size else ""
+            print(f"fastssl: exemplar clustering: {summary['clusters']} clusters (largest {summary['largest']}{cap}) + "
                   f"{summary['singles']} single images joined by {summary['joined']} held-out images -> "
                   f"{summary['classes']} classes of {summary['mean_size']:.2f} images", file=sys.stderr, flush=True)
             if summary["classes"] < m.num_classes:
@@ -236,9 +247,8 @@ class ExemplarCNN(Method):
         members, labels, _ = dist.broadcast_object(result)
         self._use(make_surrogate_set(source.pretrain, source.image_size, members, labels, m.num_classes, self.cfg.seed + 1))
         torch.manual_seed(self.cfg.seed + 1)  # train again from scratch
-        for mod in self.modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                mod.reset_parameters()
+        he_init(self.backbone)  # as models.exemplar_cnn builds it
+        self._init_classifier()
         self._set_normalisation(source)
 
     def make_loader(self, cfg, source, rank, world, device_id):
