@@ -34,9 +34,12 @@ def run(args, timeout=600, check=True, env_extra=None, **kw):
     return p
 
 
-def train_cmd(out_dir, *overrides, config="configs/sc/builtin.yaml", nproc=None):
+def train_cmd(out_dir, *overrides, config="configs/sc/builtin.yaml", nproc=None, tiny=True):
+    """``fastssl/train.py`` on ``config``: shrunk to the TINY run, or (``tiny=False``) the config's
+    own run without progress bar or TensorBoard (the learning tests)."""
     base = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc else [PY]
-    return base + ["fastssl/train.py", "--config", config, f"out_dir={out_dir}", *TINY, *overrides]
+    size = TINY if tiny else ["train.progress=false", "train.tensorboard=false"]
+    return base + ["fastssl/train.py", "--config", config, f"out_dir={out_dir}", *size, *overrides]
 
 
 def eval_trained_and_random(run_dir, protocol, *overrides):

@@ -381,8 +381,7 @@ def test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init(tmp_pa
     from conftest import eval_trained_and_random, load_ckpt
 
     out = tmp_path / "learn"
-    proc = run([PY, "fastssl/train.py", "--config", f"{ROOT}/configs/exemplar/builtin-learn.yaml", f"out_dir={out}",
-                "train.progress=false", "train.tensorboard=false"], timeout=1200)
+    proc = run(train_cmd(out, config="configs/exemplar/builtin-learn.yaml", tiny=False), timeout=1200)
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_acc"] for r in log if "val_acc" in r]  # surrogate accuracy, 10 epochs per stage
     assert len(val) == 20 and max(val[7:10]) >= 30 and max(val[17:]) >= 20, val  # chance: 1.6%

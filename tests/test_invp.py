@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PY, ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
+from conftest import ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
 from fastssl.kernels.bank_loss import hardest_positives, invp_losses
 from fastssl.methods.invp import knn_graph, propagate
 from test_train import load
@@ -235,8 +235,7 @@ def test_builtin_learn_run_beats_random_init(tmp_path):
     kNN monitor (mean of the last 10 epochs) and the linear probe."""
     cfg = f"{ROOT}/configs/invp/builtin-learn.yaml"
     out = tmp_path / "learn"
-    run([PY, "fastssl/train.py", "--config", cfg, f"out_dir={out}", "train.progress=false",
-         "train.tensorboard=false"], timeout=1200)
+    run(train_cmd(out, config=cfg, tiny=False), timeout=1200)
     knn = [r["knn_accuracy"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
            if "knn_accuracy" in r]
     assert len(knn) == 100

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PY, ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
+from conftest import ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
 from fastssl.config import ConfigError
 from test_train import load
 
@@ -122,7 +122,7 @@ def test_sigkill_in_second_stage_then_resume_equals_uninterrupted(tmp_path):
 def test_transferred_first_layer_beats_random_init(tmp_path):
     """Frozen first layer in the small classifier: learned filters vs the same net untrained."""
     out = tmp_path / "learn"
-    run([PY, "fastssl/train.py", "--config", CFG, f"out_dir={out}", "train.progress=false", "train.tensorboard=false"])
+    run(train_cmd(out, config=CFG, tiny=False))
     assert (out / "filters" / "layer1.png").is_file()
     learned, random = eval_trained_and_random(out, "transfer", "eval.transfer_runs=2", "eval.transfer_epochs=4")
     assert learned["frozen"] and len(learned["runs"]) == 2

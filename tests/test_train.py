@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from conftest import PY, ROOT, env, eval_trained_and_random, kill_and_resume, load_ckpt, run, train_cmd
+from conftest import ROOT, env, eval_trained_and_random, kill_and_resume, load_ckpt, run, train_cmd
 
 FIELDS = {"step", "epoch", "loss", "lr", "images_per_s", "data_stall"}
 
@@ -108,8 +108,7 @@ def test_resume_without_checkpoint_starts_fresh_and_bad_checkpoint_is_reported(t
 def test_sc_beats_random_init_under_the_linear_probe(tmp_path):
     """A short SC run on the built-in set must beat the same network untrained by a clear margin."""
     out = tmp_path / "learn"
-    run([PY, "fastssl/train.py", "--config", "configs/sc/builtin.yaml", f"out_dir={out}", "train.epochs=4",
-         "data.builtin.num_train=2048", "data.batch_size=64", "train.progress=false", "train.tensorboard=false"])
+    run(train_cmd(out, "train.epochs=4", "data.builtin.num_train=2048", "data.batch_size=64", tiny=False))
     sc, random = eval_trained_and_random(out, "linear", "eval.linear_epochs=30", "eval.linear_seeds=1",
                                          "data.builtin.num_train=2048")
     assert sc["accuracy"] >= random["accuracy"] + 5.0, (sc, random)
