@@ -196,6 +196,29 @@ def test_loader_delivers_each_class_per_class_times_with_its_label(tiny_cfg):
     assert (std > 0.05).all() and (std < 0.5).all()  # normalisation from the surrogate set
 
 
+def test_exemplar_cnn_is_he_initialised():
+    """Every conv/linear weight ~ N(0, 2 / fan_in), biases zero (models.he_init)."""
+    from fastssl.models import exemplar_cnn
+
+    torch.manual_seed(0)
+    net = exemplar_cnn(16)
+    layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 4
+    for m in layers:
+        fan_in = m.weight[0].numel()
+        assert m.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.1), m
+        assert not m.bias.any()
+
+
+def test_processes_do_not_import_torchvision_unless_a_resnet_is_built():
+    """torchvision (and the torch._dynamo it pulls in) costs ~1.2 s per train/eval process."""
+    code = ("import sys; import fastssl.train, fastssl.eval.__main__, fastssl.methods.exemplar; "
+            "from fastssl.models import exemplar_cnn, convnet; exemplar_cnn(8); convnet(8); "
+            "assert 'torchvision' not in sys.modules; "
+            "from fastssl.models import resnet; resnet('resnet18', True); assert 'torchvision' in sys.modules")
+    run([PY, "-c", code])
+
+
 def test_optimiser_groups_and_schedule_carry_the_seed_values():
     from fastssl.data.sources import build_source
     from fastssl.engine.optim import build_optimizer, lr_factor
