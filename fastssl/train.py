@@ -21,9 +21,8 @@ if __package__ in (None, ""):  # run as a script (torchrun fastssl/train.py) fro
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 from fastssl.config import ConfigError, load_config, save_config
+from fastssl.data.dali_check import PipelineBuildError
 from fastssl.data.pipeline import build_loader, resolve_pipeline
 from fastssl.data.pipeline import steps_per_epoch as loader_steps
 from fastssl.data.sources import build_source
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
     fault = FaultInjection()
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        dist.deterministic()
     ck_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     if d.is_main:
         os.makedirs(os.path.join(cfg.out_dir, "checkpoints"), exist_ok=True)
@@ -123,11 +122,16 @@ def main(argv=None) -> int:
         if finished:
             break
         model.begin_stage(stage, source)
-        loader = build_loader(cfg, source, source.pretrain, model, d.rank, d.world, device_id=d.local_rank)
+        try:  # (a DALI GPU graph that cannot be built is refused here, before any step)
+            loader = build_loader(cfg, source, source.pretrain, model, d.rank, d.world, device_id=d.device_id)
+        except PipelineBuildError as e:
+            print(f"fastssl: {e}", file=sys.stderr)
+            dist.cleanup()
+            return 2
         optimizer, opt_name = build_optimizer(cfg, model, global_batch, d.device)
         scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
         scaler = grad_scaler(precision, d.device)
-        ddp = DDP(model, find_unused_parameters=model.find_unused_parameters) if d.world > 1 else model
+        ddp = dist.wrap_ddp(model, model.find_unused_parameters, model.ddp_keep_local) if d.world > 1 else model
         if state is not None and stage == stage0:
             if "optimizer" in state:  # (absent when the checkpoint marks the start of a stage)
                 optimizer.load_state_dict(state["optimizer"])

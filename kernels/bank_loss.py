@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dot_tile, launch_device, upcast
+from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device, no_autocast, upcast
 
 _STATS = {"fallback_rows": 0}
 
@@ -85,6 +85,7 @@ def invp_losses(logits: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, ba
     return _combine(lse, self_in, self_logit, logits.gather(1, pos.clamp(min=0)), pos >= 0, hard_pos)
 
 
+@no_autocast
 def bank_loss_eager(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
                     tau: float, background: int, hard_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The reference: the whole (B, N) logit matrix in fp32, then ``invp_losses``.
@@ -96,11 +97,13 @@ def bank_loss_eager(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, po
     return invp_losses(logits, index, pos, background, hard_pos)
 
 
+@no_autocast
 def bank_loss_fused(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
-                    tau: float, background: int, hard_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Same signature and values as ``bank_loss_eager``; fp32/bf16/fp16, fp32 accumulation."""
+                    tau: float, background: int, hard_pos: int, tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and values as ``bank_loss_eager``; fp32/bf16/fp16, fp32 accumulation
+    (``tf32``: an fp32 bank on the TF32 tensor cores)."""
     _check(f, bank, index, pos)
-    lse, top = bank_lse(f, bank, tau, background)
+    lse, top = bank_lse(f, bank, tau, background, tf32=tf32)
     ff = f.float()
     self_logit = (ff * bank[index].float()).sum(1) / tau
     self_in = (top == index[:, None]).any(1) if top is not None else torch.ones_like(index, dtype=torch.bool)
@@ -120,11 +123,11 @@ def _check(f, bank, index, pos):
 
 
 @triton.jit
-def _logit_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, inv_tau,
+def _logit_tile(f_ptr, bank_ptr, r0, c0, B, N, D, stride_f, stride_b, inv_tau,
                 BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr):
-    """(BM, BN) fp32 logits f[rows] . bank[cols] / tau."""
-    acc = dot_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, BM, BN, BLOCK_D, PREC, UPCAST)
+    """(BM, BN) fp32 logits f[r0 : r0 + BM] . bank[c0 : c0 + BN] / tau."""
+    acc = dot_tile(f_ptr, bank_ptr, r0, c0, B, N, D, stride_f, stride_b, BM, BN, BLOCK_D, PREC, UPCAST)
     return acc * inv_tau
 
 
@@ -141,7 +144,7 @@ def _bank_scan(f_ptr, bank_ptr, thr_ptr, cnt_ptr, cval_ptr, cidx_ptr, pm_ptr, ps
     for m0 in range(0, B, BM):
         rows = m0 + tl.arange(0, BM)
         rmask = rows < B
-        logits = _logit_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, inv_tau,
+        logits = _logit_tile(f_ptr, bank_ptr, m0, pid * BN, B, N, D, stride_f, stride_b, inv_tau,
                              BM, BN, BLOCK_D, PREC, UPCAST)
         valid = rmask[:, None] & cmask[None, :]
         if COLLECT:
@@ -162,39 +165,46 @@ def _bank_scan(f_ptr, bank_ptr, thr_ptr, cnt_ptr, cval_ptr, cidx_ptr, pm_ptr, ps
 
 
 @triton.jit
-def _bank_grad_full(f_ptr, bank_ptr, lse_ptr, part_ptr, B, N, D, stride_f, stride_b, inv_tau,
-                    SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _bank_grad_full(f_ptr, bank_ptr, lse_ptr, part_ptr, B, N, D, stride_f, stride_b, inv_tau, SPLIT,
+                    BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                    PREC: tl.constexpr, UPCAST: tl.constexpr, HALF_DOT: tl.constexpr):
     """sum_j softmax_j bank_j for a block of rows over every SPLIT-th tile of the bank, output
-    dimensions [program_id(2) * BLOCK_D, + BLOCK_D) (the logits always use all D)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    dimensions [program_id(2) * BLOCK_DO, + BLOCK_DO) (the logits always use all D, in BLOCK_D
+    chunks).  HALF_DOT: the probabilities x bank product on the tensor cores in the bank's dtype."""
+    r0 = tl.program_id(0) * BM
+    rows = r0 + tl.arange(0, BM)
     rmask = rows < B
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    dd = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BM, BLOCK_D), tl.float32)
+    dd = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    jj = tl.arange(0, BN)
+    acc = tl.zeros((BM, BLOCK_DO), tl.float32)
     for n0 in range(tl.program_id(1) * BN, N, SPLIT * BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < N
-        logits = _logit_tile(f_ptr, bank_ptr, rows, cols, B, N, D, stride_f, stride_b, inv_tau,
+        cmask = n0 + jj < N
+        logits = _logit_tile(f_ptr, bank_ptr, r0, n0, B, N, D, stride_f, stride_b, inv_tau,
                              BM, BN, BLOCK_D, PREC, UPCAST)
         p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(logits - lse[:, None]), 0.0)
-        b = tl.load(bank_ptr + cols[:, None] * stride_b + dd[None, :], mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
-        acc += tl.dot(p, b.to(tl.float32), input_precision="ieee")
+        blk = bank_ptr + tl.cast(n0, tl.int64) * stride_b  # 64-bit block offset (N x D > 2^31)
+        b = tl.load(blk + jj[:, None] * stride_b + dd[None, :], mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
+        if HALF_DOT:
+            acc += tl.dot(p.to(b.dtype), b)
+        else:
+            acc += tl.dot(p, b.to(tl.float32), input_precision=PREC)
     at = (tl.program_id(1) * B + rows[:, None]).to(tl.int64) * D + dd[None, :]
     tl.store(part_ptr + at, acc, mask=rmask[:, None] & (dd[None, :] < D))
 
 
 @triton.jit
 def _bank_grad_topk(bank_ptr, idx_ptr, w_ptr, grad_ptr, K, D, stride_b,
-                    BK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_i = sum_j w_ij bank[idx_ij] over the row's K entries (one program per row)."""
+                    BK: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """grad_i = sum_j w_ij bank[idx_ij] over the row's K entries (one program per row and block
+    of BLOCK_DO output dimensions)."""
     row = tl.program_id(0).to(tl.int64)
-    dd = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
+    dd = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros((BLOCK_DO,), tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        idx = tl.load(idx_ptr + row * K + kk, mask=km, other=0)
+        idx = tl.load(idx_ptr + row * K + kk, mask=km, other=0)  # int64 entries: 64-bit offsets
         w = tl.load(w_ptr + row * K + kk, mask=km, other=0.0)
         b = tl.load(bank_ptr + idx[:, None] * stride_b + dd[None, :], mask=km[:, None] & (dd[None, :] < D), other=0.0)
         acc += tl.sum(w[:, None] * b.to(tl.float32), 0)
@@ -204,11 +214,17 @@ def _bank_grad_topk(bank_ptr, idx_ptr, w_ptr, grad_ptr, K, D, stride_b,
 # ----------------------------------------------------------------------------- launchers
 
 
-def _blocks(D: int):
-    bd = max(16, triton.next_power_of_2(D))
-    if bd <= 128:
-        return 64, 64, bd
-    return (32, 32, bd) if bd <= 512 else (16, 32, 512)
+def configs(dtype: torch.dtype, tf32: bool = False, interp: Optional[bool] = None):
+    """Constexprs and launch options of every bank kernel for a bank of ``dtype`` (one set per
+    dtype, any B, N and D: D in chunks of 32, gradient dimensions in blocks of 64), read by the
+    launchers and by kernels/compiled.py; 64 x 64 logit tiles on 8 warps, no spills on sm_90
+    (exact fp32 on sm_80's FMA units spills a little: bf16, fp16 and TF32 do not)."""
+    up = upcast(dtype, interp)
+    fma = dtype == torch.float32 and not tf32  # exact fp32 products on the FMA units hold more registers
+    tile = dict(BM=64, BN=64, BLOCK_D=32, PREC=dot_precision(dtype, tf32), UPCAST=up, num_warps=8)
+    return {"scan": tile,
+            "grad_full": dict(tile, BLOCK_DO=32 if fma else 64, HALF_DOT=half(dtype) and not up),
+            "grad_topk": dict(BK=32, BLOCK_DO=64, num_warps=4)}
 
 
 def _thresholds(f, bank, tau, k, sample_stride: Optional[int]):
@@ -222,7 +238,7 @@ def _thresholds(f, bank, tau, k, sample_stride: Optional[int]):
     return thr - 1e-4 * thr.abs().clamp(min=1.0)  # the kernel's dot may round the other way
 
 
-def _topk_rows(f, bank, tau, k, sample_stride):
+def _topk_rows(f, bank, tau, k, sample_stride, tf32):
     """Exact (values, indices) of each row's top-K logits, in one streaming pass."""
     B, D = f.shape
     N = bank.shape[0]
@@ -231,11 +247,10 @@ def _topk_rows(f, bank, tau, k, sample_stride):
     cnt = torch.zeros(B, device=f.device, dtype=torch.int32)
     cval = torch.full((B, cap), float("-inf"), device=f.device, dtype=torch.float32)
     cidx = torch.zeros((B, cap), device=f.device, dtype=torch.int32)
-    bm, bn, bd = _blocks(D)
+    cfg = configs(f.dtype, tf32)["scan"]
     with launch_device(f):
-        _bank_scan[(triton.cdiv(N, bn),)](f, bank, thr, cnt, cval, cidx, cval, cval, B, N, D, f.stride(0),
-                                          bank.stride(0), 1.0 / tau, cap, COLLECT=True, BM=bm, BN=bn,
-                                          BLOCK_D=min(bd, 128), PREC=dot_precision(f.dtype), UPCAST=upcast(f.dtype))
+        _bank_scan[(triton.cdiv(N, cfg["BN"]),)](f, bank, thr, cnt, cval, cidx, cval, cval, B, N, D, f.stride(0),
+                                                 bank.stride(0), 1.0 / tau, cap, COLLECT=True, **cfg)
     vals, at = cval.topk(k, dim=1)
     idx = cidx.gather(1, at).long()
     bad = ((cnt < k) | (cnt > cap)).nonzero()[:, 0]
@@ -245,36 +260,35 @@ def _topk_rows(f, bank, tau, k, sample_stride):
     return vals, idx
 
 
-def _full_lse(f, bank, tau):
+def _full_lse(f, bank, tau, tf32):
     B, D = f.shape
     N = bank.shape[0]
-    bm, bn, bd = _blocks(D)
-    tiles = triton.cdiv(N, bn)
+    cfg = configs(f.dtype, tf32)["scan"]
+    tiles = triton.cdiv(N, cfg["BN"])
     pm = torch.empty(tiles, B, device=f.device, dtype=torch.float32)
     ps = torch.empty_like(pm)
     with launch_device(f):
         _bank_scan[(tiles,)](f, bank, pm, pm, pm, pm, pm, ps, B, N, D, f.stride(0), bank.stride(0), 1.0 / tau, 0,
-                             COLLECT=False, BM=bm, BN=bn, BLOCK_D=min(bd, 128), PREC=dot_precision(f.dtype),
-                             UPCAST=upcast(f.dtype))
+                             COLLECT=False, **cfg)
     m = pm.max(0).values
     return m + (ps * torch.exp(pm - m)).sum(0).log()
 
 
 class BankLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f, bank, tau, k, sample_stride):
-        ctx.tau, ctx.in_dtype = tau, f.dtype
+    def forward(ctx, f, bank, tau, k, sample_stride, tf32):
+        ctx.tau, ctx.in_dtype, ctx.tf32 = tau, f.dtype, tf32
         f = f.to(bank.dtype).contiguous()
         bank = bank.detach().contiguous()
         N = bank.shape[0]
         if 0 < k < N:
-            vals, idx = _topk_rows(f, bank, tau, k, sample_stride)
+            vals, idx = _topk_rows(f, bank, tau, k, sample_stride, tf32)
             lse = vals.logsumexp(1)
             ctx.save_for_backward(bank, idx, vals, lse)
             ctx.full = False
             ctx.mark_non_differentiable(idx)
             return lse, idx
-        lse = _full_lse(f, bank, tau)
+        lse = _full_lse(f, bank, tau, tf32)
         ctx.save_for_backward(f, bank, lse)
         ctx.full = True
         return lse, torch.empty(0, dtype=torch.long, device=f.device)
@@ -285,30 +299,33 @@ class BankLSE(torch.autograd.Function):
         if ctx.full:
             f, bank, lse = ctx.saved_tensors
             N, D = bank.shape
-            bm, bn, bd = _blocks(D)
-            split = max(1, min(64, triton.cdiv(N, bn)))
+            cfg = configs(f.dtype, ctx.tf32)["grad_full"]
+            blocks = triton.cdiv(B, cfg["BM"]) * triton.cdiv(D, cfg["BLOCK_DO"])
+            split = grid_split(blocks, TARGET_PROGRAMS, min(64, triton.cdiv(N, cfg["BN"])))
             part = torch.empty(split, B, D, device=f.device, dtype=torch.float32)
             with launch_device(f):
-                _bank_grad_full[(triton.cdiv(B, bm), split, triton.cdiv(D, bd))](
-                    f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.tau, SPLIT=split,
-                    BM=bm, BN=bn, BLOCK_D=bd, PREC=dot_precision(f.dtype), UPCAST=upcast(f.dtype))
+                _bank_grad_full[(triton.cdiv(B, cfg["BM"]), split, triton.cdiv(D, cfg["BLOCK_DO"]))](
+                    f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.tau, split, **cfg)
             grad = part.sum(0)
         else:
             bank, idx, vals, lse = ctx.saved_tensors
             D = bank.shape[1]
             w = torch.exp(vals - lse[:, None]).contiguous()
             grad = torch.empty(B, D, device=bank.device, dtype=torch.float32)
+            cfg = configs(bank.dtype)["grad_topk"]
             with launch_device(bank):
-                _bank_grad_topk[(B,)](bank, idx.contiguous(), w, grad, idx.shape[1], D, bank.stride(0),
-                                      BK=32, BLOCK_D=max(16, triton.next_power_of_2(D)))
+                _bank_grad_topk[(B, triton.cdiv(D, cfg["BLOCK_DO"]))](bank, idx.contiguous(), w, grad, idx.shape[1], D,
+                                                                      bank.stride(0), **cfg)
         grad = grad * (g_lse.float()[:, None] / ctx.tau)
-        return grad.to(ctx.in_dtype), None, None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
-def bank_lse(f: torch.Tensor, bank: torch.Tensor, tau: float, k: int,
-             sample_stride: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+@no_autocast
+def bank_lse(f: torch.Tensor, bank: torch.Tensor, tau: float, k: int, sample_stride: Optional[int] = None,
+             tf32: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per row: log-sum-exp of its top-``k`` logits f @ bank.T / tau (k = 0 or >= N: all of
     them) and the top-k entries' indices (None for the whole bank).  Differentiable in f.
-    ``sample_stride`` overrides the threshold sample's stride (tests)."""
-    lse, idx = BankLSE.apply(f, bank, tau, int(k), sample_stride)
+    ``sample_stride`` overrides the threshold sample's stride (tests); ``tf32``: fp32 banks on the
+    TF32 tensor cores."""
+    lse, idx = BankLSE.apply(f, bank, tau, int(k), sample_stride, tf32)
     return lse, (idx if idx.numel() else None)

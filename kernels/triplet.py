@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, launch_device, upcast
+from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, launch_device, no_autocast, upcast
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -37,6 +37,7 @@ def _candidates(positive: torch.Tensor, negative: Optional[torch.Tensor]) -> tor
     return positive if negative is None else torch.cat([positive, negative])
 
 
+@no_autocast
 def hardest_negatives_eager(anchor, positive, negative=None, distance="euclidean") -> Tuple[torch.Tensor, torch.Tensor]:
     """(distance, index into cat([positive, negative])) of each anchor's hardest negative."""
     a, c = anchor.float(), _candidates(positive, negative).float()
@@ -66,6 +67,7 @@ def _check(anchor, positive, negative, distance, hardest):
         raise ValueError(f"triplet loss: negatives have dimension {negative.shape[1]}, anchors {anchor.shape[1]}")
 
 
+@no_autocast
 def triplet_loss_eager(anchor, positive, negative=None, margin: float = 0.5, distance: str = "euclidean",
                        hardest: bool = False) -> torch.Tensor:
     _check(anchor, positive, negative, distance, hardest)
@@ -76,28 +78,22 @@ def triplet_loss_eager(anchor, positive, negative=None, margin: float = 0.5, dis
 
 
 @triton.jit
-def _hardest_kernel(a_ptr, c_ptr, a_sq_ptr, c_sq_ptr, out_d_ptr, out_i_ptr, B, M, D, stride_a, stride_c,
+def _hardest_kernel(a_ptr, c_ptr, a_sq_ptr, c_sq_ptr, out_d_ptr, out_i_ptr, B, M, D, stride_a, stride_c, SPLIT,
                     COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Per anchor row: min and argmin over candidate rows j (j != row for j < B) of the distance.
+    """Per anchor row: min and argmin over candidate rows j (j != row for j < B) of the distance,
+    over every SPLIT-th candidate block from program_id(1) (partials, combined on the host).
     COSINE: inputs are unit vectors and d = 1 - a.c; else d = sqrt(|a|^2 + |c|^2 - 2 a.c)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r0 = tl.program_id(0) * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
     rmask = rows < B
     a_sq = tl.load(a_sq_ptr + rows, mask=rmask, other=0.0)
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
     best_i = tl.zeros((BLOCK_M,), tl.int32)
-    for n0 in range(0, M, BLOCK_N):
+    for n0 in range(tl.program_id(1) * BLOCK_N, M, SPLIT * BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(0, D, BLOCK_D):
-            offs = k + tl.arange(0, BLOCK_D)
-            a = tl.load(a_ptr + rows[:, None] * stride_a + offs[None, :], mask=rmask[:, None] & (offs[None, :] < D), other=0.0)
-            c = tl.load(c_ptr + cols[:, None] * stride_c + offs[None, :], mask=cmask[:, None] & (offs[None, :] < D), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                c = c.to(tl.float32)
-            acc += tl.dot(a, tl.trans(c), input_precision=PREC)
+        acc = dot_tile(a_ptr, c_ptr, r0, n0, B, M, D, stride_a, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, PREC, UPCAST)
         if COSINE:
             d = 1.0 - acc
         else:
@@ -106,14 +102,25 @@ def _hardest_kernel(a_ptr, c_ptr, a_sq_ptr, c_sq_ptr, out_d_ptr, out_i_ptr, B, M
         d = tl.where(cmask[None, :] & (rows[:, None] != cols[None, :]), d, float("inf"))
         tile_min = tl.min(d, 1)
         tile_arg = tl.argmin(d, 1).to(tl.int32) + n0
-        better = tile_min < best
+        better = tile_min < best  # (ties keep the earlier block: the smallest index, as the eager twin)
         best_i = tl.where(better, tile_arg, best_i)
         best = tl.where(better, tile_min, best)
-    tl.store(out_d_ptr + rows, best, mask=rmask)
-    tl.store(out_i_ptr + rows, best_i, mask=rmask)
+    at = tl.program_id(1) * B + rows
+    tl.store(out_d_ptr + at, best, mask=rmask)
+    tl.store(out_i_ptr + at, best_i, mask=rmask)
 
 
-def hardest_negatives_fused(anchor, positive, negative=None, distance="euclidean") -> Tuple[torch.Tensor, torch.Tensor]:
+def configs(dtype: torch.dtype, tf32: bool = False, interp: Optional[bool] = None):
+    """The mining kernel's constexprs and launch options for inputs of ``dtype`` (one per dtype,
+    any B and D: D in chunks of 32), read by the launcher and by kernels/compiled.py.  64 x 64
+    tiles on 8 warps: no spills when compiled for sm_90."""
+    return {"hardest": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PREC=dot_precision(dtype, tf32),
+                            UPCAST=upcast(dtype, interp), num_warps=8)}
+
+
+@no_autocast
+def hardest_negatives_fused(anchor, positive, negative=None, distance="euclidean",
+                            tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Same result as ``hardest_negatives_eager`` without the B x M matrix."""
     c = _candidates(positive, negative)
     a = anchor
@@ -123,18 +130,22 @@ def hardest_negatives_fused(anchor, positive, negative=None, distance="euclidean
     B, D = a.shape
     M = c.shape[0]
     a_sq, c_sq = a.float().pow(2).sum(1), c.float().pow(2).sum(1)
-    out_d = torch.empty(B, device=a.device, dtype=torch.float32)
-    out_i = torch.empty(B, device=a.device, dtype=torch.int32)
-    bd = min(64, max(16, triton.next_power_of_2(D)))
+    cfg = configs(a.dtype, tf32)["hardest"]
+    split = grid_split(triton.cdiv(B, cfg["BLOCK_M"]), TARGET_PROGRAMS, triton.cdiv(M, cfg["BLOCK_N"]))
+    out_d = torch.empty(split, B, device=a.device, dtype=torch.float32)
+    out_i = torch.empty(split, B, device=a.device, dtype=torch.int32)
     with launch_device(a):
-        _hardest_kernel[(triton.cdiv(B, 32),)](a, c, a_sq, c_sq, out_d, out_i, B, M, D, a.stride(0), c.stride(0),
-                                               COSINE=distance == "cosine", BLOCK_M=32, BLOCK_N=64, BLOCK_D=bd,
-                                               PREC=dot_precision(a.dtype), UPCAST=upcast(a.dtype))
-    return out_d, out_i.long()
+        _hardest_kernel[(triton.cdiv(B, cfg["BLOCK_M"]), split)](a, c, a_sq, c_sq, out_d, out_i, B, M, D, a.stride(0),
+                                                                 c.stride(0), split, COSINE=distance == "cosine", **cfg)
+    best = out_d.min(0).values
+    # among the splits at the minimum, the smallest index (split s holds blocks s, s + SPLIT, ...)
+    idx = torch.where(out_d == best, out_i, torch.iinfo(torch.int32).max).min(0).values
+    return best, idx.long()
 
 
+@no_autocast
 def triplet_loss_fused(anchor, positive, negative=None, margin: float = 0.5, distance: str = "euclidean",
-                       hardest: bool = False) -> torch.Tensor:
+                       hardest: bool = False, tf32: bool = False) -> torch.Tensor:
     """Same signature and value as ``triplet_loss_eager``; mining fused, gradients by autograd on
     the gathered rows."""
     _check(anchor, positive, negative, distance, hardest)
@@ -142,5 +153,5 @@ def triplet_loss_fused(anchor, positive, negative=None, margin: float = 0.5, dis
         return _loss_from(anchor, positive, negative, margin, distance)
     with torch.no_grad():
         _, idx = hardest_negatives_fused(anchor.detach(), positive.detach(),
-                                         None if negative is None else negative.detach(), distance)
+                                         None if negative is None else negative.detach(), distance, tf32)
     return _loss_from(anchor, positive, _candidates(positive, negative)[idx], margin, distance)

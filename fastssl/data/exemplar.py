@@ -285,11 +285,11 @@ def build_surrogate_pipeline(source, device: str, batch_size: int, num_threads: 
     def surrogate():
         images, index, affine, cmat, coff, hsv = fn.external_source(source=source, num_outputs=6, batch=True, cycle="raise")
         images = dali_decode(images, device, base_size) if encoded else (images.gpu() if device == "gpu" else images)
-        if device == "gpu":
-            affine, cmat, coff, hsv = affine.gpu(), cmat.gpu(), coff.gpu(), hsv.gpu()
-        x = fn.warp_affine(images, matrix=affine, size=(patch, patch), inverse_map=True,
+        if device == "gpu":  # the matrix is an input and hsv feeds arithmetic: both may live on the GPU
+            affine, hsv = affine.gpu(), hsv.gpu()
+        x = fn.warp_affine(images, affine, size=(patch, patch), inverse_map=True,
                            interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)  # no fill_value: border repeats
-        x = fn.coord_transform(x, M=cmat, T=coff)
+        x = fn.coord_transform(x, M=cmat, T=coff)  # named argument inputs: DALI wants them on the CPU
         import nvidia.dali.math as dm
 
         x = dm.clamp(x / 255.0, 0.0, 1.0)
@@ -402,6 +402,11 @@ def build_surrogate_loader(cfg, source, sset, aug, pca, rank=0, world=1, device_
     if kind == "torch":
         return TorchSurrogateLoader(**common, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
                                     pin_memory=torch.cuda.is_available())
+    if kind == "dali-gpu":  # a graph the GPU backend refuses fails here, in one line, not at the first batch
+        from fastssl.data.dali_check import check_gpu_graph, surrogate_pipeline
+
+        check_gpu_graph(lambda: surrogate_pipeline(m.patch_size, source.pretrain.encoded, source.image_size,
+                                                   cfg.data.batch_size), "the exemplar surrogate graph")
     return DaliSurrogateLoader(**common, device="gpu" if kind == "dali-gpu" else "cpu",
                                num_threads=max(1, cfg.data.num_workers), prefetch=cfg.data.prefetch, device_id=device_id)
 

@@ -425,5 +425,10 @@ def build_loader(cfg, source, split: Split, method, rank: int = 0, world: int = 
     if kind == "torch":
         return TorchLoader(**common, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
                            pin_memory=torch.cuda.is_available())
+    if kind == "dali-gpu":  # a graph the GPU backend refuses fails here, in one line, not at the first batch
+        from fastssl.data.dali_check import check_gpu_graph, crop_pipeline
+
+        check_gpu_graph(lambda: crop_pipeline(method, source, split, cfg.data.batch_size),
+                        f"the {method.name} crop graph")
     return DaliLoader(**common, device="gpu" if kind == "dali-gpu" else "cpu",
                       num_threads=max(1, cfg.data.num_workers), prefetch=cfg.data.prefetch, device_id=device_id)

@@ -20,6 +20,12 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device_id(self):
+        """The CUDA device index this process uses (None on CPU), for DALI and FAISS: torch's
+        ``local_rank % device_count``, not ``local_rank`` (SLURM often shows each rank one GPU)."""
+        return self.device.index if self.device.type == "cuda" else None
+
 
 def setup() -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
@@ -36,6 +42,26 @@ def setup() -> DistInfo:
         kw = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kw)
     return DistInfo(rank, world, local, device)
+
+
+def deterministic() -> None:
+    """Deterministic kernels (``train.deterministic``): cuBLAS needs a fixed workspace, set
+    before its first matmul, or ``torch.use_deterministic_algorithms`` makes that matmul raise."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def wrap_ddp(model: torch.nn.Module, find_unused_parameters: bool = False, keep_local=()):
+    """DDP over ``model``.  ``keep_local``: names of buffers the method keeps identical on every
+    rank itself (InvP's memory bank and kNN graph, updated with every rank's all-gathered
+    batch), which DDP must not re-broadcast from rank 0 at every forward (~700 MB a step for a
+    1.28M x 128 bank); the other buffers (BatchNorm statistics) are broadcast as usual."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if keep_local:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, list(keep_local))
+    return DDP(model, find_unused_parameters=find_unused_parameters)
 
 
 def cleanup() -> None:

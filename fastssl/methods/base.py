@@ -32,6 +32,7 @@ class Method(nn.Module):
     color_jitter: bool = False  # True when the plan's colour changes must be applied
     num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
     view_transform = None  # replaces the pipeline's normalisation (e.g. data.color.ColorSplit)
+    ddp_keep_local: Tuple[str, ...] = ()  # buffers the method keeps equal on all ranks itself (no DDP broadcast)
 
     def __init__(self, cfg, backbone: Backbone, image_size: int, num_images: int = 0):
         super().__init__()
@@ -67,10 +68,13 @@ class Method(nn.Module):
         """After an epoch, on every rank: method state upkeep and monitors, returned for the log."""
         return {}
 
-    def loss_impl(self, t: torch.Tensor) -> str:
-        """``loss.impl`` resolved for tensor ``t``: auto = fused on CUDA, eager elsewhere."""
-        impl = self.cfg.loss.impl
-        return ("fused" if t.is_cuda else "eager") if impl == "auto" else impl
+    def loss_impl(self, t: torch.Tensor, kernel: str) -> str:
+        """``loss.impl`` resolved for the fused ``kernel`` (a name in fastssl.kernels.selfcheck)
+        on tensors like ``t``: auto = fused on CUDA when the kernel passed its one-time check
+        against the eager twin in this process, eager otherwise (said once)."""
+        from fastssl.kernels.selfcheck import resolve
+
+        return resolve(self.cfg.loss.impl, kernel, t)
 
     @classmethod
     def eval_input(cls, cfg, source):

@@ -114,6 +114,7 @@ class InvariancePropagation(Method):
     name = "invp"
     Config = InvPConfig
     num_views = 1
+    ddp_keep_local = ("bank", "graph")  # updated with every rank's all-gathered batch (after_step)
     resize_views = True
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
@@ -197,8 +198,11 @@ class InvariancePropagation(Method):
         f = self.embed(views[0])
         steps = 1 if m.positives == "knn" else m.graph_steps
         pos = propagate(self.graph, index, steps) if (self.graph >= 0).all() else torch.full_like(index[:, None], -1)
-        loss = bank_loss_fused if self.loss_impl(f) == "fused" else bank_loss_eager
-        l_ins, l_inv = loss(f, self.bank, index, pos, m.temperature, m.background, m.hard_positives)
+        args = (f, self.bank, index, pos, m.temperature, m.background, m.hard_positives)
+        if self.loss_impl(self.bank, "bank_loss") == "fused":  # (the kernel reads f in the bank's dtype)
+            l_ins, l_inv = bank_loss_fused(*args, tf32=self.cfg.loss.tf32)
+        else:
+            l_ins, l_inv = bank_loss_eager(*args)
         w = 1.0 if self.epoch >= m.rampup_epoch else 0.0
         has_pos = ~torch.isnan(l_inv)
         l_inv_mean = l_inv[has_pos].mean() if has_pos.any() else l_ins.new_zeros(())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
+from fastssl.kernels._common import loss_input
 from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -135,12 +136,15 @@ class LayerwiseContrastive(Method):
         with torch.no_grad():
             for mod in stages[: self.stage]:
                 x = mod(x)
-        return stages[self.stage](x).amax(dim=(2, 3)).float()
+        return loss_input(stages[self.stage](x).amax(dim=(2, 3)))  # (the autocast dtype: see kernels/_common.py)
 
     def forward(self, views, index):
         a, p, n = self.embed(torch.cat(views, 0)).chunk(3)
         n = n.roll(1, dims=0)  # image i's third patch is the negative of image i+1
         m = self.cfg.method
-        fn = triplet_loss_fused if self.loss_impl(a) == "fused" else triplet_loss_eager
-        loss = fn(a, p, n, margin=m.margin, distance=m.distance, hardest=m.hardest)
+        kw = dict(margin=m.margin, distance=m.distance, hardest=m.hardest)
+        if self.loss_impl(a, "triplet") == "fused":
+            loss = triplet_loss_fused(a, p, n, tf32=self.cfg.loss.tf32, **kw)
+        else:
+            loss = triplet_loss_eager(a, p, n, **kw)
         return {"loss": loss}

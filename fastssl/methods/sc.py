@@ -17,15 +17,17 @@ from typing import List, Optional
 import torch
 
 from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color, square_crops
+from fastssl.kernels._common import loss_input
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 
 
-def spatial_contrasting_loss(f1: torch.Tensor, f2: torch.Tensor, impl: str = "eager") -> torch.Tensor:
+def spatial_contrasting_loss(f1: torch.Tensor, f2: torch.Tensor, impl: str = "eager", tf32: bool = False) -> torch.Tensor:
     """Eq. (2) of the paper: f1, f2 are (N, D) features of the two patches of N images.
-    ``impl``: eager PyTorch, or the fused Triton kernel (same value; kernels/sc_loss.py)."""
-    return (sc_loss_fused if impl == "fused" else sc_loss_eager)(f1, f2)
+    ``impl``: eager PyTorch, or the fused Triton kernel (same value; kernels/sc_loss.py;
+    ``tf32``: fp32 inputs on its TF32 tensor cores)."""
+    return sc_loss_fused(f1, f2, tf32) if impl == "fused" else sc_loss_eager(f1, f2)
 
 
 @dataclass
@@ -92,8 +94,9 @@ class SpatialContrasting(Method):
         feats = self.backbone(x, self.layers)
         out, total = {}, 0.0
         for name, w in zip(self.layers, self.weights):
-            f1, f2 = feats[name].float().mean(dim=(2, 3)).chunk(2)
-            loss = spatial_contrasting_loss(f1, f2, self.loss_impl(f1))
+            # pooled in fp32, then in the autocast dtype (bf16 on GPUs: the fused kernel's tensor cores)
+            f1, f2 = loss_input(feats[name].float().mean(dim=(2, 3))).chunk(2)
+            loss = spatial_contrasting_loss(f1, f2, self.loss_impl(f1, "sc_loss"), self.cfg.loss.tf32)
             out[f"loss_{name}"] = loss.detach()
             total = total + w * loss
         out["loss"] = total

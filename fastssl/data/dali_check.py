@@ -1,0 +1,72 @@
+"""Check a DALI graph for the GPU backend on any machine, before training starts.
+
+DALI builds the *Python graph* of a ``device='gpu'`` pipeline without CUDA: defining it (the
+``pipeline_def`` call) and ``pipe._build_graph()`` place every operator and refuse misplaced
+arguments (e.g. a GPU tensor as a named argument), while ``pipe.build()`` (which needs a GPU)
+comes later.  ``check_gpu_graph`` turns such a refusal into one line naming the operator, so
+``data.pipeline=dali-gpu`` fails at once, not at the first batch; ``graph_ops`` lists where each
+operator runs (the tests check that the heavy ones are on the GPU).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, List, Tuple
+
+_PREFIX = "nvidia.dali."
+_ADVICE = "use data.pipeline=dali-cpu or data.pipeline=torch"
+
+
+class PipelineBuildError(ValueError):
+    """A DALI graph the chosen backend cannot build; the message is one line."""
+
+
+def op_name(op) -> str:
+    """The API name of an operator instance of a built graph, e.g. 'fn.warp_affine', 'math.clamp'."""
+    return op._op._operator_name().replace(_PREFIX, "", 1)
+
+
+def graph_ops(pipe) -> List[Tuple[str, str]]:
+    """Build the Python graph of ``pipe`` (no CUDA needed) and return (op name, device) pairs,
+    device 'cpu', 'gpu' or 'mixed'."""
+    pipe._build_graph()
+    return [(op_name(o), o._op.device) for o in pipe._ops]
+
+
+def describe(e: Exception) -> str:
+    """DALI's refusal as 'fn.op: reason' on one line."""
+    msg = (str(e).strip() or type(e).__name__).splitlines()[0]
+    named = re.search(r"argument '(\w+)' of operator '(?:nvidia\.dali\.)?([\w.]+)'\. (Named arguments must be on \w+)",
+                      msg)
+    if named:
+        return f"{named[2]}: {named[3]} ({named[1]})"
+    msg = re.sub(r'^Assert on ".*?" failed: ', "", msg)  # the C++ condition says nothing to a user
+    op = re.search(r"nvidia\.dali\.((?:fn|math|ops)\.[\w.]+)", msg)
+    return f"{op[1]}: {msg.replace(_PREFIX, '')}" if op else msg
+
+
+def check_gpu_graph(build: Callable[[], object], what: str) -> None:
+    """Define (``build()``, returning the pipeline) and build the Python graph of a dali-gpu
+    pipeline; raise PipelineBuildError (one line: the operator, the reason, the way out) when
+    DALI refuses it."""
+    try:
+        graph_ops(build())
+    except (ValueError, TypeError, RuntimeError) as e:  # what DALI raises for a graph it refuses
+        raise PipelineBuildError(f"data.pipeline=dali-gpu: {what} cannot be built: {describe(e)}; {_ADVICE}") from e
+
+
+def crop_pipeline(method, source, split, batch_size: int):
+    """``method``'s dali-gpu crop pipeline on ``split`` as build_loader configures it, fed by an
+    empty source (for its graph only: it is never run, so device 0 need not exist)."""
+    from fastssl.data.pipeline import build_dali_pipeline
+
+    return build_dali_pipeline([], method.num_views, "gpu", batch_size, 1, 0, source.image_size, method.view_size,
+                               method.resize_views, split.encoded, source.mean, source.std, method.color_jitter,
+                               transform=method.view_transform)
+
+
+def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: int):
+    """The dali-gpu Exemplar-CNN surrogate pipeline as build_surrogate_loader configures it, fed
+    by an empty source (for its graph only: it is never run, so device 0 need not exist)."""
+    from fastssl.data.exemplar import build_surrogate_pipeline
+
+    return build_surrogate_pipeline([], "gpu", batch_size, 1, 0, patch, encoded, image_size)
