@@ -130,6 +130,7 @@ class InvariancePropagation(Method):
         self.register_buffer("bank", F.normalize(torch.randn(n, m.feat_dim, generator=g), dim=1))
         self.register_buffer("graph", torch.full((n, m.graph_k), -1, dtype=torch.long))
         self.epoch = 0
+        self.graph_ready = False  # set by begin_epoch
         self.color_jitter = color_active(m.color) or m.grayscale > 0  # grey views are colour changes too
         self._pending = None
 
@@ -189,6 +190,8 @@ class InvariancePropagation(Method):
         self.epoch = epoch
         if fresh:
             self.graph.copy_(knn_graph(self.bank, self.cfg.method.graph_k, self.cfg.method.graph_index))
+        # read once per epoch (the graph changes only here or on load), not on the host every step
+        self.graph_ready = bool((self.graph >= 0).all())
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone.features(x)).float(), dim=1)
@@ -197,15 +200,15 @@ class InvariancePropagation(Method):
         m = self.cfg.method
         f = self.embed(views[0])
         steps = 1 if m.positives == "knn" else m.graph_steps
-        pos = propagate(self.graph, index, steps) if (self.graph >= 0).all() else torch.full_like(index[:, None], -1)
+        pos = propagate(self.graph, index, steps) if self.graph_ready else torch.full_like(index[:, None], -1)
         args = (f, self.bank, index, pos, m.temperature, m.background, m.hard_positives)
         if self.loss_impl(self.bank, "bank_loss") == "fused":  # (the kernel reads f in the bank's dtype)
             l_ins, l_inv = bank_loss_fused(*args, tf32=self.cfg.loss.tf32)
         else:
             l_ins, l_inv = bank_loss_eager(*args)
         w = 1.0 if self.epoch >= m.rampup_epoch else 0.0
-        has_pos = ~torch.isnan(l_inv)
-        l_inv_mean = l_inv[has_pos].mean() if has_pos.any() else l_ins.new_zeros(())
+        has_pos = ~torch.isnan(l_inv)  # mean over the rows with positives (0 when none), without a host sync
+        l_inv_mean = torch.where(has_pos, l_inv, 0.0).sum() / has_pos.sum().clamp(min=1)
         self._pending = (f.detach(), index)
         return {"loss": l_ins.mean() + m.lam * w * l_inv_mean, "loss_ins": l_ins.mean().detach(),
                 "loss_inv": l_inv_mean.detach()}
