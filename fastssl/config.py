@@ -85,6 +85,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     deterministic: bool = False
+    monitor_every: int = 1  # epochs between kNN-monitor probes (0 = off; off without labels)
+    monitor_bank: int = 1024  # labeled training images in the monitor's bank (a fixed subset)
+    monitor_test: int = 1024  # test images it classifies (the first ones)
 
 
 @dataclass
@@ -235,6 +238,9 @@ def validate(cfg: DictConfig) -> None:
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
+    _check(t.monitor_every >= 0, "train.monitor_every", f"must be >= 0 (0 = off), got {t.monitor_every}")
+    _check(t.monitor_bank >= 1, "train.monitor_bank", f"must be >= 1, got {t.monitor_bank}")
+    _check(t.monitor_test >= 1, "train.monitor_test", f"must be >= 1, got {t.monitor_test}")
     _check(e.linear_epochs >= 1, "eval.linear_epochs", f"must be >= 1, got {e.linear_epochs}")
     _check(e.linear_seeds >= 1, "eval.linear_seeds", f"must be >= 1, got {e.linear_seeds}")
     _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")

@@ -29,6 +29,7 @@ from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
 from fastssl.engine import dist
 from fastssl.engine.metrics import MetricsLogger, StepTimer
+from fastssl.engine.monitors import KNNMonitor
 from fastssl.engine.optim import (autocast, build_optimizer, build_scheduler, grad_scaler,
                                   resolve_precision)
 from fastssl.engine.signals import FaultInjection, StopRequest
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = resolve_precision(cfg, d.device)
+    knn = KNNMonitor.build(cfg, source, type(model), d.device) if d.is_main else None  # (rank 0 probes)
     global_batch = cfg.data.batch_size * d.world
 
     # ---- resume: the position (stage, epoch, step) and, below, the stage's optimiser state
@@ -250,6 +252,8 @@ def main(argv=None) -> int:
                 t_wait = time.perf_counter()
             if step_in_epoch >= steps_per_epoch:
                 monitor = model.end_epoch(epoch, source)
+                if knn is not None and knn.due(epoch):
+                    monitor.update(knn(model))
                 if monitor:
                     log.log_epoch({"step": step, "epoch": epoch + 1, **monitor})
                 if not save("end of epoch"):

@@ -76,6 +76,11 @@ class Method(nn.Module):
 
         return resolve(self.cfg.loss.impl, kernel, t)
 
+    def monitor_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features the online kNN monitor probes (engine/monitors.py): the backbone's pooled
+        ``eval.layer`` (default: last stage) of whole images prepared by ``eval_input``."""
+        return self.backbone.features(x, self.cfg.eval.layer)
+
     @classmethod
     def eval_input(cls, cfg, source):
         """The network input of whole images for evaluation: (B, 3, H, W) uint8 -> float."""

@@ -129,6 +129,10 @@ class LayerwiseContrastive(Method):
         boxes[:, 2, :2] = rng.integers(0, s - p + 1, size=(n, 2))  # the next image's negative
         return boxes, np.zeros((n, 3), np.uint8), draw_color(rng, n, 3, self.cfg.method.color)
 
+    def monitor_features(self, x):
+        """The stage being trained (later stages are untrained, and too deep for small images)."""
+        return self.backbone.features(x, self.backbone.stage_names[self.stage])
+
     # ---- loss
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen stages (no graph), then the trained stage; spatially max-pooled to a vector."""
