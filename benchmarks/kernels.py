@@ -2,6 +2,9 @@
 where it is installed), each loss in isolation.
 
     python -m benchmarks.kernels            # GPU: the full sweep
+    python -m benchmarks.kernels --sizes headline   # GPU: SC / triplet at B=4,096 D=128; InvP bank
+                                            # B=256 K=4,096 D=128 over N = 65,536 .. 1,281,167
+    python -m benchmarks.kernels --losses sc --b 1024 4096 --d 128 --dtypes bfloat16
     python -m benchmarks.kernels --tiny     # any machine: a few small sizes (CPU: Triton interpreter)
 
 For every loss and size: forward+backward time (median, min, max), peak memory above the
@@ -10,6 +13,11 @@ the FLOP and memory-bandwidth ceilings, both measured in the same run (a large b
 product and a device-to-device copy).  Writes kernels.json, kernels.md and kernels.png under
 benchmarks/results/<device>/ (or --out).  On a CPU, timings are of the interpreter and only
 show that the script works: the report says so.
+
+An implementation that fails at a size (e.g. torch.compile without a working compiler) gives an
+error cell and a note under the table, not a crash, and is not tried again for that loss; fused
+and eager run for every size first, torch.compile'd eager (slow to compile) after them, and the
+JSON and markdown are rewritten after every row, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -153,57 +161,132 @@ def ceilings():
     return out
 
 
+def sizes_of(name, a):
+    """The sizes of loss ``name``: the preset's (tiny / sweep / headline), or built from --b/--d/--n/--bank-b/--k."""
+    preset = a.sizes or ("tiny" if a.tiny else "sweep")
+    tiny = preset == "tiny"
+    if name == "invp-bank":
+        base = ([dict(B=256, N=n, D=128, K=4096) for n in (65536, 262144, 1281167)] if preset == "headline"
+                else bank_sizes(tiny))
+        if not (a.n or a.d or a.bank_b or a.k):
+            return base
+        return [dict(B=a.bank_b or base[0]["B"], N=n, D=d, K=a.k or base[0]["K"])
+                for d in (a.d or [base[0]["D"]]) for n in (a.n or sorted({s["N"] for s in base}))]
+    base = [dict(B=4096, D=128)] if preset == "headline" else pair_sizes(tiny)
+    if not (a.b or a.d):
+        return base
+    return [dict(B=b, D=d) for b in (a.b or sorted({s["B"] for s in base})) for d in (a.d or sorted({s["D"] for s in base}))]
+
+
+def _why(e: BaseException) -> str:
+    msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {msg}"[:200]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a few small sizes (runs on CPU under the interpreter)")
+    p.add_argument("--sizes", choices=("tiny", "sweep", "headline"), default=None,
+                   help="size preset (default: sweep, or tiny with --tiny)")
+    p.add_argument("--b", type=int, nargs="+", help="batch sizes of the SC and triplet losses")
+    p.add_argument("--d", type=int, nargs="+", help="feature dimensions (all losses)")
+    p.add_argument("--n", type=int, nargs="+", help="bank sizes N of the InvP bank loss")
+    p.add_argument("--bank-b", type=int, default=None, help="batch size of the InvP bank loss (preset: 256)")
+    p.add_argument("--k", type=int, default=None, help="top-K of the InvP bank loss (preset: 4096)")
+    p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
+    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="default: bfloat16 float32 (float32 with --tiny)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile'd eager")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: no measurement starts after this (the rest: 'not run' cells)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if not CUDA and not a.tiny:
+    deadline = time.perf_counter() + a.time_budget if a.time_budget else None
+    tiny = a.tiny or a.sizes == "tiny"
+    if not CUDA and not tiny:
         print("benchmarks.kernels: no CUDA GPU here; the full sweep needs one (use --tiny to check the script)")
         return 0
-    dtypes = [torch.float32] if a.tiny else [torch.bfloat16, torch.float32]
+    dtypes = [getattr(torch, d) for d in a.dtypes] if a.dtypes else [torch.float32] if tiny else [torch.bfloat16, torch.float32]
     repeats = 2 if a.tiny else a.repeats
     use_compile = not (a.no_compile or a.tiny)
     ceil = ceilings()
-    rows = []
-    for name, spec in LOSSES.items():
-        impls = {"fused": spec["fused"], "eager": spec["eager"]}
-        if use_compile:
-            impls["compiled"] = torch.compile(spec["eager"])
-        if "keops" in spec and have_keops() and not a.tiny:
-            impls["keops"] = spec["keops"]
-        for dt in dtypes:
-            for size in spec["sizes"](a.tiny):
-                inputs = spec["make"](size, dt)
-                row = {"loss": name, **size, "dtype": str(dt).split(".")[-1]}
-                for impl, fn in impls.items():
+    # fused and eager (and pykeops) for every size first, then torch.compile (slow to compile)
+    phases = [["fused", "eager"] + (["keops"] if have_keops() and not tiny else [])] + ([["compiled"]] if use_compile else [])
+    rows, by_key, broken, compiled = [], {}, {}, {}
+    out = None
+    for phase in phases:
+        for name in a.losses:
+            spec = LOSSES[name]
+            for dt in dtypes:
+                for size in sizes_of(name, a):
+                    key = (name, str(dt), tuple(sorted(size.items())))
+                    if key not in by_key:
+                        by_key[key] = {"loss": name, **size, "dtype": str(dt).split(".")[-1]}
+                        rows.append(by_key[key])
+                    row = by_key[key]
+                    if deadline is not None and time.perf_counter() > deadline:
+                        for impl in phase:
+                            row[impl] = {"error": "not run: --time-budget spent"}
+                        continue
+                    torch.manual_seed(0)
                     try:
-                        row[impl] = time_it(fwd_bwd(fn, inputs, spec["grads"]), repeats)
-                        row[impl]["peak_mem_bytes"] = peak_mem(fn, inputs, spec["grads"])
+                        inputs = spec["make"](size, dt)
                     except torch.OutOfMemoryError:
-                        row[impl] = {"oom": True}
+                        for impl in phase:
+                            row[impl] = {"oom": True}
                         torch.cuda.empty_cache()
-                e = row["eager"].get("median_ms")
-                for impl in impls:
-                    m = row[impl].get("median_ms")
-                    row[impl]["speedup_vs_eager"] = e / m if (e and m) else None
-                if CUDA and "median_ms" in row["fused"]:
-                    t = row["fused"]["median_ms"] / 1e3
-                    peak = ceil["matmul_bfloat16_tflops" if dt == torch.bfloat16 else "matmul_float32_tflops"]
-                    row["fused"]["flop_fraction"] = spec["flops"](size) / t / 1e12 / peak
-                    row["fused"]["bandwidth_fraction"] = spec["bytes"](size, inputs[0].element_size()) / t / 1e12 / ceil["copy_tb_s"]
-                rows.append(row)
-                del inputs
-                print(f"  {name:16s} {size_label(row):28s} {row['dtype']:9s} " + "  ".join(
-                    f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in impls), flush=True)
-    table = render(rows, [i for i in ("fused", "eager", "compiled", "keops") if any(i in r for r in rows)], ceil, a.tiny)
+                        continue
+                    for impl in phase:
+                        if (name, impl) in broken:
+                            row[impl] = {"error": f"not run: failed at {broken[(name, impl)]}"}
+                            continue
+                        if deadline is not None and time.perf_counter() > deadline:
+                            row[impl] = {"error": "not run: --time-budget spent"}
+                            continue
+                        try:
+                            if impl == "compiled":
+                                fn = compiled.setdefault(name, torch.compile(spec["eager"]))
+                            else:
+                                fn = spec[impl]
+                            row[impl] = time_it(fwd_bwd(fn, inputs, spec["grads"]), repeats)
+                            row[impl]["peak_mem_bytes"] = peak_mem(fn, inputs, spec["grads"])
+                        except torch.OutOfMemoryError:
+                            row[impl] = {"oom": True}
+                        except Exception as e:  # one implementation failing gives an error cell, not a crash
+                            row[impl] = {"error": _why(e)}
+                            broken[(name, impl)] = f"{size_label(row)} {row['dtype']}"
+                            print(f"  {name} {impl}: {row[impl]['error']}", file=sys.stderr, flush=True)
+                        if CUDA:
+                            torch.cuda.empty_cache()
+                    del inputs
+                    ratios(row, spec, size, dt, ceil)
+                    print(f"  {name:16s} {size_label(row):28s} {row['dtype']:9s} " + "  ".join(
+                        f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in phase if i in row), flush=True)
+                    out = write_results("kernels", rows, render(rows, impls_of(rows), ceil, tiny), a.out)
+    table = render(rows, impls_of(rows), ceil, tiny)
     print(table)
     out = write_results("kernels", rows, table, a.out)
     plot(rows, os.path.join(out, "kernels.png"))
     print("written to", out)
     return 0
+
+
+def impls_of(rows):
+    return [i for i in ("fused", "eager", "compiled", "keops") if any(i in r for r in rows)]
+
+
+def ratios(row, spec, size, dt, ceil):
+    """Each implementation's speed-up over eager and the fused kernel's FLOP / bandwidth fractions."""
+    e = row.get("eager", {}).get("median_ms")
+    for impl in impls_of([row]):
+        m = row[impl].get("median_ms")
+        row[impl]["speedup_vs_eager"] = e / m if (e and m) else None
+    if CUDA and "median_ms" in row.get("fused", {}):
+        t = row["fused"]["median_ms"] / 1e3
+        peak = ceil["matmul_bfloat16_tflops" if dt == torch.bfloat16 else "matmul_float32_tflops"]
+        row["fused"]["flop_fraction"] = spec["flops"](size) / t / 1e12 / peak
+        row["fused"]["bandwidth_fraction"] = spec["bytes"](size, torch.empty((), dtype=dt).element_size()) / t / 1e12 / ceil["copy_tb_s"]
 
 
 def _mb(x):
@@ -214,24 +297,39 @@ def size_label(r):
     return " ".join(f"{k}={r[k]}" for k in ("B", "N", "D", "K") if k in r)
 
 
+def _cell(r, i):
+    if i not in r:
+        return "-"
+    c = r[i]
+    if "median_ms" in c:
+        return f"{c['median_ms']:.3f}"
+    return "OOM" if c.get("oom") else "not run" if c.get("error", "").startswith("not run:") else "error"
+
+
 def render(rows, impls, ceil, tiny):
     head = "| loss | size | dtype | " + " | ".join(f"{i} ms" for i in impls) + \
            " | fused vs eager | fused vs compiled | peak MiB fused / eager | fused FLOP frac. | fused BW frac. |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    errors = []
     for r in rows:
-        ms = " | ".join("-" if i not in r else f"{r[i]['median_ms']:.3f}" if "median_ms" in r[i] else "OOM"
-                        for i in impls)
-        f = r["fused"]
-        vs_c = (f"{r['compiled']['median_ms'] / f['median_ms']:.2f}x" if "compiled" in r and "median_ms" in r["compiled"]
+        ms = " | ".join(_cell(r, i) for i in impls)
+        f, e = r.get("fused", {}), r.get("eager", {})
+        vs_c = (f"{r['compiled']['median_ms'] / f['median_ms']:.2f}x" if "median_ms" in r.get("compiled", {})
                 and "median_ms" in f else "-")
         sp = f"{f['speedup_vs_eager']:.2f}x" if f.get("speedup_vs_eager") else "-"
         lines.append(f"| {r['loss']} | {size_label(r)} | {r['dtype']} | {ms} | {sp} | {vs_c} | "
-                     f"{_mb(f.get('peak_mem_bytes'))} / {_mb(r['eager'].get('peak_mem_bytes'))} | "
+                     f"{_mb(f.get('peak_mem_bytes'))} / {_mb(e.get('peak_mem_bytes'))} | "
                      f"{f.get('flop_fraction', float('nan')):.2f} | {f.get('bandwidth_fraction', float('nan')):.2f} |")
+        errors += [f"* {i} at {r['loss']} {size_label(r)} {r['dtype']}: {r[i]['error']}"
+                   for i in impls if "error" in r.get(i, {}) and not r[i]["error"].startswith("not run:")]
     note = ("\nTiny mode on a CPU: the fused kernels ran under the Triton interpreter, so these timings say "
             "nothing about speed.\n" if tiny and not CUDA else "")
+    errs = ("\nErrors (the implementation was not tried again for that loss):\n" + "\n".join(errors) + "\n"
+            if errors else "")
+    if any(c.get("error") == "not run: --time-budget spent" for r in rows for c in r.values() if isinstance(c, dict)):
+        errs += "\n'not run': the run's --time-budget was spent before that measurement.\n"
     ce = ", ".join(f"{k} {v:.1f}" for k, v in ceil.items())
-    return "\n".join(lines) + f"\n{note}\nDevice: {device_name()}. Measured ceilings: {ce or 'n/a'}.\n"
+    return "\n".join(lines) + f"\n{note}{errs}\nDevice: {device_name()}. Measured ceilings: {ce or 'n/a'}.\n"
 
 
 def plot(rows, path):
