@@ -285,7 +285,6 @@ def _unit(n, d, seed):
 
 def _knn_check(x, idx, k, ref_name):
     """idx (n, k) must be a valid top-k of x @ x.T (up to ties within 1e-5): (problem or '', rows equal)."""
-
     sims = x.double() @ x.double().t()
     kth = sims.topk(k, dim=1).values[:, -1:]
     got = sims.gather(1, idx.long().cpu())
