@@ -4,7 +4,9 @@ learned features with a random-init network under the linear probe.
     python -m fastssl.demo [--out runs/demo] [--nproc N] [key=value ...]
 
 Runs ``torchrun --standalone --nproc_per_node=N fastssl/train.py`` (N = all GPUs, or 2
-processes on CPU), then ``python -m fastssl.eval --protocol linear`` twice.
+processes on CPU), then ``python -m fastssl.eval --protocol linear`` twice, then writes the
+run's report (``python -m fastssl.report``: curves, results, nearest-neighbour grid, filters)
+and prints its path as the last line.
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def main(argv=None) -> int:
         print(f"  {name:15s} {r['accuracy']:6.2f}% +- {r['std']:.2f}  ({len(r['runs'])} seeds)")
     gain = results["SC pre-trained"]["accuracy"] - results["random init"]["accuracy"]
     print(f"  SC gain         {gain:+6.2f} points")
+    print(flush=True)
+    from fastssl import report  # (only reads the run folder: the numbers above are final)
+
+    if report.main([a.out]) != 0:
+        return 1
+    print(os.path.join(a.out, "report.md"), flush=True)
     return 0
 
 
