@@ -31,7 +31,8 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.12",
         "pillow>=9",
+        "matplotlib>=3.5",  # the run report (fastssl.report), which the demo writes
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "matplotlib>=3.5", "scikit-image>=0.20"]},
-    entry_points={"console_scripts": ["fastssl-eval=fastssl.eval.__main__:main"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.20"]},
+    entry_points={"console_scripts": ["fastssl=fastssl.cli:main", "fastssl-eval=fastssl.eval.__main__:main"]},
 )

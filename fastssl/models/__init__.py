@@ -226,3 +226,23 @@ def build_backbone(model_cfg, image_size: int) -> Backbone:
         return shallow(model_cfg.width, model_cfg.kernel)
     small = model_cfg.stem == "small" or (model_cfg.stem == "auto" and image_size <= 64)
     return resnet(model_cfg.arch, small)
+
+
+def build(name: str, width: int = 64, kernel: int = 6, stem: str = "auto", image_size: int = 32) -> Backbone:
+    """Public builder: the backbone ``name`` (one of ``ARCHS``) exactly as training builds it from
+    ``model.arch/width/kernel/stem`` and the image side, e.g. to load an exported state dict::
+
+        ck = torch.load("backbone.pt")              # written by `fastssl export --format state_dict`
+        net = fastssl.models.build(**ck["meta"]["build"])
+        net.load_state_dict(ck["state_dict"], strict=True)
+
+    ``stem`` (ResNets only): ``small`` = 3x3 stride-1 conv and no max-pool, ``imagenet`` = 7x7/2
+    + max-pool, ``auto`` = small for images of at most 64 px.  Raises ``ValueError`` for an
+    unknown name."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown backbone {name!r} (one of: {', '.join(ARCHS)})")
+    if stem not in ("auto", "small", "imagenet"):
+        raise ValueError(f"stem: auto, small or imagenet, not {stem!r}")
+    from types import SimpleNamespace
+
+    return build_backbone(SimpleNamespace(arch=name, width=int(width), kernel=int(kernel), stem=stem), int(image_size))
