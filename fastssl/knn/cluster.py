@@ -1,4 +1,4 @@
-"""Surrogate-class merging for Exemplar-CNN (../shared/METHODS.md section 2, "Clustering").
+"""Surrogate-class merging for Exemplar-CNN (Dosovitskiy et al. 2016; Bautista et al., "Clustering").
 
 1. Complete-linkage agglomerative clustering (SciPy) of L2-normalised features of one half of
    the images, cut where the largest distance inside a cluster reaches ``threshold`` or the

@@ -1,4 +1,4 @@
-"""Invariance Propagation (Wang et al., NeurIPS 2020; ../shared/METHODS.md section 4).
+"""Invariance Propagation (Wang et al., NeurIPS 2020).
 
 Instance discrimination against a memory bank of L2-normalised features of every training
 image (EMA-updated, momentum m, renormalised), plus positives discovered by propagating over

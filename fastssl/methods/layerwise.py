@@ -1,4 +1,4 @@
-"""Layer-wise contrastive learning (Zhao et al.; ../shared/METHODS.md section 3).
+"""Layer-wise contrastive learning (Zhao et al.).
 
 From each image the pipeline cuts two adjacent, overlapping patches (anchor and positive:
 the positive is the anchor shifted by at most ``max_shift`` pixels, both inside the larger

@@ -1,4 +1,4 @@
-"""Spatial Contrasting (Hoffer, Hubara, Ailon 2016; ../shared/METHODS.md section 1).
+"""Spatial Contrasting (Hoffer, Hubara, Ailon 2016).
 
 Two patches are cut from every image.  For a batch of N images the features of patch 1 of
 image i should be closer to patch 2 of image i than to patch 2 of any other image j:

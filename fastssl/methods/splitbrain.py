@@ -1,4 +1,4 @@
-"""Split-Brain autoencoder (Zhang, Isola, Efros 2017; ../shared/METHODS.md section 5).
+"""Split-Brain autoencoder (Zhang, Isola, Efros 2017).
 
 Each image (a random crop of it, optionally flipped) is converted to CIE-Lab *inside the data
 pipeline* (DALI, on the GPU by default: fastssl/data/color.py) and split into L and ab.  One
