@@ -255,7 +255,8 @@ def main(argv=None) -> int:
                 if knn is not None and knn.due(epoch):
                     monitor.update(knn(model))
                 if monitor:
-                    log.log_epoch({"step": step, "epoch": epoch + 1, **monitor})
+                    stage_key = {"stage": stage} if model.num_stages > 1 else {}  # (as the step records)
+                    log.log_epoch({"step": step, "epoch": epoch + 1, **stage_key, **monitor})
                 if not save("end of epoch"):
                     return abort(f"fastssl: stopping at step {step}: checkpoints cannot be written")
                 epoch, step_in_epoch = epoch + 1, 0
