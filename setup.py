@@ -33,6 +33,6 @@ setup(
         "pillow>=9",
         "matplotlib>=3.5",  # the run report (fastssl.report), which the demo writes
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.20"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.20", "ruff>=0.5"]},
     entry_points={"console_scripts": ["fastssl=fastssl.cli:main", "fastssl-eval=fastssl.eval.__main__:main"]},
 )
