@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import publish, summary, timed  # noqa: E402
 from fastssl.data import exemplar as ex  # noqa: E402
-from fastssl.data.pipeline import to_chw  # noqa: E402
+from fastssl.data.decode import to_chw  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
 
 

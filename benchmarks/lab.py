@@ -4,7 +4,7 @@
 
 All three compute the same thing for every image (Lab, the normalised network input, and the
 two quantised 12x12 target grids; tests/test_splitbrain.py checks DALI against this file's
-scikit-image/NumPy reference bin for bin): the DALI graph of fastssl/data/color.py on the GPU
+scikit-image/NumPy reference bin for bin): the DALI graph of fastssl/data/lab.py on the GPU
 and on DALI's CPU backend (``workers`` threads), and ``skimage.color.rgb2lab`` + NumPy run by a
 torch DataLoader with ``workers`` processes (the baseline).  Rates are images/s (median of
 repeats after a warm-up pass) and ratios to the baseline measured in the same run.
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import publish, summary, timed  # noqa: E402
-from fastssl.data.color import ColorSplit  # noqa: E402
+from fastssl.data.lab import ColorSplit  # noqa: E402
 from fastssl.data.sources import make_builtin  # noqa: E402
 
 

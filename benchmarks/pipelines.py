@@ -1,11 +1,12 @@
-"""Data-pipeline throughput of a method's recipe: DALI GPU vs DALI CPU vs torchvision DataLoader.
+"""Data-pipeline throughput of each method's recipe: DALI GPU, DALI CPU, the tensor executor
+(dataset resident on the training device) and the torchvision DataLoader baseline.
 
-    python -m benchmarks.pipelines [--method sc] [--sizes 32 96] [--images 4096] [--repeats 3]
+    python -m benchmarks.pipelines [--method sc layerwise invp splitbrain] [--sizes 32 96] [--images 4096]
 
-Each executor runs the same crop plan over the same in-memory uint8 images for whole epochs;
-the rate is images/s (median, min, max over repeats after a warm-up epoch), and each is
-reported as a ratio to the torchvision DataLoader baseline measured in the same run.  DALI GPU
-is skipped with a message where no GPU is present.  Results: benchmarks/results/<device>/.
+Each executor runs the same plan over the same in-memory uint8 images for whole epochs; the
+rate is images/s (median, min, max over repeats after a warm-up epoch) with the batch on the
+training device, and each is reported as a ratio to the DataLoader measured in the same run.
+DALI GPU is skipped with a message where no GPU is present.  Results: benchmarks/results/<device>/.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import publish, summary, timed  # noqa: E402
 from fastssl.config import load_config  # noqa: E402
-from fastssl.data.pipeline import DaliLoader, TorchLoader  # noqa: E402
+from fastssl.data.executors.dali import DaliExecutor  # noqa: E402
+from fastssl.data.executors.dataloader import TorchExecutor  # noqa: E402
+from fastssl.data.executors.tensor import TensorExecutor  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
 from fastssl.methods import get_method  # noqa: E402
 from fastssl.models import build_backbone  # noqa: E402
@@ -53,14 +56,16 @@ def bench(method: str, size: int, images: int, batch: int, workers: int, repeats
                       [f"data.builtin.image_size={size}", f"data.batch_size={batch}"])
     x, _ = make_builtin(images, size, 10, seed=0)
     m = get_method(method)(cfg, build_backbone(cfg.model, size), size)
-    common = dict(split=Split(images=x), plan_fn=m.crop_plan, num_views=m.num_views, batch_size=batch, seed=0,
-                  rank=0, world=1, base_size=size, out_size=m.view_size, resize=m.resize_views,
-                  mean=(0.5,) * 3, std=(0.25,) * 3, color=m.color_jitter, transform=m.view_transform)
+    common = dict(split=Split(images=x), recipe=m.recipe(), batch_size=batch, seed=0, rank=0, world=1,
+                  mean=(0.5,) * 3, std=(0.25,) * 3)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    executors = {"torch-dataloader": lambda: TorchLoader(**common, num_workers=workers, pin_memory=device.type == "cuda"),
-                 "dali-cpu": lambda: DaliLoader(**common, device="cpu", num_threads=max(1, workers))}
+    executors = {"torch-dataloader": lambda: TorchExecutor(**common, base_size=size, num_workers=workers,
+                                                           pin_memory=device.type == "cuda"),
+                 "dali-cpu": lambda: DaliExecutor(**common, device="cpu", base_size=size, num_threads=max(1, workers)),
+                 "tensor": lambda: TensorExecutor(**common, device=device)}
     if torch.cuda.is_available():
-        executors["dali-gpu"] = lambda: DaliLoader(**common, device="gpu", num_threads=max(1, workers), device_id=0)
+        executors["dali-gpu"] = lambda: DaliExecutor(**common, device="gpu", base_size=size,
+                                                     num_threads=max(1, workers), device_id=0)
     else:
         print("  dali-gpu: skipped (no CUDA GPU on this machine)")
     rows = []
@@ -80,7 +85,7 @@ def bench(method: str, size: int, images: int, batch: int, workers: int, repeats
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="sc")
+    p.add_argument("--method", nargs="+", default=["sc", "layerwise", "invp", "splitbrain"])
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--batch", type=int, default=256)
@@ -88,18 +93,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     a = p.parse_args(argv)
-    rows = []
-    for s in a.sizes:
-        rows += bench(a.method, s, a.images, a.batch, a.workers, a.repeats)
-    lines = ["| method | image | executor | images/s (median) | min | max | vs torch DataLoader |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ips = r["images_per_s"]
-        lines.append(f"| {r['method']} | {r['image_size']}px | {r['executor']} | {ips['median']:.0f} | {ips['min']:.0f} "
-                     f"| {ips['max']:.0f} | {r['ratio_vs_torch']:.2f}x |")
-    table = "\n".join(lines) + f"\n\n{a.images} images, batch {a.batch}, {a.workers} workers/threads, {a.repeats} repeats."
-    publish(f"pipelines-{a.method}", rows, table, a.out, [f"{r['image_size']}px {r['executor']}" for r in rows],
-            [r["ratio_vs_torch"] for r in rows], "images/s vs torchvision DataLoader", f"{a.method} data pipeline")
+    for method in a.method:
+        rows = []
+        for s in a.sizes:
+            rows += bench(method, s, a.images, a.batch, a.workers, a.repeats)
+        lines = ["| method | image | executor | images/s (median) | min | max | vs torch DataLoader |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ips = r["images_per_s"]
+            lines.append(f"| {r['method']} | {r['image_size']}px | {r['executor']} | {ips['median']:.0f} | "
+                         f"{ips['min']:.0f} | {ips['max']:.0f} | {r['ratio_vs_torch']:.2f}x |")
+        table = "\n".join(lines) + f"\n\n{a.images} images, batch {a.batch}, {a.workers} workers/threads, {a.repeats} repeats."
+        publish(f"pipelines-{method}", rows, table, a.out, [f"{r['image_size']}px {r['executor']}" for r in rows],
+                [r["ratio_vs_torch"] for r in rows], "images/s vs torchvision DataLoader", f"{method} data pipeline")
 
 
 if __name__ == "__main__":

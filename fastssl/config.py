@@ -16,13 +16,11 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key."""
+from fastssl.errors import ConfigError  # noqa: E402,F401  (re-exported: fastssl.config.ConfigError)
 
 
 SOURCES = ("builtin", "stl10", "cifar10", "cifar100", "folder")
-PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch")
+PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "tensor")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -253,6 +251,11 @@ def validate(cfg: DictConfig) -> None:
     _check(e.finetune_labels is None or e.finetune_labels >= 1, "eval.finetune_labels", f"must be >= 1, got {e.finetune_labels}")
     if e.layer is not None:
         _check(e.layer in stages_of(m.arch), "eval.layer", f"{e.layer!r} is not a stage of {m.arch}: {', '.join(stages_of(m.arch))}")
+    _check(d.pipeline != "tensor" or d.source != "folder", "data.pipeline",
+           "tensor keeps the whole dataset in memory as one tensor and needs an in-memory source "
+           "(builtin, stl10, cifar10, cifar100); a folder's images are files: use dali-gpu, dali-cpu or torch")
+    _check(d.pipeline != "tensor" or cfg.method.name != "exemplar", "data.pipeline",
+           "tensor runs crop recipes; exemplar's surrogate patches come from its own loader: use dali-gpu, dali-cpu or torch")
     if d.pipeline == "dali-gpu":
         import torch
 

@@ -200,7 +200,6 @@ def work_kernel(name):
 def _first_batch(method, pipeline):
     """The first batch of ``method``'s pretraining loader on ``pipeline``, as train.py builds it."""
     from fastssl.config import load_config
-    from fastssl.data.pipeline import build_loader
     from fastssl.data.sources import build_source
     from fastssl.methods import get_method
     from fastssl.models import build_backbone
@@ -211,7 +210,7 @@ def _first_batch(method, pipeline):
     model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size,
                                         len(source.pretrain))
     model.begin_stage(0, source)
-    loader = build_loader(cfg, source, source.pretrain, model, 0, 1, device_id=0 if pipeline == "dali-gpu" else None)
+    loader = model.loader(cfg, source, 0, 1, 0 if pipeline == "dali-gpu" else None)
     loader.set_epoch(0)
     batch = next(iter(loader))
     out = {"index": batch["index"].cpu().clone(), "views": [v.cpu().clone() for v in batch["views"]],

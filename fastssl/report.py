@@ -351,7 +351,7 @@ def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neig
     untrained backbone; the grid PNG; the label agreement of the neighbours."""
     import torch
 
-    from fastssl.data.pipeline import split_images
+    from fastssl.data.decode import split_images
     from fastssl.eval.__main__ import load_backbone
     from fastssl.eval.features import image_batches
     from fastssl.methods import get_method

@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as a script (torchrun fastssl/train.py) fro
 import torch
 from fastssl.config import ConfigError, load_config, save_config
 from fastssl.data.dali_check import PipelineBuildError
-from fastssl.data.pipeline import build_loader, resolve_pipeline
-from fastssl.data.pipeline import steps_per_epoch as loader_steps
+from fastssl.data.executors import resolve_pipeline
+from fastssl.data.executors import steps_per_epoch as loader_steps
 from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
 from fastssl.engine import dist
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             break
         model.begin_stage(stage, source)
         try:  # (a DALI GPU graph that cannot be built is refused here, before any step)
-            loader = build_loader(cfg, source, source.pretrain, model, d.rank, d.world, device_id=d.device_id)
+            loader = model.loader(cfg, source, d.rank, d.world, d.device_id, d.device)
         except PipelineBuildError as e:
             print(f"fastssl: {e}", file=sys.stderr)
             dist.cleanup()

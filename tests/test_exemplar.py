@@ -13,7 +13,7 @@ from scipy import stats
 from conftest import PY, ROOT, TINY, run, train_cmd
 from fastssl.config import ConfigError, load_config
 from fastssl.data import exemplar as ex
-from fastssl.data.pipeline import to_chw
+from fastssl.data.decode import to_chw
 
 CFG = "configs/exemplar/builtin.yaml"
 SMALL = ["model.width=8", "method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=2",
@@ -172,7 +172,6 @@ def test_surrogate_items_and_labels():
 
 
 def test_loader_delivers_each_class_per_class_times_with_its_label(tiny_cfg):
-    from fastssl.data.pipeline import build_loader
     from fastssl.data.sources import build_source
     from fastssl.methods.exemplar import ExemplarCNN
     from fastssl.models import build_backbone
@@ -182,7 +181,7 @@ def test_loader_delivers_each_class_per_class_times_with_its_label(tiny_cfg):
     m = ExemplarCNN(cfg, build_backbone(cfg.model, src.image_size), src.image_size, len(src.pretrain))
     m.begin_stage(0, src)
     assert sorted(m.sset.members.tolist()) == m.sset.members.tolist() and len(set(m.sset.members)) == 64
-    loader = build_loader(cfg, src, src.pretrain, m)
+    loader = m.loader(cfg, src)
     loader.set_epoch(0)
     seen = []
     for b in loader:

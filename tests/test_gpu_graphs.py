@@ -13,7 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from fastssl.data.color import ColorSplit
+from fastssl.data.lab import ColorSplit
+from fastssl.data.ops import HSV, Op, Resize
+from fastssl.data.recipe import Recipe
 from fastssl.data.dali_check import PipelineBuildError, check_gpu_graph, crop_pipeline, graph_ops, surrogate_pipeline
 from fastssl.data.sources import Split, build_source
 
@@ -100,6 +102,9 @@ RECIPES = {
     "layerwise": ("layerwise", [], {"fn.slice": 3, "fn.hsv": 3, "fn.crop_mirror_normalize": 3}),
     "invp": ("invp", ["method.grayscale=0.2"], {"fn.slice": 1, "fn.resize": 1, "fn.hsv": 1,
                                                 "fn.crop_mirror_normalize": 1}),
+    "invp-grey-blur": ("invp", ["method.grayscale=0.2", "method.blur=0.5", "method.flip=true"],
+                       {"fn.slice": 1, "fn.resize": 1, "fn.flip": 1, "fn.hsv": 1, "fn.coord_transform": 1,
+                        "fn.gaussian_blur": 1, "fn.crop_mirror_normalize": 1}),
     "splitbrain-lab": ("splitbrain", [], {"fn.slice": 1, "fn.flip": 1, "fn.crop_mirror_normalize": 0,
                                           **splitbrain_ops(False)}),
     "splitbrain-rescaled": ("splitbrain", ["method.rescale=true"], {"fn.slice": 1, "fn.flip": 1,
@@ -113,28 +118,28 @@ RECIPES = {
 def test_every_method_crop_graph_builds_on_the_gpu(tiny_cfg, loader_graphs, recipe):
     """build_loader with data.pipeline=dali-gpu checks the graph and the loader builds that same
     graph: slicing, resizing, colour change, normalisation (or the Lab targets) on the GPU."""
-    from fastssl.data.pipeline import DaliLoader, build_loader
+    from fastssl.data.executors.dali import DaliExecutor
 
     name, overrides, heavy = RECIPES[recipe]
     cfg, src, m = method_and_source(tiny_cfg, name, *overrides)
-    assert m.color_jitter == ("fn.hsv" in heavy)  # colour change on where the recipe has it
+    assert m.recipe().has(HSV) == ("fn.hsv" in heavy)  # colour change on where the recipe has it
     m.begin_stage(0, src)
-    loader = build_loader(cfg, src, src.pretrain, m, device_id=0)  # runs check_gpu_graph
-    assert isinstance(loader, DaliLoader)
+    loader = m.loader(cfg, src, device_id=0)  # runs check_gpu_graph
+    assert isinstance(loader, DaliExecutor)
     ops = loader_graphs(loader)
     assert_on_gpu(ops, heavy)
-    assert ops == graph_ops(crop_pipeline(m, src, src.pretrain, cfg.data.batch_size))  # the check sees this graph
+    assert ops == graph_ops(crop_pipeline(m.recipe(), src, src.pretrain, cfg.data.batch_size))  # the check sees this graph
 
 
 @pytest.mark.parametrize("name", ["sc", "invp", "splitbrain"])
 def test_folder_crop_graph_decodes_on_the_gpu(tiny_cfg, loader_graphs, name):
     """Encoded files: the mixed decoder, then resize and centre crop on the GPU."""
-    from fastssl.data.pipeline import build_loader
 
     cfg, src, m = method_and_source(tiny_cfg, name, encoded=True)
-    ops = loader_graphs(build_loader(cfg, src, src.pretrain, m, device_id=0))
-    assert_on_gpu(ops, {"fn.decoders.image": 1, "fn.crop": 1, "fn.slice": m.num_views,
-                        "fn.resize": 1 + m.num_views * m.resize_views})
+    ops = loader_graphs(m.loader(cfg, src, device_id=0))
+    r = m.recipe()
+    assert_on_gpu(ops, {"fn.decoders.image": 1, "fn.crop": 1, "fn.slice": r.views,
+                        "fn.resize": 1 + r.views * r.has(Resize)})
 
 
 @pytest.fixture(scope="module")
@@ -209,29 +214,27 @@ def test_check_gpu_graph_turns_a_refusal_into_one_line():
 
 def test_check_gpu_graph_is_cheap_and_silent_on_a_good_graph(tiny_cfg):
     _, src, m = method_and_source(tiny_cfg, "sc")
-    check_gpu_graph(lambda: crop_pipeline(m, src, src.pretrain, 32), "the sc crop graph")  # warm: DALI imported
+    check_gpu_graph(lambda: crop_pipeline(m.recipe(), src, src.pretrain, 32), "the sc crop graph")  # warm: DALI imported
     t = time.perf_counter()
-    check_gpu_graph(lambda: crop_pipeline(m, src, src.pretrain, 32), "the sc crop graph")
+    check_gpu_graph(lambda: crop_pipeline(m.recipe(), src, src.pretrain, 32), "the sc crop graph")
     assert time.perf_counter() - t < 0.5
 
 
-class _GpuArgument:
-    """A broken view transform: a GPU tensor as a named argument of fn.rotate."""
+class _GpuArgument(Op):
+    """A broken op: a GPU tensor as a named argument of fn.rotate."""
 
-    num_outputs = 1
-
-    def dali(self, x, side):
+    def dali(self, x, f, ctx):
         from nvidia.dali import fn
 
-        return [fn.rotate(x, angle=fn.random.uniform(range=[-10.0, 10.0]).gpu())]
+        return fn.rotate(x, angle=fn.random.uniform(range=[-10.0, 10.0]).gpu())
 
 
 def test_build_loader_refuses_a_broken_gpu_graph_before_training(tiny_cfg):
     """data.pipeline=dali-gpu: build_loader builds the graph at once and names the operator."""
-    from fastssl.data.pipeline import build_loader
 
     cfg, src, m = method_and_source(tiny_cfg, "sc")
-    m.view_transform = _GpuArgument()
+    r = m.recipe()
+    m.recipe = lambda: Recipe(r.draw, r.ops[:-1] + [_GpuArgument()], r.views, r.size, r.name)
     with pytest.raises(PipelineBuildError, match=r"^data\.pipeline=dali-gpu: the sc crop graph cannot be built: "
                                                  r"fn\.rotate: Named arguments must be on CPU \(angle\); use "):
-        build_loader(cfg, src, src.pretrain, m, device_id=0)
+        m.loader(cfg, src, device_id=0)

@@ -22,7 +22,8 @@ def make(tiny_cfg, *overrides):
 
 def test_patches_are_adjacent_overlapping_and_in_the_image(tiny_cfg):
     m = make(tiny_cfg, "method.max_shift=3")
-    boxes, flips, _ = m.crop_plan(np.random.default_rng(0), 2000)
+    f = m.recipe().draw(np.random.default_rng(0), 2000)
+    boxes, flips = f["box"], f["flip"]
     assert (boxes[..., 2:] == 7).all() and not flips.any()
     shift = boxes[:, 1, :2] - boxes[:, 0, :2]
     assert (np.abs(shift) <= 3).all() and (np.abs(shift).max(1) >= 1).all()  # adjacent, never identical
@@ -32,16 +33,21 @@ def test_patches_are_adjacent_overlapping_and_in_the_image(tiny_cfg):
 
 
 def test_pipeline_patches_come_from_the_right_images(tiny_cfg):
-    from fastssl.data.pipeline import DaliLoader, make_epoch_plan
+    from fastssl.data.executors.dali import DaliExecutor
+    from fastssl.data.ops import HSV
+    from fastssl.data.plan import make_epoch_plan
+    from fastssl.data.recipe import Recipe
     from fastssl.data.sources import Split, make_builtin
 
     m = make(tiny_cfg)
     x, _ = make_builtin(64, 32, 10, seed=0)
-    loader = DaliLoader(Split(images=x), m.crop_plan, 3, 16, 0, 0, 1, "cpu", 32, 7, False, (0.0,) * 3, (1 / 255,) * 3,
-                        color=False, num_threads=1)
+    r = m.recipe()
+    raw = Recipe(r.draw, [op for op in r.ops if not isinstance(op, HSV)], r.views, r.size)  # no colour change
+    loader = DaliExecutor(Split(images=x), raw, 16, 0, 0, 1, "cpu", 32, (0.0,) * 3, (1 / 255,) * 3, num_threads=1)
     loader.set_epoch(0)
     batch = next(iter(loader))
-    idx, boxes, _, _ = make_epoch_plan(64, 16, m.crop_plan, 0, 0).step(0)
+    s = make_epoch_plan(64, 16, m.recipe().draw, 0, 0).step(0)
+    idx, boxes = s.index, s["box"]
     assert torch.equal(batch["index"], torch.from_numpy(idx))
     for j in range(16):
         for v in range(3):

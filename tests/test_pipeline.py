@@ -1,9 +1,13 @@
-"""The DALI pipeline (CPU backend here) cuts exactly what the torchvision baseline cuts."""
+"""The DALI executor (CPU backend here) cuts exactly what the torchvision baseline cuts."""
 import numpy as np
 import pytest
 import torch
 
-from fastssl.data.pipeline import (ColorJitter, DaliLoader, TorchLoader, draw_color, make_epoch_plan)
+from fastssl.data.executors.dali import DaliExecutor
+from fastssl.data.executors.dataloader import TorchExecutor
+from fastssl.data.ops import HSV, Crop, Flip, Normalise, Resize
+from fastssl.data.plan import ColorJitter, draw_hsv, make_epoch_plan
+from fastssl.data.recipe import Recipe
 from fastssl.data.sources import Split, make_builtin
 
 
@@ -11,15 +15,15 @@ def plan_fn(p=13, size=24, jitter=ColorJitter()):
     def f(rng, n):
         yx = rng.integers(0, size - p + 1, size=(n, 2, 2), dtype=np.int32)
         boxes = np.concatenate([yx, np.full((n, 2, 2), p, np.int32)], 2)
-        return boxes, rng.integers(0, 2, (n, 2), dtype=np.uint8), draw_color(rng, n, 2, jitter)
+        return {"box": boxes, "flip": rng.integers(0, 2, (n, 2), dtype=np.uint8), "hsv": draw_hsv(rng, n, 2, jitter)}
     return f
 
 
-def loaders(split, fn, color=False, batch_size=16, rank=0, world=1, **kw):
-    common = dict(split=split, plan_fn=fn, num_views=2, batch_size=batch_size, seed=7, rank=rank, world=world,
-                  base_size=24, out_size=13, resize=False, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), color=color)
-    common.update(kw)
-    return DaliLoader(**common, device="cpu", num_threads=1), TorchLoader(**common, num_workers=0)
+def loaders(split, fn, color=False, batch_size=16, rank=0, world=1, num_views=2, resize=False, out_size=13):
+    recipe = Recipe(fn, [Crop()] + [Resize()] * resize + [Flip()] + [HSV()] * color + [Normalise()], num_views, out_size)
+    common = dict(split=split, recipe=recipe, batch_size=batch_size, seed=7, rank=rank, world=world,
+                  base_size=24, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    return DaliExecutor(**common, device="cpu", num_threads=1), TorchExecutor(**common, num_workers=0)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,8 @@ def test_crops_are_the_planned_pixels(images):
     dali.set_epoch(0)
     plan = make_epoch_plan(100, 16, plan_fn(), 7, 0)
     batch = next(iter(dali))
-    idx, boxes, flips, _ = plan.step(0)
+    s = plan.step(0)
+    idx, boxes, flips = s.index, s["box"], s["flip"]
     mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
     for j in (0, 5, 15):
         for v in range(2):
@@ -94,7 +99,7 @@ def test_ranks_take_disjoint_shards():
     for p in plans:
         for k, i in enumerate(p.index):
             if int(i) in pos:
-                np.testing.assert_array_equal(p.boxes[k], single.boxes[pos[int(i)]])
+                np.testing.assert_array_equal(p["box"][k], single["box"][pos[int(i)]])
 
 
 def test_folder_jpegs_through_dali_decoder(tmp_path):
@@ -121,7 +126,7 @@ def test_resized_non_square_crops_match_torchvision(images):
         y = (rng.random((n, 1)) * (24 - h + 1)).astype(np.int64)
         x = (rng.random((n, 1)) * (24 - w + 1)).astype(np.int64)
         boxes = np.stack([y, x, h, w], 2).astype(np.int32)
-        return boxes, rng.integers(0, 2, (n, 1), dtype=np.uint8), draw_color(rng, n, 1, ColorJitter())
+        return {"box": boxes, "flip": rng.integers(0, 2, (n, 1), dtype=np.uint8), "hsv": draw_hsv(rng, n, 1, ColorJitter())}
 
     dali, tv = loaders(Split(images=images), fn, num_views=1, resize=True, out_size=16)
     dali.set_epoch(0)

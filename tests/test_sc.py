@@ -61,7 +61,8 @@ def test_crop_plan_is_in_bounds_and_sized(tiny_cfg):
 
     cfg = tiny_cfg("method.patch_size=11")
     m = get_method("sc")(cfg, build_backbone(cfg.model, 32), 32)
-    boxes, flips, color = m.crop_plan(np.random.default_rng(0), 500)
+    f = m.recipe().draw(np.random.default_rng(0), 500)
+    boxes, flips, color = f["box"], f["flip"], f["hsv"]
     assert boxes.shape == (500, 2, 4) and flips.shape == (500, 2) and color.shape == (500, 2, 3)
     assert (boxes[..., 2:] == 11).all() and (boxes[..., :2] >= 0).all() and (boxes[..., :2] <= 21).all()
     assert boxes[..., 0].min() == 0 and boxes[..., 0].max() == 21  # every position is reachable

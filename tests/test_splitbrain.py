@@ -10,7 +10,7 @@ from skimage.color import lab2rgb, rgb2lab
 from benchmarks.lab import reference_bins
 from conftest import ROOT, eval_trained_and_random, run, train_cmd
 from fastssl.config import ConfigError
-from fastssl.data.color import ColorSplit, dali_colour, rgb_to_lab
+from fastssl.data.lab import ColorSplit, dali_colour, rgb_to_lab
 
 CFG = "configs/splitbrain/builtin.yaml"
 
@@ -132,7 +132,6 @@ def test_halves_see_only_their_own_channels(tiny_cfg):
 
 @pytest.mark.parametrize("arch", ["split-simplenet", "split-resnet18"])
 def test_loader_delivers_lab_input_and_targets(tiny_cfg, arch):
-    from fastssl.data.pipeline import build_loader
     from fastssl.data.sources import build_source
     from fastssl.methods import get_method
     from fastssl.models import build_backbone
@@ -144,7 +143,7 @@ def test_loader_delivers_lab_input_and_targets(tiny_cfg, arch):
     for kind in ("dali-cpu", "torch"):
         c = tiny_cfg(f"model.arch={arch}", "method.rescale=true", "eval.layer=null", f"data.pipeline={kind}",
                      config=f"{ROOT}/{CFG}")
-        loader = build_loader(c, src, src.pretrain, m)
+        loader = m.loader(c, src)
         loader.set_epoch(0)
         batches.append(next(iter(loader)))
     (dx, d1, d2), (tx, t1, t2) = batches[0]["views"], batches[1]["views"]

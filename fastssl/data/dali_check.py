@@ -54,14 +54,13 @@ def check_gpu_graph(build: Callable[[], object], what: str) -> None:
         raise PipelineBuildError(f"data.pipeline=dali-gpu: {what} cannot be built: {describe(e)}; {_ADVICE}") from e
 
 
-def crop_pipeline(method, source, split, batch_size: int):
-    """``method``'s dali-gpu crop pipeline on ``split`` as build_loader configures it, fed by an
-    empty source (for its graph only: it is never run, so device 0 need not exist)."""
-    from fastssl.data.pipeline import build_dali_pipeline
+def crop_pipeline(recipe, source, split, batch_size: int):
+    """``recipe``'s dali-gpu pipeline on ``split`` as build_loader configures it, fed by an empty
+    source (for its graph only: it is never run, so device 0 need not exist)."""
+    from fastssl.data.executors.dali import build_dali_pipeline
 
-    return build_dali_pipeline([], method.num_views, "gpu", batch_size, 1, 0, source.image_size, method.view_size,
-                               method.resize_views, split.encoded, source.mean, source.std, method.color_jitter,
-                               transform=method.view_transform)
+    return build_dali_pipeline([], recipe, "gpu", batch_size, 1, 0, source.image_size, split.encoded,
+                               source.mean, source.std)
 
 
 def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: int):

@@ -38,8 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastssl.data.pipeline import (DaliLoader, TorchLoader, _Loader, dali_images, global_batches, resolve_pipeline,
-                                   split_images)
+from fastssl.data.decode import split_images
+from fastssl.data.executors import resolve_pipeline
+from fastssl.data.executors.base import Executor
+from fastssl.data.executors.dali import DaliExecutor, dali_decode, dali_images
+from fastssl.data.executors.dataloader import TorchExecutor
+from fastssl.data.plan import global_batches
 from fastssl.data.sources import Split
 
 
@@ -145,6 +149,16 @@ def make_surrogate_set(split: Split, image_size: int, members: np.ndarray, label
                for s in range(0, len(members), batch)]
     return SurrogateSet(np.asarray(members, np.int64), np.asarray(labels, np.int64),
                         torch.cat(anchors).numpy().astype(np.float32), num_classes)
+
+
+def seed_surrogate_set(cfg, source):
+    """The first surrogate set: ``num_classes`` random images of the pre-training split, one class
+    each, with Sobel-sampled anchors; and the PCA basis of their pixels."""
+    m = cfg.method
+    members = np.sort(np.random.default_rng([cfg.seed, 11]).choice(len(source.pretrain), m.num_classes, replace=False))
+    sset = make_surrogate_set(source.pretrain, source.image_size, members, np.arange(m.num_classes), m.num_classes, cfg.seed)
+    sample = members[:2000]
+    return sset, pca_basis(split_images(source.pretrain, sample, source.image_size), seed=cfg.seed)
 
 
 # --------------------------------------------------------------------------- transformation parameters
@@ -278,8 +292,6 @@ def build_surrogate_pipeline(source, device: str, batch_size: int, num_threads: 
     """The surrogate-patch graph for device 'gpu' or 'cpu'; outputs (patches HWC uint8, index)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from fastssl.data.pipeline import dali_decode
-
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, seed=seed)
     def surrogate():
@@ -327,14 +339,14 @@ class _SurrogateMixin:
     def _setup(self, split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world):
         self.sset, self.aug, self.patch, self.image_size, self.pca = sset, aug, patch, image_size, pca
         self.items = sset.items(per_class)
-        _Loader.__init__(self, split, None, batch_size, seed, rank, world, items=len(self.items))
+        Executor.__init__(self, split, None, batch_size, seed, rank, world, items=len(self.items))
 
     def epoch_plan(self, epoch: int) -> SurrogatePlan:
         return SurrogatePlan(self.items, self.sset, self.aug, self.patch, self.image_size, self.pca,
                              self.batch_size, self.seed, epoch, self.rank, self.world)
 
 
-class DaliSurrogateLoader(_SurrogateMixin, DaliLoader):
+class DaliSurrogateLoader(_SurrogateMixin, DaliExecutor):
     """Surrogate patches from the DALI graph; batches are ``{"views": [patches], "index": rows}``."""
 
     def __init__(self, split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world,
@@ -362,7 +374,7 @@ class _SurrogateBatches(torch.utils.data.Dataset):
         return {"views": [x], "index": torch.from_numpy(rows)}
 
 
-class TorchSurrogateLoader(_SurrogateMixin, TorchLoader):
+class TorchSurrogateLoader(_SurrogateMixin, TorchExecutor):
     """The same patches with torch ops (grid_sample, einsum) in ``DataLoader`` workers: the baseline."""
 
     def __init__(self, split, sset, aug, patch, image_size, pca, per_class, batch_size, seed, rank, world,
@@ -374,7 +386,7 @@ class TorchSurrogateLoader(_SurrogateMixin, TorchLoader):
         return _SurrogateBatches(self, plan)
 
 
-class FileSurrogateLoader(_Loader):
+class FileSurrogateLoader(Executor):
     """Patches materialised once (``python -m fastssl.data.exemplar``), read from a memory map."""
 
     def __init__(self, folder: str, batch_size, seed, rank, world):
@@ -472,7 +484,6 @@ def main(argv=None) -> int:
 
     from fastssl.config import ConfigError, load_config
     from fastssl.data.sources import build_source
-    from fastssl.methods.exemplar import seed_surrogate_set
 
     p = argparse.ArgumentParser(prog="python -m fastssl.data.exemplar",
                                 description="Materialise an Exemplar-CNN surrogate set (one epoch of patches) to a folder.")

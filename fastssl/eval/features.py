@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastssl.data.pipeline import split_images
+from fastssl.data.decode import split_images
 from fastssl.data.sources import Split
 
 

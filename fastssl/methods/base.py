@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from fastssl.data.recipe import Recipe
 from fastssl.models import Backbone
 
 
@@ -19,19 +19,16 @@ class MethodConfig:
 class Method(nn.Module):
     """A self-supervised method: a backbone, the method's own heads/state, and its loss.
 
-    Subclasses set ``name`` and ``Config`` and implement ``crop_plan`` (the pipeline recipe:
-    which boxes of each image become the views, computed on the host from a seeded RNG so that
-    every pipeline and a resumed run see exactly the same crops) and ``forward`` (views -> loss).
+    Subclasses set ``name`` and ``Config`` and implement ``recipe`` (a ``data.recipe.Recipe``:
+    how the views of each image are drawn on the host from a seeded RNG, so that every executor
+    and a resumed run see exactly the same pixels, the ops that make them and their size) and
+    ``forward`` (views -> loss).
     """
 
     name: str = "?"
     Config = MethodConfig
     find_unused_parameters: bool = False
-    num_views: int = 2  # crops per image the pipeline delivers
-    resize_views: bool = False  # True when boxes differ from view_size and must be resized
-    color_jitter: bool = False  # True when the plan's colour changes must be applied
     num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
-    view_transform = None  # replaces the pipeline's normalisation (e.g. data.color.ColorSplit)
     ddp_keep_local: Tuple[str, ...] = ()  # buffers the method keeps equal on all ranks itself (no DDP broadcast)
 
     def __init__(self, cfg, backbone: Backbone, image_size: int, num_images: int = 0):
@@ -51,8 +48,18 @@ class Method(nn.Module):
 
     def make_loader(self, cfg, source, rank: int, world: int, device_id):
         """A method whose samples are not crops of one image each (Exemplar-CNN's surrogate
-        patches) returns its own loader here; None = the shared crop-plan pipeline."""
+        patches) returns its own loader here; None = its ``recipe`` on the data.pipeline executor."""
         return None
+
+    def loader(self, cfg, source, rank: int = 0, world: int = 1, device_id=None, device="cpu"):
+        """This stage's pretraining loader: ``make_loader``'s, or the recipe on the data.pipeline
+        executor (the data layer gets the recipe, not the method)."""
+        own = self.make_loader(cfg, source, rank, world, device_id)
+        if own is not None:
+            return own
+        from fastssl.data.executors import build_loader
+
+        return build_loader(cfg, source, source.pretrain, self.recipe(), rank, world, device_id, device)
 
     def end_stage(self, stage: int, out_dir: str) -> None:
         """After a stage's last step, on rank 0 (e.g. write the learned filters)."""
@@ -92,14 +99,8 @@ class Method(nn.Module):
     def validate(cls, cfg, data_info: Dict) -> None:
         """Raise fastssl.config.ConfigError for impossible method settings."""
 
-    @property
-    def view_size(self) -> int:
-        """Side of every view the pipeline delivers."""
-        raise NotImplementedError
-
-    def crop_plan(self, rng: np.random.Generator, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes (n, V, 4) int32 as (y, x, h, w) in image pixels, flips (n, V) uint8 and
-        colour changes (n, V, 3) float32 (hue degrees, saturation, value; see data.pipeline)."""
+    def recipe(self) -> Recipe:
+        """The data recipe of the current stage: plan drawing, ops, views and their size."""
         raise NotImplementedError
 
     def forward(self, views, index: torch.Tensor) -> Dict[str, torch.Tensor]:

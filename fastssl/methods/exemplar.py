@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastssl.data.decode import split_images
 from fastssl.data.exemplar import (SurrogateAug, SurrogateSet, check_aug, draw_params, generate_torch,
-                                   make_surrogate_set, pca_basis, split_images)
+                                   make_surrogate_set, seed_surrogate_set)
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 from fastssl.models import he_init
@@ -57,21 +58,10 @@ class ExemplarConfig(MethodConfig):
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-def seed_surrogate_set(cfg, source):
-    """The first surrogate set: ``num_classes`` random images of the pre-training split, one class
-    each, with Sobel-sampled anchors; and the PCA basis of their pixels."""
-    m = cfg.method
-    members = np.sort(np.random.default_rng([cfg.seed, 11]).choice(len(source.pretrain), m.num_classes, replace=False))
-    sset = make_surrogate_set(source.pretrain, source.image_size, members, np.arange(m.num_classes), m.num_classes, cfg.seed)
-    sample = members[:2000]
-    return sset, pca_basis(split_images(source.pretrain, sample, source.image_size), seed=cfg.seed)
-
-
 @register
 class ExemplarCNN(Method):
     name = "exemplar"
     Config = ExemplarConfig
-    num_views = 1
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)

@@ -27,7 +27,7 @@ pass over the bank, exact top-K), chosen by ``loss.impl``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
+from fastssl.data.ops import HSV, Blur, Crop, Flip, Grey, Normalise, Resize
+from fastssl.data.plan import ColorJitter, check_jitter, draw_blur, draw_hsv, jitter_active
+from fastssl.data.recipe import Recipe
 from fastssl.engine.dist import rank, same_on_all_ranks
 from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused
 from fastssl.methods import register
@@ -68,7 +70,10 @@ class InvPConfig(MethodConfig):
     crop_ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     flip: bool = True
     color: ColorJitter = field(default_factory=_instdisc_color)
-    grayscale: float = 0.2  # probability of a grey view (saturation 0)
+    grayscale: float = 0.2  # probability of a grey view (luma in all three channels)
+    blur: float = 0.0  # probability of a Gaussian-blurred view (the authors' ImageNet recipe: 0.5)
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])  # sigma range, pixels
+    blur_kernel: Optional[int] = None  # odd window side; None = about 10% of the view side
 
 
 # ----------------------------------------------------------------------------- graph helpers
@@ -113,9 +118,7 @@ def propagate(graph: torch.Tensor, anchors: torch.Tensor, steps: int) -> torch.T
 class InvariancePropagation(Method):
     name = "invp"
     Config = InvPConfig
-    num_views = 1
     ddp_keep_local = ("bank", "graph")  # updated with every rank's all-gathered batch (after_step)
-    resize_views = True
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
@@ -131,7 +134,6 @@ class InvariancePropagation(Method):
         self.register_buffer("graph", torch.full((n, m.graph_k), -1, dtype=torch.long))
         self.epoch = 0
         self.graph_ready = False  # set by begin_epoch
-        self.color_jitter = color_active(m.color) or m.grayscale > 0  # grey views are colour changes too
         self._pending = None
 
     @classmethod
@@ -154,18 +156,35 @@ class InvariancePropagation(Method):
             (0 < m.crop_scale[0] <= m.crop_scale[1] <= 1, "method.crop_scale", f"must be 0 < lo <= hi <= 1, got {list(m.crop_scale)}"),
             (0 < m.crop_ratio[0] <= m.crop_ratio[1], "method.crop_ratio", f"must be 0 < lo <= hi, got {list(m.crop_ratio)}"),
             (0 <= m.grayscale <= 1, "method.grayscale", f"must be in [0, 1], got {m.grayscale}"),
+            (0 <= m.blur <= 1, "method.blur", f"must be in [0, 1], got {m.blur}"),
+            (len(m.blur_sigma) == 2 and 0 < m.blur_sigma[0] <= m.blur_sigma[1], "method.blur_sigma",
+             f"must be [lo, hi] with 0 < lo <= hi, got {list(m.blur_sigma)}"),
+            (m.blur_kernel is None or (m.blur_kernel >= 1 and m.blur_kernel % 2 == 1), "method.blur_kernel",
+             f"must be an odd number of pixels, got {m.blur_kernel}"),
         ]
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
-        check_color(m.color)
+        check_jitter(m.color)
 
-    # ---- recipe: random resized crop, flip, colour change, grey
+    # ---- recipe: random resized crop, flip, colour change, grey, blur
     @property
     def view_size(self):
         return self.image_size
 
-    def crop_plan(self, rng, n):
+    def blur_kernel(self) -> int:
+        """The blur window: method.blur_kernel, or the odd side nearest 10% of the view (SimCLR's), at least 3."""
+        k = self.cfg.method.blur_kernel
+        return int(k) if k is not None else max(3, int(round(self.view_size / 10)) // 2 * 2 + 1)
+
+    def recipe(self):
+        m = self.cfg.method
+        ops = [Crop(), Resize()] + [Flip()] * bool(m.flip) + [HSV()] * jitter_active(m.color) + \
+            [Grey()] * (m.grayscale > 0) + [Blur(self.blur_kernel())] * (m.blur > 0) + [Normalise()]
+        return Recipe(self.draw, ops, views=1, size=self.view_size, name="invp")
+
+    def draw(self, rng, n):
+        """torchvision's RandomResizedCrop boxes, flips, HSV change, greyscale and blur choices."""
         m, s = self.cfg.method, self.image_size
         tries = 10  # torchvision's RandomResizedCrop: 10 attempts, then the whole image
         area = s * s * rng.uniform(*m.crop_scale, (n, tries))
@@ -181,9 +200,11 @@ class InvariancePropagation(Method):
         x = (rng.random(n) * (s - w + 1)).astype(np.int64)
         boxes = np.stack([y, x, h, w], 1).astype(np.int32)[:, None, :]
         flips = (rng.random((n, 1)) < 0.5).astype(np.uint8) if m.flip else np.zeros((n, 1), np.uint8)
-        color = draw_color(rng, n, 1, m.color)
-        color[rng.random(n) < m.grayscale, 0, 1] = 0.0
-        return boxes, flips, color
+        fields = {"box": boxes, "flip": flips, "hsv": draw_hsv(rng, n, 1, m.color),
+                  "grey": (rng.random(n) < m.grayscale).astype(np.uint8)[:, None]}
+        if m.blur > 0:  # drawn last, and only when on: the streams of the fields above are unchanged
+            fields["blur"] = draw_blur(rng, n, 1, m.blur, m.blur_sigma)
+        return fields
 
     # ---- per-epoch graph, per-step bank
     def begin_epoch(self, epoch: int, fresh: bool) -> None:

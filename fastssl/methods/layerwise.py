@@ -20,7 +20,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color
+from fastssl.data.ops import HSV, Crop, Normalise
+from fastssl.data.plan import ColorJitter, check_jitter, draw_hsv, jitter_active
+from fastssl.data.recipe import Recipe
 from fastssl.kernels._common import loss_input
 from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused
 from fastssl.methods import register
@@ -44,12 +46,10 @@ class LayerwiseConfig(MethodConfig):
 class LayerwiseContrastive(Method):
     name = "layerwise"
     Config = LayerwiseConfig
-    num_views = 3
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
         self.num_stages = cfg.method.layers
-        self.color_jitter = color_active(cfg.method.color)
         self.stage = 0
         self.begin_stage(0)
 
@@ -73,7 +73,7 @@ class LayerwiseContrastive(Method):
             raise ConfigError(f"method.distance: {m.distance!r} is not one of cosine, euclidean")
         if m.margin < 0:
             raise ConfigError(f"method.margin: must be >= 0, got {m.margin}")
-        check_color(m.color)
+        check_jitter(m.color)
         if m.patch_sizes is not None and len(m.patch_sizes) != m.layers:
             raise ConfigError(f"method.patch_sizes: {len(m.patch_sizes)} sizes for {m.layers} layers")
         for k in range(m.layers):
@@ -114,7 +114,12 @@ class LayerwiseContrastive(Method):
     def view_size(self):
         return self.patch_side(self.cfg, self.stage)
 
-    def crop_plan(self, rng, n):
+    def recipe(self):
+        ops = [Crop()] + [HSV()] * jitter_active(self.cfg.method.color) + [Normalise()]
+        return Recipe(self.draw, ops, views=3, size=self.view_size, name=f"layerwise stage {self.stage + 1}")
+
+    def draw(self, rng, n):
+        """Anchor, a positive shifted by at most max_shift (never by 0) and a random negative."""
         p, s, shift = self.view_size, self.image_size, self.cfg.method.max_shift
         boxes = np.empty((n, 3, 4), np.int32)
         boxes[..., 2:] = p
@@ -127,7 +132,7 @@ class LayerwiseContrastive(Method):
         pos = np.clip(anchor + d, 0, s - p)
         boxes[:, 0, :2], boxes[:, 1, :2] = anchor, pos
         boxes[:, 2, :2] = rng.integers(0, s - p + 1, size=(n, 2))  # the next image's negative
-        return boxes, np.zeros((n, 3), np.uint8), draw_color(rng, n, 3, self.cfg.method.color)
+        return {"box": boxes, "flip": np.zeros((n, 3), np.uint8), "hsv": draw_hsv(rng, n, 3, self.cfg.method.color)}
 
     def monitor_features(self, x):
         """The stage being trained (later stages are untrained, and too deep for small images)."""

@@ -16,7 +16,9 @@ from typing import List, Optional
 
 import torch
 
-from fastssl.data.pipeline import ColorJitter, check_color, color_active, draw_color, square_crops
+from fastssl.data.ops import HSV, Crop, Flip, Normalise
+from fastssl.data.plan import ColorJitter, check_jitter, draw_hsv, jitter_active, square_crops
+from fastssl.data.recipe import Recipe
 from fastssl.kernels._common import loss_input
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
 from fastssl.methods import register
@@ -54,7 +56,6 @@ class SpatialContrasting(Method):
         # stages after the deepest used one get no gradient; DDP must be told
         deepest = max(backbone.stage_names.index(s) for s in self.layers)
         self.find_unused_parameters = deepest < len(backbone.stage_names) - 1
-        self.color_jitter = color_active(m.color)
 
     @staticmethod
     def patch_side(method_cfg, image_size: int) -> int:
@@ -77,7 +78,7 @@ class SpatialContrasting(Method):
         for i, s in enumerate(m.layers or []):
             if s not in stages:
                 raise ConfigError(f"method.layers[{i}]: {s!r} is not a stage of {cfg.model.arch}: {', '.join(stages)}")
-        check_color(m.color)
+        check_jitter(m.color)
         if m.layer_weights is not None and len(m.layer_weights) != len(m.layers or [None]):
             raise ConfigError(f"method.layer_weights: {len(m.layer_weights)} weights for {len(m.layers or [None])} layers")
 
@@ -85,9 +86,15 @@ class SpatialContrasting(Method):
     def view_size(self):
         return self.patch_side(self.cfg.method, self.image_size)
 
-    def crop_plan(self, rng, n):
-        boxes, flips = square_crops(rng, n, 2, self.view_size, self.image_size, self.cfg.method.flip)
-        return boxes, flips, draw_color(rng, n, 2, self.cfg.method.color)
+    def recipe(self):
+        m, side, size = self.cfg.method, self.view_size, self.image_size
+
+        def draw(rng, n):  # two square patches at uniform positions (and, off by default, flips and colour)
+            boxes, flips = square_crops(rng, n, 2, side, size, m.flip)
+            return {"box": boxes, "flip": flips, "hsv": draw_hsv(rng, n, 2, m.color)}
+
+        ops = [Crop()] + [Flip()] * bool(m.flip) + [HSV()] * jitter_active(m.color) + [Normalise()]
+        return Recipe(draw, ops, views=2, size=side, name="sc")
 
     def forward(self, views, index):
         x = torch.cat(views, 0)  # one backbone pass over both patch sets

@@ -1,7 +1,7 @@
 """Split-Brain autoencoder (Zhang, Isola, Efros 2017).
 
 Each image (a random crop of it, optionally flipped) is converted to CIE-Lab *inside the data
-pipeline* (DALI, on the GPU by default: fastssl/data/color.py) and split into L and ab.  One
+pipeline* (DALI, on the GPU by default: fastssl/data/lab.py) and split into L and ab.  One
 fully convolutional half of the network sees only L and predicts the image's quantised ab
 (10 x 10 joint bins), the other sees only ab and predicts quantised L (100 bins), both on a
 downsampled grid (12 x 12 for 96 px crops); the loss is the cross-entropy per target cell,
@@ -14,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastssl.data.color import SPACES, ColorSplit, torch_colour
-from fastssl.data.pipeline import square_crops
+from fastssl.data.lab import SPACES, ColorSplit, torch_colour
+from fastssl.data.ops import Crop, Flip, SplitTargets, ToSpace
+from fastssl.data.plan import square_crops
+from fastssl.data.recipe import Recipe
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 
@@ -42,12 +43,11 @@ class SplitBrainConfig(MethodConfig):
 class SplitBrain(Method):
     name = "splitbrain"
     Config = SplitBrainConfig
-    num_views = 1
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
-        self.view_transform = self.color_split(cfg, image_size)
-        c1, c2 = self.view_transform.classes
+        self.split = self.color_split(cfg, image_size)
+        c1, c2 = self.split.classes
         last = backbone.stage_names[-1]
         # half 0 sees the one-channel group and predicts the other group's classes, and vice versa
         self.heads = nn.ModuleList([nn.Conv2d(backbone.halves[0].widths[last], c2, 1),
@@ -91,9 +91,15 @@ class SplitBrain(Method):
     def view_size(self):
         return self.crop_side(self.cfg.method, self.image_size)
 
-    def crop_plan(self, rng, n):
-        boxes, flips = square_crops(rng, n, 1, self.view_size, self.image_size, self.cfg.method.flip)
-        return boxes, flips, np.zeros((n, 1, 3), np.float32)
+    def recipe(self):
+        m, side, size = self.cfg.method, self.view_size, self.image_size
+
+        def draw(rng, n):
+            boxes, flips = square_crops(rng, n, 1, side, size, m.flip)
+            return {"box": boxes, "flip": flips}
+
+        ops = [Crop(), Flip(), ToSpace(self.split.space), SplitTargets(self.split)]  # (flip: zeros when off)
+        return Recipe(draw, ops, views=1, size=side, name="splitbrain")
 
     @classmethod
     def eval_input(cls, cfg, source):

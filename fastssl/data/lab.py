@@ -83,10 +83,13 @@ class ColorSplit:
     def dali(self, x, side: int):
         """DALI graph: HWC uint8 view of ``side`` px -> [CHW float input, (h, w) int32 targets 1,
         targets 2]."""
+        return self.dali_targets(dali_colour(x, self.space), side)
+
+    def dali_targets(self, c, side: int):
+        """The same from a view already in the space's units (``dali_colour``)."""
         from nvidia.dali import fn, types
         from nvidia.dali import math as dmath
 
-        c = dali_colour(x, self.space)
         centre, half = self.input_scale()
         inp = fn.transpose((c - np.float32(centre)) * np.float32(1 / np.array(half)), perm=[2, 0, 1])
         if self.rescale:
@@ -108,20 +111,23 @@ class ColorSplit:
     def torch(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The same for a (B, 3, H, W) or (3, H, W) uint8 tensor: [input, targets 1, targets 2]."""
         batched = x.dim() == 4
-        c = torch_colour(x if batched else x[None], self.space)
+        out = self.torch_targets(torch_colour(x if batched else x[None], self.space))
+        return out if batched else [o[0] for o in out]
+
+    def torch_targets(self, c: torch.Tensor) -> List[torch.Tensor]:
+        """The same from a (B, 3, H, W) batch already in the space's units (``torch_colour``)."""
         inp = self.normalise(c)
         if self.rescale:
             lo = c.amin(dim=(2, 3), keepdim=True)
             inv = 1.0 / (c.amax(dim=(2, 3), keepdim=True) - lo + 1e-6)
         else:
             lo, hi = self.fixed_range()
-            lo, inv = (torch.tensor(v, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) for v in (lo, 1.0 / (hi - lo)))
+            lo, inv = (torch.tensor(v, dtype=torch.float32, device=c.device).view(1, 3, 1, 1) for v in (lo, 1.0 / (hi - lo)))
         small = torch.nn.functional.avg_pool2d(c, self.factor)  # block means
-        n = torch.tensor([self.bins1, self.bins2, self.bins2], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        n = torch.tensor([self.bins1, self.bins2, self.bins2], dtype=torch.float32, device=c.device).view(1, 3, 1, 1)
         q = torch.minimum(torch.floor((small - lo) * inv * n).clamp_min(0), n - 1).long()
         t1, t2 = q[:, 0], q[:, 1] * self.bins2 + q[:, 2]
-        out = [inp, t1.int(), t2.int()]
-        return out if batched else [o[0] for o in out]
+        return [inp, t1.int(), t2.int()]
 
     def normalise(self, c: torch.Tensor) -> torch.Tensor:
         centre, half = self.input_scale()

@@ -1,0 +1,56 @@
+"""The baseline executor: the recipe's torch faces in ``torch.utils.data.DataLoader`` workers,
+one whole batch per worker item (PIL decoding for folders)."""
+from __future__ import annotations
+
+import torch
+
+from fastssl.data.decode import split_images
+from fastssl.data.executors.base import Executor, run_torch
+from fastssl.data.ops.base import ViewContext
+from fastssl.data.plan import ViewPlan
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Item k = step k of the epoch plan, as a whole batch (workers build batches in parallel)."""
+
+    def __init__(self, executor: "TorchExecutor", plan: ViewPlan):
+        self.e, self.plan = executor, plan
+
+    def __len__(self):
+        return self.plan.steps - self.e.start_step
+
+    def __getitem__(self, k):
+        e = self.e
+        s = self.plan.step(k + e.start_step)
+        views = run_torch(e.recipe, split_images(e.split, s.index, e.base_size), s, e.ctx)
+        return {"views": views, "index": torch.from_numpy(s.index)}
+
+
+def _worker_init(_):
+    """Forked workers inherit the parent's objects, a DALI pipeline among them where one exists;
+    collecting such an object in the child runs its destructor, which waits for threads that
+    only exist in the parent (a hang).  The workers never need to free what they inherited."""
+    import gc
+
+    gc.freeze()
+
+
+class TorchExecutor(Executor):
+    """torchvision + ``DataLoader`` executor of the same plan: the baseline."""
+
+    def __init__(self, split, recipe, batch_size, seed, rank, world, base_size, mean, std,
+                 num_workers=2, prefetch=2, pin_memory=False):
+        super().__init__(split, recipe, batch_size, seed, rank, world)
+        self.base_size = base_size
+        self.ctx = ViewContext(recipe.size, tuple(mean), tuple(std))
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
+
+    def batch_dataset(self, plan):
+        return _BatchDataset(self, plan)
+
+    def __iter__(self):
+        ds = self.batch_dataset(self.plan())
+        kw = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers > 0 else {}
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                                         pin_memory=self.pin_memory, worker_init_fn=_worker_init, **kw)
+        yield from dl

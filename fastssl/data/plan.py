@@ -1,0 +1,129 @@
+"""The view plan: what every view of every image of an epoch looks like, drawn on the host.
+
+A recipe's ``draw(rng, n)`` returns named fields, each an array of shape ``(n, views, ...)``
+(``box`` (y, x, h, w), ``flip``, ``hsv`` (hue degrees, saturation, value), ``grey``, ``blur``
+sigma, ...; ``fastssl/data/ops`` says which op reads which).  The plan of an epoch is drawn
+from ``(seed, epoch)`` only, so
+
+* every executor cuts exactly the same pixels (tests compare each executor with the torch faces),
+* a run resumed mid-epoch re-creates the epoch's plan and skips the steps already done, and
+* DDP ranks agree on the permutation and take disjoint shards of it (a rank's crops do not
+  depend on the world size: fields are drawn for all n images).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import numpy as np
+
+from fastssl.errors import ConfigError
+
+Fields = Dict[str, np.ndarray]
+DrawFn = Callable[[np.random.Generator, int], Fields]
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Whole global batches per epoch (the last partial batch is dropped on every rank)."""
+    return n // (batch_size * world)
+
+
+def global_batches(order: np.ndarray, batch_size: int, world: int) -> np.ndarray:
+    """An epoch's shuffled ``order`` cut into whole global batches: (steps, world, batch_size);
+    rank r's step k is ``[k, r]`` (the last partial global batch is dropped)."""
+    steps = steps_per_epoch(len(order), batch_size, world)
+    return order[: steps * batch_size * world].reshape(steps, world, batch_size)
+
+
+@dataclass
+class ViewPlan:
+    """What one rank reads in one epoch (or one step): image indices and named per-view fields."""
+
+    index: np.ndarray  # (n,) int64
+    fields: Fields  # name -> (n, views, ...)
+    batch_size: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.index) // self.batch_size
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.fields[name]
+
+    def step(self, k: int) -> "ViewPlan":
+        s = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        return ViewPlan(self.index[s], {n: a[s] for n, a in self.fields.items()}, self.batch_size)
+
+
+def make_epoch_plan(n: int, batch_size: int, draw: DrawFn, seed: int, epoch: int,
+                    rank: int = 0, world: int = 1) -> ViewPlan:
+    """Shuffle, draw every image's views, and keep this rank's shard (whole batches only)."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    fields = draw(rng, n)  # drawn for all n: the plan is independent of world size
+    take = global_batches(perm, batch_size, world)[:, rank].reshape(-1)
+    return ViewPlan(take.astype(np.int64), {k: v[take] for k, v in fields.items()}, batch_size)
+
+
+def check_fields(fields: Fields, n: int, views: int, needed, who: str = "the recipe") -> None:
+    """Every field an op reads is there with shape (n, views, ...); the error names the field."""
+    for name in needed:
+        if name not in fields:
+            raise ValueError(f"{who}: its ops read plan field {name!r}, which its draw does not make "
+                             f"(it makes {', '.join(sorted(fields)) or 'nothing'})")
+        if fields[name].shape[:2] != (n, views):
+            raise ValueError(f"{who}: plan field {name!r} has shape {fields[name].shape}, expected ({n}, {views}, ...)")
+
+
+# --------------------------------------------------------------------------- drawing helpers
+
+
+def square_crops(rng: np.random.Generator, n: int, views: int, side: int, image_size: int, flip: bool):
+    """Boxes (n, views, 4) of side x side squares at uniform random positions, and flips (n, views)."""
+    yx = rng.integers(0, image_size - side + 1, size=(n, views, 2), dtype=np.int32)
+    boxes = np.concatenate([yx, np.full((n, views, 2), side, np.int32)], axis=2)
+    flips = rng.integers(0, 2, size=(n, views), dtype=np.uint8) if flip else np.zeros((n, views), np.uint8)
+    return boxes, flips
+
+
+@dataclass
+class ColorJitter:
+    """Per-view HSV change drawn in the plan (config ``method.color``; defaults: none)."""
+
+    hue: float = 0.0  # rotation drawn uniformly in [-hue, hue] degrees
+    saturation: List[float] = field(default_factory=lambda: [1.0, 1.0])  # multiplier range (0 = grey)
+    value: List[float] = field(default_factory=lambda: [1.0, 1.0])  # brightness multiplier range
+
+    @property
+    def active(self) -> bool:
+        return jitter_active(self)
+
+
+def jitter_active(jitter) -> bool:
+    """Whether a ColorJitter (dataclass or config node) changes anything."""
+    return jitter.hue != 0 or list(jitter.saturation) != [1.0, 1.0] or list(jitter.value) != [1.0, 1.0]
+
+
+def check_jitter(jitter, key: str = "method.color") -> None:
+    """Refuse impossible colour-change settings, naming the key (ConfigError)."""
+    if not 0 <= jitter.hue <= 180:
+        raise ConfigError(f"{key}.hue: must be in [0, 180] degrees, got {jitter.hue}")
+    for k in ("saturation", "value"):
+        r = list(getattr(jitter, k))
+        if len(r) != 2 or not 0 <= r[0] <= r[1]:
+            raise ConfigError(f"{key}.{k}: must be a range [lo, hi] with 0 <= lo <= hi, got {r}")
+
+
+def draw_hsv(rng: np.random.Generator, n: int, views: int, jitter) -> np.ndarray:
+    """(n, views, 3) float32: hue degrees, saturation and value multipliers."""
+    out = np.empty((n, views, 3), np.float32)
+    out[..., 0] = rng.uniform(-jitter.hue, jitter.hue, (n, views)) if jitter.hue else 0.0
+    out[..., 1] = rng.uniform(*jitter.saturation, (n, views))
+    out[..., 2] = rng.uniform(*jitter.value, (n, views))
+    return out
+
+
+def draw_blur(rng: np.random.Generator, n: int, views: int, prob: float, sigma) -> np.ndarray:
+    """(n, views) float32 Gaussian-blur sigma per view, 0 = not blurred (probability ``prob``)."""
+    on = rng.random((n, views)) < prob
+    return np.where(on, rng.uniform(sigma[0], sigma[1], (n, views)), 0.0).astype(np.float32)
