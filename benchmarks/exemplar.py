@@ -1,13 +1,13 @@
-"""Exemplar-CNN surrogate-patch generation: DALI GPU vs DALI CPU vs a torch DataLoader baseline,
-and reading a materialised set.
+"""Exemplar-CNN surrogate-patch generation: DALI GPU vs DALI CPU vs the tensor executor vs a torch
+DataLoader baseline, and reading a materialised set.
 
     python -m benchmarks.exemplar [--size 96] [--images 2048] [--per-class 16] [--batch 512] [--workers N]
 
-Every executor makes the same 32x32 patches (the DALI graph of fastssl/data/exemplar.py:
+Every executor makes the same 32x32 patches from the surrogate recipe (fastssl/data/ops/exemplar.py:
 warp_affine + PCA colour matrix + exact HSV round trip, on the GPU or on DALI's CPU backend
-with ``workers`` threads; its torch twin, grid_sample + einsum + the same HSV maths, in a
-DataLoader with ``workers`` processes; tests/test_exemplar.py checks they agree to one grey
-level).  One seed image per class, ``per-class`` patches of each: one epoch of the surrogate
+with ``workers`` threads; the torch faces, grid_sample + einsum + the same HSV maths, in a
+DataLoader with ``workers`` processes, or on the images resident on the training device;
+tests/test_exemplar.py checks DALI and torch agree to one grey level).  One seed image per class, ``per-class`` patches of each: one epoch of the surrogate
 set per repeat.  "materialised" reads the same epoch back from a ``patches.npy`` memory map
 (page cache warm), i.e. the cost of training from a set generated once.  Rates are patches/s
 (median of repeats after a warm-up pass); ratios are to the DataLoader measured in the same run.
@@ -25,7 +25,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import publish, summary, timed  # noqa: E402
-from fastssl.data import exemplar as ex  # noqa: E402
+from fastssl.data import surrogate as ex  # noqa: E402
+from fastssl.data.executors.dali import DaliExecutor  # noqa: E402
+from fastssl.data.executors.dataloader import TorchExecutor  # noqa: E402
+from fastssl.data.executors.tensor import TensorExecutor  # noqa: E402
+from fastssl.data.exemplar import FileSurrogateLoader, materialise  # noqa: E402
 from fastssl.data.decode import to_chw  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
 
@@ -47,12 +51,15 @@ def main(argv=None):
     sset = ex.make_surrogate_set(split, a.size, np.arange(n), np.arange(n), n, seed=0)
     pca = ex.pca_basis(to_chw(images[:1000]))
     aug = ex.SurrogateAug()
-    common = dict(split=split, sset=sset, aug=aug, patch=32, image_size=a.size, pca=pca, per_class=a.per_class,
-                  batch_size=a.batch, seed=0, rank=0, world=1)
-    loaders = {f"torch-dataloader ({a.workers} procs)": ex.TorchSurrogateLoader(**common, num_workers=a.workers),
-               f"dali-cpu ({a.workers} threads)": ex.DaliSurrogateLoader(**common, device="cpu", num_threads=a.workers)}
+    recipe = ex.surrogate_recipe(sset, aug, 32, a.size, pca, a.per_class)
+    common = dict(split=split, recipe=recipe, batch_size=a.batch, seed=0, rank=0, world=1, mean=(0.5,) * 3, std=(0.25,) * 3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaders = {f"torch-dataloader ({a.workers} procs)": TorchExecutor(**common, base_size=a.size, num_workers=a.workers),
+               f"dali-cpu ({a.workers} threads)": DaliExecutor(**common, device="cpu", base_size=a.size,
+                                                               num_threads=a.workers),
+               f"tensor ({device})": TensorExecutor(**common, device=device)}
     if torch.cuda.is_available():
-        loaders["dali-gpu"] = ex.DaliSurrogateLoader(**common, device="gpu", num_threads=a.workers, device_id=0)
+        loaders["dali-gpu"] = DaliExecutor(**common, device="gpu", base_size=a.size, num_threads=a.workers, device_id=0)
     else:
         print("  dali-gpu: skipped (no CUDA GPU on this machine)")
     epoch_no = {"k": 0}
@@ -73,8 +80,9 @@ def main(argv=None):
             rows.append({"executor": name, "patches": patches, "batch": a.batch, "image_size": a.size,
                          "patches_per_s": summary(timed(epoch(loader), a.repeats), patches)})
             print(f"  exemplar {name:32s} {rows[-1]['patches_per_s']['median']:10.0f} patches/s", flush=True)
-        ex.materialise(ex.DaliSurrogateLoader(**common, device="cpu", num_threads=a.workers), tmp, sset, progress=False)
-        fl = ex.FileSurrogateLoader(tmp, a.batch, 0, 0, 1)
+        materialise(DaliExecutor(**common, device="cpu", base_size=a.size, num_threads=a.workers), tmp, sset, pca,
+                    progress=False)
+        fl = FileSurrogateLoader(tmp, a.batch, 0, 0, 1)
         rows.append({"executor": "materialised (patches.npy)", "patches": patches, "batch": a.batch,
                      "image_size": a.size, "patches_per_s": summary(timed(epoch(fl), a.repeats), patches)})
         print(f"  exemplar {'materialised':32s} {rows[-1]['patches_per_s']['median']:10.0f} patches/s", flush=True)

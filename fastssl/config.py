@@ -254,8 +254,6 @@ def validate(cfg: DictConfig) -> None:
     _check(d.pipeline != "tensor" or d.source != "folder", "data.pipeline",
            "tensor keeps the whole dataset in memory as one tensor and needs an in-memory source "
            "(builtin, stl10, cifar10, cifar100); a folder's images are files: use dali-gpu, dali-cpu or torch")
-    _check(d.pipeline != "tensor" or cfg.method.name != "exemplar", "data.pipeline",
-           "tensor runs crop recipes; exemplar's surrogate patches come from its own loader: use dali-gpu, dali-cpu or torch")
     if d.pipeline == "dali-gpu":
         import torch
 

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         print(f"fastssl: no checkpoint at {ck_path}; starting a new run", file=sys.stderr)
 
     # A method trains in one or more stages (e.g. one layer at a time); each stage has its own
-    # trainable parameters, crop recipe, data loader and optimiser.
+    # trainable parameters, data recipe, data loader and optimiser.
     steps_per_epoch = loader_steps(model.epoch_items(len(source.pretrain)), cfg.data.batch_size, d.world)
     total_steps = model.num_stages * cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     for stage in range(stage0, model.num_stages):
         if finished:
             break
+        loader = None  # the previous stage's loader goes first (the tensor executor holds the dataset on the device)
         model.begin_stage(stage, source)
         try:  # (a DALI GPU graph that cannot be built is refused here, before any step)
             loader = model.loader(cfg, source, d.rank, d.world, d.device_id, d.device)

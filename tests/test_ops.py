@@ -163,3 +163,42 @@ def test_tensor_executor_resumes_mid_epoch_shards_ranks_and_refuses_files(images
     assert len(idx.unique()) == len(idx) == 64
     with pytest.raises(ValueError, match="folder's images are files"):
         TensorExecutor(Split(files=["a.png"] * 16), r, 8, 3, 0, 1, MEAN, STD)
+
+
+def test_exemplar_surrogate_recipe_on_every_executor(images):
+    """The surrogate recipe (WarpAffine, ColourMatrix, HSVPower) on its own per-step plan: the
+    DataLoader and tensor executors equal the torch faces bit for bit, DALI CPU to one grey level."""
+    from fastssl.data.decode import to_chw
+    from fastssl.data.surrogate import (PatchParams, SurrogateAug, generate_torch, make_surrogate_set, pca_basis,
+                                        surrogate_recipe)
+
+    split = Split(images=images)
+    sset = make_surrogate_set(split, SIZE, np.arange(16), np.arange(16), 16, seed=0)
+    r = surrogate_recipe(sset, SurrogateAug(), 16, SIZE, pca_basis(to_chw(images)), per_class=4)
+    for kind, ex in executors(split, r, batch=8).items():
+        ex.set_epoch(1)
+        plan = ex.epoch_plan(1)
+        n = 0
+        for k, batch in enumerate(ex):
+            s = plan.step(k)
+            p = PatchParams(s["affine"][:, 0], s["cmat"][:, 0], s["coff"][:, 0], s["hsvp"][:, 0])
+            want = generate_torch(torch.from_numpy(images[s.sources]).permute(0, 3, 1, 2), p, 16)
+            got = batch["views"][0]
+            assert torch.equal(batch["index"], torch.from_numpy(s.index)) and got.shape == want.shape == (8, 16, 16, 3)
+            if kind == "dali-cpu":
+                d = (got.int() - want.int()).abs()
+                assert d.max() <= 1 and (d > 0).float().mean() < 0.01, (d.max(), (d > 0).float().mean())
+            else:
+                assert torch.equal(got, want), kind
+            n += 1
+        assert n == len(ex) == 8
+
+
+def test_a_flip_before_pointwise_ops_and_normalise_runs_as_its_mirror():
+    from fastssl.data.ops.colour import fuse_flip
+
+    fused = fuse_flip(RECIPES["blur-after-resize"][0])
+    assert [repr(o) for o in fused] == ["Crop", "Resize", "HSV", "Grey", "Blur(kernel=3)", "Normalise(mirror)"]
+    assert fused[-1].reads == ("flip",)
+    lab = RECIPES["lab-targets"][0]  # Flip -> ToSpace: not a Normalise, kept as it is
+    assert fuse_flip(lab) == lab

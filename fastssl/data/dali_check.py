@@ -64,8 +64,11 @@ def crop_pipeline(recipe, source, split, batch_size: int):
 
 
 def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: int):
-    """The dali-gpu Exemplar-CNN surrogate pipeline as build_surrogate_loader configures it, fed
-    by an empty source (for its graph only: it is never run, so device 0 need not exist)."""
-    from fastssl.data.exemplar import build_surrogate_pipeline
+    """The dali-gpu graph of the Exemplar-CNN surrogate ops (what build_loader builds for the
+    surrogate recipe), fed by an empty source: for its graph only (the tests compare it)."""
+    from fastssl.data.executors.dali import build_dali_pipeline
+    from fastssl.data.recipe import Recipe
+    from fastssl.data.surrogate import surrogate_ops
 
-    return build_surrogate_pipeline([], "gpu", batch_size, 1, 0, patch, encoded, image_size)
+    recipe = Recipe(None, surrogate_ops(patch), views=1, size=patch, name="exemplar surrogate")
+    return build_dali_pipeline([], recipe, "gpu", batch_size, 1, 0, image_size, encoded, (0.5,) * 3, (0.25,) * 3)

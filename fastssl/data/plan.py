@@ -13,7 +13,7 @@ from ``(seed, epoch)`` only, so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -39,20 +39,27 @@ def global_batches(order: np.ndarray, batch_size: int, world: int) -> np.ndarray
 class ViewPlan:
     """What one rank reads in one epoch (or one step): image indices and named per-view fields."""
 
-    index: np.ndarray  # (n,) int64
+    index: np.ndarray  # (n,) int64: what the batch reports (image indices, or e.g. surrogate member rows)
     fields: Fields  # name -> (n, views, ...)
     batch_size: int
+    images: Optional[np.ndarray] = None  # (n,) images to read when they are not ``index``
 
     @property
     def steps(self) -> int:
         return len(self.index) // self.batch_size
+
+    @property
+    def sources(self) -> np.ndarray:
+        """The image of each sample."""
+        return self.index if self.images is None else self.images
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.fields[name]
 
     def step(self, k: int) -> "ViewPlan":
         s = slice(k * self.batch_size, (k + 1) * self.batch_size)
-        return ViewPlan(self.index[s], {n: a[s] for n, a in self.fields.items()}, self.batch_size)
+        return ViewPlan(self.index[s], {n: a[s] for n, a in self.fields.items()}, self.batch_size,
+                        None if self.images is None else self.images[s])
 
 
 def make_epoch_plan(n: int, batch_size: int, draw: DrawFn, seed: int, epoch: int,

@@ -4,7 +4,7 @@ itself; every executor runs the same recipe."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from fastssl.data.ops.base import Op
 from fastssl.data.plan import DrawFn
@@ -12,11 +12,15 @@ from fastssl.data.plan import DrawFn
 
 @dataclass
 class Recipe:
-    draw: DrawFn  # (rng, n) -> {field: (n, views, ...)}, e.g. {"box": ..., "flip": ...}
+    draw: Optional[DrawFn]  # (rng, n) -> {field: (n, views, ...)}, e.g. {"box": ..., "flip": ...}
     ops: Sequence[Op]  # applied in order to each view; the last may return several outputs
     views: int  # views per image
     size: int  # side of every view, pixels
     name: str = "recipe"
+    # A recipe whose samples are not one per image draws its own epoch plan instead:
+    # plan(seed, epoch, rank, world, batch_size) -> an object with ``steps`` and ``step(k)`` (a ViewPlan)
+    plan: Optional[Callable] = None
+    items: Optional[int] = None  # samples per epoch with ``plan`` (default: the split's images)
 
     def __post_init__(self):
         self.ops = list(self.ops)

@@ -39,7 +39,7 @@ class Method(nn.Module):
         self.num_images = num_images  # size of the pre-training split (for per-image state)
 
     def begin_stage(self, stage: int, source=None) -> None:
-        """Before a stage's loader and optimiser are built: set what trains and the crop recipe
+        """Before a stage's loader and optimiser are built: set what trains and the data recipe
         (``source``: the data, for methods whose state is built from the images)."""
 
     def epoch_items(self, num_images: int) -> int:

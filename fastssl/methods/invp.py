@@ -65,7 +65,7 @@ class InvPConfig(MethodConfig):
     rampup_epoch: int = 30
     monitor_k: int = 200
     monitor_temperature: float = 0.07
-    # instance-discrimination augmentations, drawn in the crop plan
+    # instance-discrimination augmentations, drawn in the view plan
     crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
     flip: bool = True
@@ -175,13 +175,13 @@ class InvariancePropagation(Method):
     def blur_kernel(self) -> int:
         """The blur window: method.blur_kernel, or the odd side nearest 10% of the view (SimCLR's), at least 3."""
         k = self.cfg.method.blur_kernel
-        return int(k) if k is not None else max(3, int(round(self.view_size / 10)) // 2 * 2 + 1)
+        return int(k) if k is not None else max(3, 2 * int(round((self.view_size / 10 - 1) / 2)) + 1)
 
     def recipe(self):
         m = self.cfg.method
         ops = [Crop(), Resize()] + [Flip()] * bool(m.flip) + [HSV()] * jitter_active(m.color) + \
             [Grey()] * (m.grayscale > 0) + [Blur(self.blur_kernel())] * (m.blur > 0) + [Normalise()]
-        return Recipe(self.draw, ops, views=1, size=self.view_size, name="invp")
+        return Recipe(self.draw, ops, views=1, size=self.view_size, name="invp crop")
 
     def draw(self, rng, n):
         """torchvision's RandomResizedCrop boxes, flips, HSV change, greyscale and blur choices."""

@@ -116,7 +116,7 @@ class LayerwiseContrastive(Method):
 
     def recipe(self):
         ops = [Crop()] + [HSV()] * jitter_active(self.cfg.method.color) + [Normalise()]
-        return Recipe(self.draw, ops, views=3, size=self.view_size, name=f"layerwise stage {self.stage + 1}")
+        return Recipe(self.draw, ops, views=3, size=self.view_size, name=f"layerwise crop (stage {self.stage + 1})")
 
     def draw(self, rng, n):
         """Anchor, a positive shifted by at most max_shift (never by 0) and a random negative."""

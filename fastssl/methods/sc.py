@@ -94,7 +94,7 @@ class SpatialContrasting(Method):
             return {"box": boxes, "flip": flips, "hsv": draw_hsv(rng, n, 2, m.color)}
 
         ops = [Crop()] + [Flip()] * bool(m.flip) + [HSV()] * jitter_active(m.color) + [Normalise()]
-        return Recipe(draw, ops, views=2, size=side, name="sc")
+        return Recipe(draw, ops, views=2, size=side, name="sc crop")
 
     def forward(self, views, index):
         x = torch.cat(views, 0)  # one backbone pass over both patch sets

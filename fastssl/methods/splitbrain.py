@@ -99,7 +99,7 @@ class SplitBrain(Method):
             return {"box": boxes, "flip": flips}
 
         ops = [Crop(), Flip(), ToSpace(self.split.space), SplitTargets(self.split)]  # (flip: zeros when off)
-        return Recipe(draw, ops, views=1, size=side, name="splitbrain")
+        return Recipe(draw, ops, views=1, size=side, name="splitbrain crop")
 
     @classmethod
     def eval_input(cls, cfg, source):

@@ -23,6 +23,7 @@ class Executor:
         self.split, self.recipe = split, recipe
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch, self.start_step = 0, 0
+        items = items if items is not None else (recipe.items if recipe is not None else None)
         n = len(split) if items is None else items
         self.steps_per_epoch = steps_per_epoch(n, batch_size, world)
         if self.steps_per_epoch < 1:
@@ -37,6 +38,8 @@ class Executor:
 
     def epoch_plan(self, epoch: int) -> ViewPlan:
         r = self.recipe
+        if r.plan is not None:  # the recipe's own plan (e.g. Exemplar-CNN's, drawn per step)
+            return r.plan(self.seed, epoch, self.rank, self.world, self.batch_size)
         plan = make_epoch_plan(len(self.split), self.batch_size, r.draw, self.seed, epoch, self.rank, self.world)
         check_fields(plan.fields, len(plan.index), r.views, r.reads, r.name)
         return plan

@@ -12,6 +12,7 @@ import numpy as np
 
 from fastssl.data.executors.base import Executor
 from fastssl.data.ops.base import ViewContext
+from fastssl.data.ops.colour import fuse_flip
 from fastssl.data.plan import ViewPlan
 from fastssl.data.recipe import Recipe
 from fastssl.data.sources import Split
@@ -82,6 +83,7 @@ def build_dali_pipeline(source, recipe: Recipe, device: str, batch_size: int, nu
     from nvidia.dali import fn, pipeline_def
 
     reads, ctx = recipe.reads, ViewContext(recipe.size, tuple(mean), tuple(std), device)
+    ops = fuse_flip(recipe.ops)  # the flip done by crop_mirror_normalize where it can be
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, seed=seed)
@@ -96,7 +98,7 @@ def build_dali_pipeline(source, recipe: Recipe, device: str, batch_size: int, nu
         for v in range(recipe.views):
             f = dict(zip(reads, outs[2 + len(reads) * v: 2 + len(reads) * (v + 1)]))
             x = images
-            for op in recipe.ops:
+            for op in ops:
                 x = op.dali(x, f, ctx)
             views.extend(x if isinstance(x, (list, tuple)) else [x])
         return (*views, index)
@@ -128,7 +130,7 @@ class DaliExecutor(Executor):
     def step_inputs(self, plan: ViewPlan, k: int):
         """The external source's inputs of step k: images, index, and each view's fields."""
         s = plan.step(k)
-        out = [dali_images(self.split, s.index), list(s.index.reshape(-1, 1))]
+        out = [dali_images(self.split, s.sources), list(s.index.reshape(-1, 1))]
         ops = {name: next(op for op in self.recipe.ops if name in op.reads) for name in self.recipe.reads}
         for v in range(self.recipe.views):
             out += [feed(ops[name].feed(name, s[name][:, v])) for name in self.recipe.reads]

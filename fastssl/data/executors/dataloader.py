@@ -22,7 +22,7 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, k):
         e = self.e
         s = self.plan.step(k + e.start_step)
-        views = run_torch(e.recipe, split_images(e.split, s.index, e.base_size), s, e.ctx)
+        views = run_torch(e.recipe, split_images(e.split, s.sources, e.base_size), s, e.ctx)
         return {"views": views, "index": torch.from_numpy(s.index)}
 
 
@@ -41,6 +41,9 @@ class TorchExecutor(Executor):
     def __init__(self, split, recipe, batch_size, seed, rank, world, base_size, mean, std,
                  num_workers=2, prefetch=2, pin_memory=False):
         super().__init__(split, recipe, batch_size, seed, rank, world)
+        # imported here, once: every epoch forks new workers, which inherit it (1.4 s each otherwise)
+        import torchvision.transforms.v2.functional  # noqa: F401
+
         self.base_size = base_size
         self.ctx = ViewContext(recipe.size, tuple(mean), tuple(std))
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory

@@ -44,5 +44,5 @@ class TensorExecutor(Executor):
         for k in range(self.start_step, plan.steps):
             s = plan.step(k)
             index = torch.from_numpy(s.index)
-            x = self.images[index.to(self.device, non_blocking=True)]
+            x = self.images[torch.from_numpy(s.sources).to(self.device, non_blocking=True)]
             yield {"views": run_torch(self.recipe, x, s, self.ctx), "index": index}

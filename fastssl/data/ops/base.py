@@ -34,6 +34,7 @@ class Op:
 
     reads: Tuple[str, ...] = ()  # plan fields of each view this op reads
     num_outputs: int = 1  # > 1: the op ends a recipe and returns a list
+    commutes_with_flip: bool = False  # f(flip(x)) == flip(f(x)) (per-pixel or mirror-symmetric ops)
 
     def dali(self, x, f, ctx: ViewContext):
         raise NotImplementedError

@@ -20,6 +20,7 @@ class Blur(Op):
     """DALI ``fn.gaussian_blur``; torchvision ``gaussian_blur``.  Float output on the 0..255 scale."""
 
     reads = ("blur",)
+    commutes_with_flip = True  # a symmetric kernel with symmetric borders
 
     def __init__(self, kernel: int):
         if kernel < 1 or kernel % 2 == 0:

@@ -3,8 +3,7 @@
 HSV follows DALI's ``fn.hsv``: it works in YIQ (hue rotates I/Q, saturation scales them, value
 scales all three), so the change of one view is one 3x3 RGB matrix (``hsv_matrix``), which the
 torch face applies.  Greyscale is the YIQ luma Y = 0.299 R + 0.587 G + 0.114 B in all three
-channels (what torchvision's ``rgb_to_grayscale`` computes), applied where the plan's ``grey``
-is 1.
+channels (torchvision's ``rgb_to_grayscale`` weights), applied where the plan's ``grey`` is 1.
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from fastssl.data.ops.base import Op, ViewContext, refuse_ragged
+from fastssl.data.ops.geometry import Flip
 
 # RGB <-> YIQ, the colour space of DALI's fn.hsv
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
@@ -32,6 +32,7 @@ class HSV(Op):
     per view; float output on the 0..255 scale."""
 
     reads = ("hsv",)
+    commutes_with_flip = True
 
     def dali(self, x, f, ctx: ViewContext):
         from nvidia.dali import fn, types
@@ -46,40 +47,69 @@ class HSV(Op):
 
 
 class Grey(Op):
-    """Greyscale where the plan's ``grey`` is 1: ``x + grey * (luma(x) - x)`` (float output;
-    DALI ``fn.coord_transform`` with the luma matrix, arithmetic for the per-view choice)."""
+    """Greyscale where the plan's ``grey`` is 1: each view gets the luma matrix or the identity,
+    chosen on the host (``feed``), and one 3x3 colour transform applies it (DALI
+    ``fn.coord_transform``; torch einsum).  The identity leaves a view exactly as it was.  Float
+    output on the 0..255 scale."""
 
     reads = ("grey",)
+    commutes_with_flip = True
+
+    @staticmethod
+    def matrices(grey) -> np.ndarray:
+        """(B,) flags -> (B, 3, 3) float32: luma where set, identity elsewhere."""
+        g = np.asarray(grey).astype(bool).reshape(-1, 1, 1)
+        return np.where(g, _LUMA, np.eye(3)).astype(np.float32)
+
+    def feed(self, name, a):
+        return self.matrices(a)
 
     def dali(self, x, f, ctx: ViewContext):
         from nvidia.dali import fn, types
 
-        x = fn.cast(x, dtype=types.FLOAT)
-        y = fn.coord_transform(x, M=_LUMA.astype(np.float32).ravel().tolist(), dtype=types.FLOAT)
-        g = f["grey"]
-        if ctx.device == "gpu":  # an arithmetic operand, not a named argument: it may live on the GPU
-            g = g.gpu()
-        return x + g * (y - x)
+        return fn.coord_transform(x, M=f["grey"], dtype=types.FLOAT)  # per-view matrix: a CPU named argument
 
     def torch(self, x, f, ctx: ViewContext):
         refuse_ragged(self, x)
-        x = x.float()
-        y = torch.einsum("ij,bjhw->bihw", torch.from_numpy(_LUMA).float().to(x.device), x)
-        g = f["grey"].float().to(x.device).view(-1, 1, 1, 1)
-        return x + g * (y - x)
+        m = torch.from_numpy(self.matrices(f["grey"].numpy())).to(x.device)
+        return torch.einsum("bij,bjhw->bihw", m, x.float())
 
 
 class Normalise(Op):
-    """0..255 -> (x / 255 - mean) / std per channel, CHW float (DALI ``fn.crop_mirror_normalize``)."""
+    """0..255 -> (x / 255 - mean) / std per channel, CHW float (DALI ``fn.crop_mirror_normalize``).
+    ``mirror=True`` also applies the plan's ``flip`` (what ``fuse_flip`` makes of a Flip: DALI
+    then flips in the same pass)."""
+
+    def __init__(self, mirror: bool = False):
+        self.mirror = mirror
+        self.reads = ("flip",) if mirror else ()
 
     def dali(self, x, f, ctx: ViewContext):
         from nvidia.dali import fn, types
 
-        return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW",
+        return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mirror=f["flip"] if self.mirror else 0,
                                         mean=[255 * m for m in ctx.mean], std=[255 * s for s in ctx.std])
 
     def torch(self, x, f, ctx: ViewContext):
         refuse_ragged(self, x)
+        if self.mirror:
+            x = Flip().torch(x, f, ctx)
         mean = torch.tensor(ctx.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(ctx.std, device=x.device).view(1, 3, 1, 1)
         return (x.float() / 255.0 - mean) / std
+
+    def __repr__(self) -> str:
+        return "Normalise(mirror)" if self.mirror else "Normalise"
+
+
+def fuse_flip(ops):
+    """A Flip followed only by ops that commute with it and a Normalise becomes that Normalise's
+    mirror: the same pixels, one pass over the view fewer in DALI."""
+    ops = list(ops)
+    for i, op in enumerate(ops):
+        if isinstance(op, Flip):
+            rest = ops[i + 1:]
+            if rest and isinstance(rest[-1], Normalise) and not rest[-1].mirror and \
+                    all(o.commutes_with_flip for o in rest[:-1]):
+                return ops[:i] + rest[:-1] + [Normalise(mirror=True)]
+    return ops
