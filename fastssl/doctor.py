@@ -10,7 +10,8 @@ Components (``--only`` takes an id or a group: kernel, pipeline, faiss, collecti
 * ``pipeline:<method>`` the first batch of each method's recipe (sc, layerwise, invp, splitbrain,
                       exemplar surrogate patches) from DALI GPU against DALI CPU; on a CPU, DALI
                       CPU against the torch DataLoader executor (and ``pipeline:dali-gpu`` says
-                      "not available: no GPU").
+                      "not available: no GPU"); and the tensor executor (on the GPU where there
+                      is one) against the same reference.
 * ``faiss``, ``faiss-gpu`` FAISS CPU neighbours against torch brute force; FAISS GPU against FAISS CPU.
 * ``collectives``     all_reduce / all_gather / broadcast: NCCL across min(2, GPUs) processes on
                       CUDA (1 GPU: a world of 1 still initialises NCCL), gloo with 2 on a CPU.
@@ -210,7 +211,7 @@ def _first_batch(method, pipeline):
     model = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size,
                                         len(source.pretrain))
     model.begin_stage(0, source)
-    loader = model.loader(cfg, source, 0, 1, 0 if pipeline == "dali-gpu" else None)
+    loader = model.loader(cfg, source, 0, 1, 0 if pipeline == "dali-gpu" else None, _device() if pipeline == "tensor" else "cpu")
     loader.set_epoch(0)
     batch = next(iter(loader))
     out = {"index": batch["index"].cpu().clone(), "views": [v.cpu().clone() for v in batch["views"]],
@@ -272,6 +273,11 @@ def work_pipeline(method):
     b = _first_batch(method, pair[1])
     problems, summary = compare_batches(a, b, a["std"])
     detail = f"{pair[0]} vs {pair[1]}, first batch ({len(a['index'])} images, {len(a['views'])} tensors): {summary}"
+    gc.collect()
+    t = _first_batch(method, "tensor")  # the tensor executor (on the GPU where there is one) vs the same reference
+    more, tsummary = compare_batches(t, b, t["std"])
+    problems += [f"tensor: {p}" for p in more]
+    detail += f"; tensor ({_device()}) vs {pair[1]}: {tsummary}"
     return ("failed" if problems else "ok"), "; ".join(problems), detail
 
 

@@ -36,6 +36,7 @@ def test_quick_json_every_component_on_cpu(tmp_path):
         assert rows["faiss-gpu"]["why"] == "no GPU"
         assert rows["kernel:sc_loss"]["component"].endswith("(interpreted)")
         assert "dali-cpu vs torch" in rows["pipeline:invp"]["detail"] and "tol" in rows["pipeline:invp"]["detail"]
+        assert "tensor (cpu) vs torch: floats max|d| 0 " in rows["pipeline:invp"]["detail"]  # the same torch faces
         assert rows["collectives"]["detail"].startswith("gloo, world 2")
     assert "component" in p.stdout and "| status" in p.stdout and "available components work" in p.stdout
     assert "[ 1/" in p.stdout  # progress lines as it goes
