@@ -14,7 +14,6 @@ from conftest import PY, ROOT, TINY, run, train_cmd
 from fastssl.config import ConfigError, load_config
 from fastssl.data import surrogate as ex
 from fastssl.data.executors.dali import build_dali_pipeline
-from fastssl.data.recipe import Recipe
 from fastssl.data.decode import to_chw
 
 CFG = "configs/exemplar/builtin.yaml"
@@ -36,8 +35,7 @@ def run_dali(images, params, patch=32):
             return [[np.ascontiguousarray(i) for i in images], [np.array([k]) for k in range(len(images))],
                     list(params.affine), list(params.cmat), list(params.coff), list(params.hsv)]
 
-    recipe = Recipe(None, ex.surrogate_ops(patch), views=1, size=patch)
-    pipe = build_dali_pipeline(Src(), recipe, "cpu", len(images), 1, None, images[0].shape[0], False, (0.5,) * 3, (0.25,) * 3)
+    pipe = build_dali_pipeline(Src(), ex.patch_recipe(patch), "cpu", len(images), 1, None, images[0].shape[0], False, (0.5,) * 3, (0.25,) * 3)
     pipe.build()
     out, _ = pipe.run()
     return np.stack([np.asarray(out[i]) for i in range(len(images))])

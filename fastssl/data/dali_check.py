@@ -67,8 +67,6 @@ def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: i
     """The dali-gpu graph of the Exemplar-CNN surrogate ops (what build_loader builds for the
     surrogate recipe), fed by an empty source: for its graph only (the tests compare it)."""
     from fastssl.data.executors.dali import build_dali_pipeline
-    from fastssl.data.recipe import Recipe
-    from fastssl.data.surrogate import surrogate_ops
+    from fastssl.data.surrogate import patch_recipe
 
-    recipe = Recipe(None, surrogate_ops(patch), views=1, size=patch, name="exemplar surrogate")
-    return build_dali_pipeline([], recipe, "gpu", batch_size, 1, 0, image_size, encoded, (0.5,) * 3, (0.25,) * 3)
+    return build_dali_pipeline([], patch_recipe(patch), "gpu", batch_size, 1, 0, image_size, encoded, (0.5,) * 3, (0.25,) * 3)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.data.decode import split_images
+from fastssl.data.executors.base import run_torch
 from fastssl.data.ops import ViewContext
 from fastssl.data.ops.exemplar import ColourMatrix, HSVPower, WarpAffine
 from fastssl.data.plan import ViewPlan, global_batches
@@ -217,6 +218,12 @@ def surrogate_ops(patch: int):
     return [WarpAffine(patch), ColourMatrix(), HSVPower()]
 
 
+def patch_recipe(patch: int, **plan) -> Recipe:
+    """The surrogate ops as a one-view recipe; ``plan``/``items`` make it a training recipe
+    (``surrogate_recipe``), without them it serves explicit parameters (graphs, references)."""
+    return Recipe(None, surrogate_ops(patch), views=1, size=patch, name="exemplar surrogate", **plan)
+
+
 def param_fields(p: PatchParams):
     """PatchParams as plan fields of one view: (n, 1, ...) each."""
     return {"affine": p.affine[:, None], "cmat": p.cmat[:, None], "coff": p.coff[:, None], "hsvp": p.hsv[:, None]}
@@ -250,15 +257,11 @@ def surrogate_recipe(sset: SurrogateSet, aug, patch: int, image_size: int, pca, 
     def plan(seed, epoch, rank, world, batch_size):
         return SurrogatePlan(items, sset, aug, patch, image_size, pca, batch_size, seed, epoch, rank, world)
 
-    return Recipe(draw=None, ops=surrogate_ops(patch), views=1, size=patch, name="exemplar surrogate",
-                  plan=plan, items=len(items))
+    return patch_recipe(patch, plan=plan, items=len(items))
 
 
 def generate_torch(images: torch.Tensor, params: PatchParams, patch: int) -> torch.Tensor:
     """(n, 3, H, W) uint8 source images (one per patch) -> (n, patch, patch, 3) uint8 patches, by
     the ops' torch faces (the validation patches and the tests' reference)."""
-    f = {k: torch.from_numpy(np.ascontiguousarray(v[:, 0])) for k, v in param_fields(params).items()}
-    x, ctx = images, ViewContext(patch)
-    for op in surrogate_ops(patch):
-        x = op.torch(x, f, ctx)
-    return x
+    step = ViewPlan(np.arange(len(images)), param_fields(params), len(images))
+    return run_torch(patch_recipe(patch), images, step, ViewContext(patch))[0]

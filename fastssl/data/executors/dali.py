@@ -111,29 +111,24 @@ class DaliExecutor(Executor):
 
     def __init__(self, split, recipe, batch_size, seed, rank, world, device, base_size, mean, std,
                  num_threads=2, prefetch=2, device_id=None):
-        super().__init__(split, recipe, batch_size, seed, rank, world)
-        outs = recipe.views * recipe.outputs_per_view
-        self.init_iter([f"view{v}" for v in range(outs)] + ["index"], lambda src: build_dali_pipeline(
-            src, recipe, device, batch_size, max(1, num_threads), device_id if device == "gpu" else None,
-            base_size, split.encoded, mean, std, prefetch, seed))
-
-    def init_iter(self, names, build):
-        """Outputs ``names`` (the last is the index) of the pipeline ``build(source)``, which is
-        built on first use, after set_epoch."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self.source = _PlanSource(self)
-        self.names, self._it = names, None
-        self._make_iter = lambda: DALIGenericIterator([build(self.source)], self.names, auto_reset=False)
-        self.epoch, self.start_step = 0, 0
+        super().__init__(split, recipe, batch_size, seed, rank, world)
+        self.names = [f"view{v}" for v in range(recipe.views * recipe.outputs_per_view)] + ["index"]
+        # the op that prepares each field for the graph (Op.feed): the first op reading it
+        self.feeders = {name: next(op for op in recipe.ops if name in op.reads) for name in recipe.reads}
+        self.source, self._it = _PlanSource(self), None
+        # the pipeline is built on first use, after set_epoch
+        self._make_iter = lambda: DALIGenericIterator([build_dali_pipeline(
+            self.source, recipe, device, batch_size, max(1, num_threads), device_id if device == "gpu" else None,
+            base_size, split.encoded, mean, std, prefetch, seed)], self.names, auto_reset=False)
 
     def step_inputs(self, plan: ViewPlan, k: int):
         """The external source's inputs of step k: images, index, and each view's fields."""
         s = plan.step(k)
         out = [dali_images(self.split, s.sources), list(s.index.reshape(-1, 1))]
-        ops = {name: next(op for op in self.recipe.ops if name in op.reads) for name in self.recipe.reads}
         for v in range(self.recipe.views):
-            out += [feed(ops[name].feed(name, s[name][:, v])) for name in self.recipe.reads]
+            out += [feed(self.feeders[name].feed(name, s[name][:, v])) for name in self.recipe.reads]
         return out
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
