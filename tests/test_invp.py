@@ -202,13 +202,36 @@ def test_graph_with_approximate_index_runs(tmp_path):
 @pytest.mark.parametrize("override, key", [("method.color.value=[0.5]", "method.color.value"),
                                            ("method.color.hue=200", "method.color.hue"),
                                            ("method.graph_index=lsh", "method.graph_index"),
-                                           ("method.background=-1", "method.background")])
+                                           ("method.background=-1", "method.background"),
+                                           ("method.blur=1.5", "method.blur"),
+                                           ("method.blur_sigma=[0,1]", "method.blur_sigma"),
+                                           ("method.blur_kernel=4", "method.blur_kernel")])
 def test_bad_settings_are_refused(tiny_cfg, override, key):
     from fastssl.config import ConfigError
 
     with pytest.raises(ConfigError) as e:
         tiny_cfg(override, config=f"{ROOT}/{CFG}")
     assert str(e.value).startswith(key)
+
+
+def test_blur_is_in_the_recipe_only_when_on_and_its_window_is_the_odd_side_nearest_a_tenth(tiny_cfg):
+    from fastssl.data.ops import Blur
+    from fastssl.methods import get_method
+    from fastssl.models import build_backbone
+
+    def recipe(*over, size=32):
+        cfg = tiny_cfg(*over, f"data.builtin.image_size={size}", config=f"{ROOT}/{CFG}")
+        return get_method("invp")(cfg, build_backbone(cfg.model, size), size).recipe()
+
+    assert not recipe().has(Blur) and "blur" not in recipe().draw(np.random.default_rng(0), 8)
+    on = recipe("method.blur=0.5", size=96)
+    assert [op.kernel for op in on.ops if isinstance(op, Blur)] == [9]  # 96 px: 9.6 -> 9
+    sigma = on.draw(np.random.default_rng(0), 4000)["blur"]
+    assert sigma.shape == (4000, 1) and 0.45 < (sigma > 0).mean() < 0.55 and sigma[sigma > 0].min() >= 0.1
+    assert [op.kernel for op in recipe("method.blur=0.5", "method.blur_kernel=5").ops if isinstance(op, Blur)] == [5]
+    # drawn last: the other fields keep their streams
+    off, with_blur = recipe().draw(np.random.default_rng(1), 64), recipe("method.blur=0.5").draw(np.random.default_rng(1), 64)
+    assert all(np.array_equal(off[k], with_blur[k]) for k in off)
 
 
 def random_init_monitor(config):
