@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import exemplar, kernels, knn, lab, pipelines, train_step  # noqa: E402
+from benchmarks import exemplar, folder, kernels, knn, lab, pipelines, train_step  # noqa: E402
 from benchmarks.common import RESULTS, device_name, environment  # noqa: E402
 
 METHODS = ("sc", "layerwise", "invp", "splitbrain")
-SUITES = ("pipelines", "kernels", "knn", "lab", "exemplar", "train_step")
+SUITES = ("pipelines", "folder", "kernels", "knn", "lab", "exemplar", "train_step")
 
 
 def main(argv=None):
@@ -45,6 +45,8 @@ def main(argv=None):
             for m in METHODS:
                 pipelines.main(["--method", m, "--out", out] + (["--sizes", "32", "--images", "512", "--batch", "64",
                                                                   "--repeats", "1"] if tiny else []))
+        elif suite == "folder":
+            folder.main(["--out", out] + (["--tiny"] if tiny else []))
         elif suite == "kernels":
             if not torch.cuda.is_available() and not tiny:
                 print("kernels: skipped (no CUDA GPU; the fused kernels only run for real on one)")
@@ -71,7 +73,8 @@ def write_report(out: str) -> None:
         json.dump(env, f, indent=2)
     parts = [f"# fastssl benchmarks on {device_name()}\n",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n"]
-    names = [f"pipelines-{m}" for m in METHODS] + ["kernels", "knn", "lab", "exemplar", "train_step"]
+    names = [f"pipelines-{m}" for m in METHODS] + ["folder", "kernels", "knn", "knn-scale", "lab", "exemplar",
+                                                     "train_step"]
     for name in names:
         if os.path.isfile(os.path.join(out, f"{name}.md")):
             parts.append("## " + _body(os.path.join(out, f"{name}.md")))

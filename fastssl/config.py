@@ -45,6 +45,8 @@ class DataConfig:
     batch_size: int = 128  # per process
     num_workers: int = 2  # DALI CPU threads / DataLoader workers per process
     prefetch: int = 2  # DALI prefetch queue depth / DataLoader prefetch factor
+    reader_workers: int = 2  # folders on DALI: processes reading the files' bytes (0: the main thread reads them)
+    hw_decoder_load: float = 0.65  # dali-gpu: share of JPEG decoding on the hardware decoder (DALI's default)
     builtin: BuiltinData = field(default_factory=BuiltinData)
 
 
@@ -217,6 +219,8 @@ def validate(cfg: DictConfig) -> None:
     _check(d.batch_size >= 2, "data.batch_size", f"must be >= 2 (contrastive losses need negatives), got {d.batch_size}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
+    _check(d.reader_workers >= 0, "data.reader_workers", f"must be >= 0, got {d.reader_workers}")
+    _check(0 <= d.hw_decoder_load <= 1, "data.hw_decoder_load", f"must be in [0, 1], got {d.hw_decoder_load}")
     _check(m.width >= 1, "model.width", f"must be >= 1, got {m.width}")
     _check(m.kernel >= 1, "model.kernel", f"must be >= 1, got {m.kernel}")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")

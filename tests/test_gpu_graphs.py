@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from fastssl.data.lab import ColorSplit
-from fastssl.data.ops import HSV, Op, Resize
+from fastssl.data.ops import HSV, Op
 from fastssl.data.recipe import Recipe
-from fastssl.data.dali_check import PipelineBuildError, check_gpu_graph, crop_pipeline, graph_ops, surrogate_pipeline
+from fastssl.data.dali_check import (PipelineBuildError, check_gpu_graph, crop_pipeline, graph_ops, op_name,
+                                     surrogate_pipeline)
 from fastssl.data.sources import Split, build_source
 
 pytest.importorskip("nvidia.dali")  # (the modules above import DALI only when a graph is built)
@@ -72,8 +73,11 @@ def loader_graphs(monkeypatch):
 
 
 def as_folder(src):
-    """``src`` with its pre-training split as encoded files (a folder source; the files are never read)."""
-    return dataclasses.replace(src, pretrain=Split(files=[f"img{i}.png" for i in range(len(src.pretrain))]))
+    """``src`` with its pre-training split as encoded files of 200 x 300 px (a folder source; the
+    files are never read)."""
+    n = len(src.pretrain)
+    return dataclasses.replace(src, pretrain=Split(files=[f"img{i}.png" for i in range(n)],
+                                                   sizes=np.tile(np.int32([200, 300]), (n, 1))))
 
 
 def method_and_source(tiny_cfg, name, *overrides, encoded=False):
@@ -131,15 +135,25 @@ def test_every_method_crop_graph_builds_on_the_gpu(tiny_cfg, loader_graphs, reci
     assert ops == graph_ops(crop_pipeline(m.recipe(), src, src.pretrain, cfg.data.batch_size))  # the check sees this graph
 
 
-@pytest.mark.parametrize("name", ["sc", "invp", "splitbrain"])
-def test_folder_crop_graph_decodes_on_the_gpu(tiny_cfg, loader_graphs, name):
-    """Encoded files: the mixed decoder, then resize and centre crop on the GPU."""
-
-    cfg, src, m = method_and_source(tiny_cfg, name, encoded=True)
-    ops = loader_graphs(m.loader(cfg, src, device_id=0))
+@pytest.mark.parametrize("workers", [0, 2], ids=["main-thread", "reader-workers"])
+@pytest.mark.parametrize("name", ["sc", "invp", "splitbrain", "layerwise"])
+def test_folder_crop_graph_decodes_regions_on_the_gpu(tiny_cfg, loader_graphs, name, workers):
+    """Encoded files of known sizes: the mixed ROI decoder (hardware share as configured) over the
+    region the views cover, then each view sliced and resized on the GPU; the files' bytes from
+    the parallel reader source or the main one; no whole-image decode, no centre crop."""
+    cfg, src, m = method_and_source(tiny_cfg, name, f"data.reader_workers={workers}", "data.hw_decoder_load=0.4",
+                                    encoded=True)
+    loader = m.loader(cfg, src, device_id=0)
+    assert loader.whole and loader.parallel == (workers > 0)
+    ops = loader_graphs(loader)
     r = m.recipe()
-    assert_on_gpu(ops, {"fn.decoders.image": 1, "fn.crop": 1, "fn.slice": r.views,
-                        "fn.resize": 1 + r.views * r.has(Resize)})
+    assert_on_gpu(ops, {"fn.decoders.image_slice": 1, "fn.decoders.image": 0, "fn.crop": 0, "fn.slice": r.views,
+                        "fn.resize": r.views})
+    pipe = crop_pipeline(r, src, src.pretrain, cfg.data.batch_size, workers, 0.4)
+    assert graph_ops(pipe) == ops  # the check sees this graph
+    (dec,) = [o for o in pipe._ops if op_name(o) == "fn.decoders.image_slice"]
+    spec = str(dec._op._spec)
+    assert "hw_decoder_load: 0.4" in spec and "axis_names: HW" in spec and "normalized_anchor: False" in spec
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,13 @@ convert them to RGB) and are counted as such; files of other types are listed as
 
 Training runs the same check on folder sources before its first step and leaves bad files
 out (their count is printed; the run refuses to start when no usable image is left), so a
-bad file never stops an epoch half way.  Results are cached per folder (file names, sizes and
-modification times) in ``~/.cache/fastssl`` (``FASTSSL_CACHE`` to move it), so a re-run only
-decodes new or changed files.  Exit status: 0 when every image is usable, 1 when some are bad,
+bad file never stops an epoch half way; it also records each image's size, from which the view
+plan draws crops over the whole image before anything is decoded.  One check per run: the
+process reuses its verdicts for validation, training and evaluation, and under torchrun local
+rank 0 checks while the other ranks wait for and read its result.  Results are cached per
+folder (file names, sizes and modification times, as compact arrays) in ``~/.cache/fastssl``
+(``FASTSSL_CACHE`` to move it), so an unchanged folder costs one stat per file and a re-run
+only decodes new or changed files.  Exit status: 0 when every image is usable, 1 when some are bad,
 2 when nothing usable is left or the path is not a dataset.
 """
 from __future__ import annotations
@@ -23,9 +27,12 @@ import hashlib
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
+
+import numpy as np
 
 from fastssl.data.sources import _CIFAR, IMAGE_EXTS
 
@@ -33,23 +40,25 @@ CONVERTED = {"L": "grayscale", "LA": "grayscale + alpha", "CMYK": "CMYK", "P": "
              "I;16": "16-bit grayscale", "I": "32-bit grayscale", "1": "1-bit"}
 
 
-def check_image(path: str) -> Tuple[str, str]:
-    """('ok' | 'converted' | 'bad', detail) for one image file, by decoding it completely."""
+def check_image(path: str) -> Tuple[str, str, int, int]:
+    """('ok' | 'converted' | 'bad', detail, height, width) for one image file, by decoding it
+    completely (the size is PIL's: the stored pixels, EXIF orientation not applied, as the
+    pipelines decode it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         if os.path.getsize(path) == 0:
-            return "bad", "empty file"
+            return "bad", "empty file", 0, 0
         with Image.open(path) as im:
             im.load()
-            mode = im.mode
+            mode, (w, h) = im.mode, im.size
     except UnidentifiedImageError:
-        return "bad", "not an image (unrecognised content)"
+        return "bad", "not an image (unrecognised content)", 0, 0
     except (OSError, SyntaxError, ValueError) as e:
-        return "bad", f"corrupt or truncated ({str(e).splitlines()[0][:120]})"
+        return "bad", f"corrupt or truncated ({str(e).splitlines()[0][:120]})", 0, 0
     if mode == "RGB":
-        return "ok", ""
-    return "converted", f"{CONVERTED.get(mode, mode)} -> RGB"
+        return "ok", "", h, w
+    return "converted", f"{CONVERTED.get(mode, mode)} -> RGB", h, w
 
 
 @dataclass
@@ -78,58 +87,163 @@ class Report:
         return out
 
 
+CODES = ("ok", "converted", "bad")
+
+
+@dataclass
+class Verdicts:
+    """The check of a list of files: a verdict code (index into CODES), the image size and, for
+    converted and bad files, the reason; arrays, so that 1.28M files stay small."""
+
+    files: List[str]
+    code: np.ndarray  # (n,) uint8
+    hw: np.ndarray  # (n, 2) int32 height, width (0, 0 for bad files)
+    why: Dict[int, str]  # file index -> reason (converted and bad files)
+    decoded: int = 0  # files this check decoded (the others came from the cache)
+    seconds: float = 0.0
+
+    def verdict(self, i: int) -> Tuple[str, str]:
+        return CODES[self.code[i]], self.why.get(i, "")
+
+    def items(self):
+        """(file, (verdict, reason)) pairs, in file order."""
+        return ((f, self.verdict(i)) for i, f in enumerate(self.files))
+
+    @property
+    def bad(self) -> Dict[str, str]:
+        return {self.files[i]: self.why[i] for i in np.flatnonzero(self.code == 2)}
+
+
 def _cache_file(root: str) -> str:
     base = os.environ.get("FASTSSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastssl"))
-    return os.path.join(base, "check-" + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16] + ".json")
+    return os.path.join(base, "check-" + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16] + ".npz")
 
 
-def _stamp(path: str) -> str:
-    st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+def _stamps(files: List[str], progress: bool) -> Tuple[np.ndarray, Dict[int, str]]:
+    """(n, 2) int64 size and mtime (ns) of every file (-1 where it cannot be read), and the
+    reasons of those; the one pass over the folder an unchanged, cached folder costs."""
+    from tqdm import tqdm
 
-
-def check_files(files: List[str], root: str, use_cache: bool = True, progress: bool = True) -> Dict[str, Tuple[str, str]]:
-    """Verdict of every file, decoding only those not in the cache (in parallel threads)."""
-    cache_path = _cache_file(root)
-    cache: Dict[str, list] = {}
-    if use_cache and os.path.isfile(cache_path):
+    out = np.full((len(files), 2), -1, np.int64)
+    unreadable = {}
+    it = tqdm(files, desc="listing images", unit="file", disable=not (progress and len(files) > 100_000),
+              file=sys.stderr, mininterval=1.0)
+    for i, f in enumerate(it):
         try:
-            with open(cache_path) as f:
-                cache = json.load(f)
-        except (OSError, ValueError):
-            cache = {}
-    out, todo = {}, []
-    for f in files:
-        c = cache.get(f)
-        try:
-            stamp = _stamp(f)
+            st = os.stat(f)
         except OSError as e:
-            out[f] = ("bad", f"unreadable ({e.strerror})")
+            unreadable[i] = f"unreadable ({e.strerror})"
             continue
-        if c and c[0] == stamp:
-            out[f] = (c[1], c[2])
-        else:
-            todo.append((f, stamp))
-    if todo:
+        out[i] = st.st_size, st.st_mtime_ns
+    return out, unreadable
+
+
+def _names(files: List[str]) -> np.ndarray:
+    return np.frombuffer("\n".join(files).encode("utf-8", "surrogateescape"), np.uint8)
+
+
+def _read_cache(path: str):
+    """(names, stamps, code, hw, why) of a cache file, or None when absent or unreadable."""
+    try:
+        with np.load(path) as z:
+            return (z["names"], z["stamps"], z["code"], z["hw"],
+                    {int(k): v for k, v in json.loads(bytes(z["why"]).decode()).items()})
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_cache(path: str, names, stamps, v: "Verdicts") -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp.npz"
+        why = np.frombuffer(json.dumps({str(k): s for k, s in v.why.items()}).encode(), np.uint8)
+        np.savez(tmp, names=names, stamps=stamps, code=v.code, hw=v.hw, why=why)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except OSError:
+        pass  # a read-only cache folder: the check simply runs again next time
+
+
+def _local_rank() -> Tuple[int, int]:
+    """(this process's rank on its node, processes on the node) as torchrun sets them."""
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def _wait_for_cache(path: str, names, stamps, root: str):
+    """A non-zero local rank waits for local rank 0's verdicts of exactly these files."""
+    wait = float(os.environ.get("FASTSSL_CHECK_WAIT", 3600))
+    t0 = last = time.monotonic()
+    while time.monotonic() - t0 < wait:
+        c = _read_cache(path)
+        if c is not None and np.array_equal(c[0], names) and np.array_equal(c[1], stamps):
+            return c
+        if time.monotonic() - last > 30:
+            last = time.monotonic()
+            print(f"fastssl: data check: waiting for local rank 0's check of {root} ({last - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+        time.sleep(0.2)
+    print(f"fastssl: data check: no verdicts from local rank 0 after {wait:.0f} s (FASTSSL_CHECK_WAIT); "
+          f"checking {root} here", file=sys.stderr)
+    return None
+
+
+_MEMO: Dict[Tuple[str, bytes], Verdicts] = {}  # this process's checks (files + stamps): one per run
+
+
+def check_files(files: List[str], root: str, use_cache: bool = True, progress: bool = True) -> Verdicts:
+    """Verdict and size of every file.  One check per run: this process reuses its own result
+    (validation, training and evaluation share it); under torchrun only local rank 0 decodes and
+    the other ranks read its cache; an unchanged folder costs one stat per file (no decoding);
+    only new or changed files are decoded (in parallel threads, with a progress bar)."""
+    t0 = time.perf_counter()
+    names = _names(files)
+    stamps, unreadable = _stamps(files, progress)
+    key = (os.path.abspath(root), hashlib.sha1(names.tobytes() + stamps.tobytes()).digest())
+    if use_cache and key in _MEMO:
+        return _MEMO[key]
+    path = _cache_file(root)
+    rank, local_world = _local_rank()
+    cache = None
+    if use_cache:
+        cache = _wait_for_cache(path, names, stamps, root) if rank > 0 and local_world > 1 else _read_cache(path)
+    n = len(files)
+    code, hw, why = np.zeros(n, np.uint8), np.zeros((n, 2), np.int32), {}
+    if cache is not None and np.array_equal(cache[0], names) and np.array_equal(cache[1], stamps):
+        todo = np.zeros(n, bool)  # the whole folder as it was: every verdict from the cache
+        code[:], hw[:], why = cache[2], cache[3], dict(cache[4])
+    else:
+        todo = np.ones(n, bool)
+        if cache is not None:  # an earlier version of the folder: reuse the files that did not change
+            old = bytes(cache[0]).decode("utf-8", "surrogateescape").split("\n") if len(cache[0]) else []
+            row = {f: i for i, f in enumerate(old)}
+            for i, f in enumerate(files):
+                j = row.get(f)
+                if j is not None and (cache[1][j] == stamps[i]).all():
+                    todo[i], code[i], hw[i] = False, cache[2][j], cache[3][j]
+                    if j in cache[4]:
+                        why[i] = cache[4][j]
+    for i, reason in unreadable.items():
+        todo[i], code[i], why[i] = False, 2, reason
+    idx = np.flatnonzero(todo)
+    if len(idx):
         from tqdm import tqdm
 
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-            results = pool.map(check_image, [f for f, _ in todo])
-            it = tqdm(results, total=len(todo), desc=f"checking {len(todo)} images", unit="img",
-                      disable=not (progress and len(todo) > 200), file=sys.stderr)
-            for (f, stamp), verdict in zip(todo, it):
-                out[f] = verdict
-                cache[f] = [stamp, *verdict]
-        if use_cache:
-            try:
-                os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-                tmp = cache_path + f".{os.getpid()}.tmp"
-                with open(tmp, "w") as fh:
-                    json.dump(cache, fh)
-                os.replace(tmp, cache_path)
-            except OSError:
-                pass  # a read-only home: the check simply runs again next time
-    return out
+            results = pool.map(check_image, [files[i] for i in idx])
+            it = tqdm(results, total=len(idx), desc=f"checking {len(idx)} images", unit="img",
+                      disable=not (progress and len(idx) > 200), file=sys.stderr)
+            for i, (verdict, reason, h, w) in zip(idx, it):
+                code[i], hw[i] = CODES.index(verdict), (h, w)
+                if reason:
+                    why[int(i)] = reason
+    v = Verdicts(list(files), code, hw, why, decoded=len(idx), seconds=time.perf_counter() - t0)
+    if use_cache and (len(idx) or cache is None) and rank == 0:
+        _write_cache(path, names, stamps, v)
+    if len(idx) and progress:
+        print(f"fastssl: data check: {root}: decoded {len(idx)} of {n} images in {v.seconds:.1f} s "
+              f"({int((v.code == 2).sum())} bad); verdicts cached in {path}", file=sys.stderr, flush=True)
+    if use_cache:
+        _MEMO[key] = v
+    return v
 
 
 def check_folder(root: str, use_cache: bool = True, progress: bool = True) -> Report:

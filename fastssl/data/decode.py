@@ -19,6 +19,16 @@ def load_image_file(path: str, size: int) -> torch.Tensor:
     return TF.center_crop(t, [size, size])
 
 
+def load_image_region(path: str, roi) -> torch.Tensor:
+    """Decode with PIL and keep the region ``roi`` = (y, x, h, w) of the image's own pixels: CHW uint8."""
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    y, x, h, w = (int(v) for v in roi)
+    with Image.open(path) as im:
+        return TF.pil_to_tensor(im.convert("RGB").crop((x, y, x + w, y + h)))
+
+
 def to_chw(images) -> torch.Tensor:
     """A list/array of HWC uint8 images -> (N, 3, H, W) uint8."""
     return torch.from_numpy(np.stack([np.asarray(x) for x in images])).permute(0, 3, 1, 2)

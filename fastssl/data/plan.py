@@ -62,14 +62,58 @@ class ViewPlan:
                         None if self.images is None else self.images[s])
 
 
-def make_epoch_plan(n: int, batch_size: int, draw: DrawFn, seed: int, epoch: int,
-                    rank: int = 0, world: int = 1) -> ViewPlan:
-    """Shuffle, draw every image's views, and keep this rank's shard (whole batches only)."""
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+    """(the epoch's generator, this rank's images in order): the shuffle, the first draw of the
+    epoch's generator, so that a file reader can follow the plan without drawing the views."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(n)
-    fields = draw(rng, n)  # drawn for all n: the plan is independent of world size
-    take = global_batches(perm, batch_size, world)[:, rank].reshape(-1)
-    return ViewPlan(take.astype(np.int64), {k: v[take] for k, v in fields.items()}, batch_size)
+    return rng, global_batches(perm, batch_size, world)[:, rank].reshape(-1).astype(np.int64)
+
+
+def make_epoch_plan(n: int, batch_size: int, draw: DrawFn, seed: int, epoch: int,
+                    rank: int = 0, world: int = 1, shapes: Optional[np.ndarray] = None) -> ViewPlan:
+    """Shuffle, draw every image's views, and keep this rank's shard (whole batches only).
+    ``shapes``: (n, 2) frame height, width of each image when they differ (folders; the draw
+    gets them as ``draw(rng, n, shapes)``), None when every image is the recipe's square."""
+    rng, take = epoch_order(n, batch_size, seed, epoch, rank, world)
+    fields = draw(rng, n) if shapes is None else draw(rng, n, shapes)  # for all n: independent of world size
+    return ViewPlan(take, {k: v[take] for k, v in fields.items()}, batch_size)
+
+
+# --------------------------------------------------------------------------- crops over whole images
+
+
+def frame_shapes(sizes: np.ndarray, base: int) -> np.ndarray:
+    """(n, 2) height, width of each image scaled so that its shorter side is ``base``: the frame
+    a recipe draws its boxes in, so that its pixel sizes (a 64 px patch of a 96 px image) keep
+    their meaning on images of any size, and a box can lie anywhere on the whole image."""
+    sizes = np.asarray(sizes, np.int64)
+    short = sizes.min(1, keepdims=True).clip(1)
+    return np.maximum(base, np.round(sizes * base / short)).astype(np.int64)
+
+
+def to_image_boxes(box: np.ndarray, sizes: np.ndarray, base: int) -> np.ndarray:
+    """Frame boxes (n, views, 4) of images of ``sizes`` (n, 2) -> the same boxes in each image's
+    own pixels (y, x, h, w; at least 1 px, inside the image)."""
+    sizes = np.asarray(sizes, np.int64)
+    scale = (sizes.min(1) / base)[:, None, None]  # image pixels per frame pixel
+    y0 = np.floor(box[..., 0:2] * scale + 1e-6).astype(np.int64)
+    y1 = np.ceil((box[..., 0:2] + box[..., 2:4]) * scale - 1e-6).astype(np.int64)
+    hi = sizes[:, None, :]
+    y0 = np.minimum(y0, hi - 1)
+    y1 = np.clip(y1, y0 + 1, hi)
+    return np.concatenate([y0, y1 - y0], -1).astype(np.int32)
+
+
+def union_roi(box: np.ndarray):
+    """The region each image is decoded to (the smallest box holding all its views) and the
+    views' boxes inside that region: (roi (B, 4), boxes (B, views, 4)), y, x, h, w."""
+    lo = box[..., 0:2].min(1)
+    hi = (box[..., 0:2] + box[..., 2:4]).max(1)
+    roi = np.concatenate([lo, hi - lo], -1).astype(np.int32)
+    rel = box.copy()
+    rel[..., 0:2] -= lo[:, None, :]
+    return roi, rel
 
 
 def check_fields(fields: Fields, n: int, views: int, needed, who: str = "the recipe") -> None:
@@ -85,9 +129,20 @@ def check_fields(fields: Fields, n: int, views: int, needed, who: str = "the rec
 # --------------------------------------------------------------------------- drawing helpers
 
 
-def square_crops(rng: np.random.Generator, n: int, views: int, side: int, image_size: int, flip: bool):
-    """Boxes (n, views, 4) of side x side squares at uniform random positions, and flips (n, views)."""
-    yx = rng.integers(0, image_size - side + 1, size=(n, views, 2), dtype=np.int32)
+def positions(rng: np.random.Generator, span: np.ndarray, shape) -> np.ndarray:
+    """Uniform integers in [0, span) per image (``span`` (n, ...) broadcast to ``shape``), for
+    frames of different sizes (in-memory sources draw with ``rng.integers`` on one span)."""
+    return np.floor(rng.random(shape) * np.broadcast_to(span, shape)).astype(np.int64)
+
+
+def square_crops(rng: np.random.Generator, n: int, views: int, side: int, image_size: int, flip: bool,
+                 shapes: Optional[np.ndarray] = None):
+    """Boxes (n, views, 4) of side x side squares at uniform random positions, and flips (n, views);
+    ``shapes`` (n, 2): over frames of these sizes instead of image_size squares."""
+    if shapes is None:
+        yx = rng.integers(0, image_size - side + 1, size=(n, views, 2), dtype=np.int32)
+    else:
+        yx = positions(rng, (shapes - side + 1)[:, None, :], (n, views, 2)).astype(np.int32)
     boxes = np.concatenate([yx, np.full((n, views, 2), side, np.int32)], axis=2)
     flips = rng.integers(0, 2, size=(n, views), dtype=np.uint8) if flip else np.zeros((n, views), np.uint8)
     return boxes, flips

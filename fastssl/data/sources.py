@@ -31,6 +31,7 @@ class Split:
     images: Optional[np.ndarray] = None  # (N, H, W, 3) uint8, array-backed sources
     files: Optional[List[str]] = None  # encoded JPEG/PNG files, folder source
     labels: Optional[np.ndarray] = None  # (N,) int64, or None when unlabeled
+    sizes: Optional[np.ndarray] = None  # (N, 2) int32 height, width of each file (recorded by the data check)
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.files)
@@ -303,12 +304,24 @@ def _list_images(root: str):
     return files, None, []
 
 
-def _usable(files, labels, bad):
-    keep = [i for i, f in enumerate(files) if f not in bad]
-    return [files[i] for i in keep], (labels[keep] if labels is not None else None)
+def _usable(files, labels, ok, hw):
+    """The usable files (``ok``: file -> index in the check) with their labels and sizes."""
+    keep = [i for i, f in enumerate(files) if f in ok]
+    sizes = hw[[ok[files[i]] for i in keep]].reshape(-1, 2).astype(np.int32)
+    return [files[i] for i in keep], (labels[keep] if labels is not None else None), sizes
+
+
+_FOLDERS: Dict[tuple, Source] = {}  # this process's folder sources: listed and checked once per run
 
 
 def _folder(cfg) -> Source:
+    key = (os.path.abspath(cfg.data.path), cfg.data.image_size, cfg.data.split)
+    if key not in _FOLDERS:
+        _FOLDERS[key] = _list_folder(cfg)
+    return _FOLDERS[key]
+
+
+def _list_folder(cfg) -> Source:
     from fastssl.data.check import check_files
 
     root = cfg.data.path
@@ -327,20 +340,25 @@ def _folder(cfg) -> Source:
             break
     unl = os.path.join(root, "unlabeled")
     unl_files = _list_images(unl)[0] if has_splits and os.path.isdir(unl) else []
-    # every image is decoded once (cached) so that a bad file is left out now, not met mid-epoch
-    verdicts = check_files(unl_files + files + test_files, root)
-    bad = {f: why for f, (v, why) in verdicts.items() if v == "bad"}
-    files, labels = _usable(files, labels, bad)
-    test_files, test_labels = _usable(test_files, test_labels, bad)
-    unl_files, _ = _usable(unl_files, None, bad)
+    # every image is decoded once (cached) so that a bad file is left out now, not met mid-epoch,
+    # and its size is known before any crop is planned
+    v = check_files(unl_files + files + test_files, root)
+    bad = v.bad
+    ok = {f: i for i, f in enumerate(v.files) if v.code[i] != 2}
+    files, labels, sizes = _usable(files, labels, ok, v.hw)
+    test_files, test_labels, test_sizes = _usable(test_files, test_labels, ok, v.hw)
+    unl_files, _, unl_sizes = _usable(unl_files, None, ok, v.hw)
     if not files:
         first = next(iter(bad.items()))
         raise ConfigError(f"data.path: none of the {len(bad)} images under {tr_root} can be decoded "
                           f"(e.g. {first[0]}: {first[1]}); see python -m fastssl.data.check {root}")
-    train = Split(files=files, labels=labels)
-    test = Split(files=test_files, labels=test_labels)
+    train = Split(files=files, labels=labels, sizes=sizes)
+    test = Split(files=test_files, labels=test_labels, sizes=test_sizes)
     ncls = max(len(classes), 1)
-    pre = Split(files=unl_files + files if cfg.data.split == "pretrain" else files)  # unlabeled first
+    if cfg.data.split == "pretrain":  # unlabeled first
+        pre = Split(files=unl_files + files, sizes=np.concatenate([unl_sizes, sizes]))
+    else:
+        pre = Split(files=files, sizes=sizes)
     return Source("folder", size, ncls, pre, train, test, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                   bad_files=bad)
 

@@ -82,13 +82,14 @@ class KNNIndex:
     """Inner-product (``metric='ip'``) or L2 index over ``database`` (N, D).
 
     ``kind``: ``flat`` (exact), ``ivf`` (inverted lists over sqrt(N) k-means cells, ``nprobe``
-    of them searched) or ``hnsw`` (graph, CPU only in FAISS: used on the CPU even with GPUs).
+    of them searched) or ``hnsw`` (graph, CPU only in FAISS: used on the CPU even with GPUs;
+    ``ef_search`` its search breadth, None = FAISS's default 16).
     On the GPU the index lives on ``torch.cuda.current_device()`` alone, so each DDP rank keeps
     its own copy on its own GPU.
     """
 
     def __init__(self, database: torch.Tensor, metric: str = "ip", use_gpu: bool | None = None,
-                 kind: str = "flat", nprobe: int = 16):
+                 kind: str = "flat", nprobe: int = 16, ef_search: int | None = None):
         faiss = _faiss()
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
@@ -105,6 +106,8 @@ class KNNIndex:
             cpu_index.nprobe = min(nprobe, nlist)
         else:
             cpu_index = faiss.index_factory(d, "HNSW32", fmetric)
+            if ef_search is not None:
+                cpu_index.hnsw.efSearch = int(ef_search)
             use_gpu = False
         cuda = torch.cuda.is_available()
         self.on_gpu, note = placement(cuda, faiss_gpu_count(faiss) if cuda else 0, use_gpu)
@@ -142,3 +145,106 @@ class KNNIndex:
 
 def _np(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().float().cpu().numpy())
+
+
+# ----------------------------------------------------------------------------- graph sizing (issue 25)
+
+IMAGENET_N = 1_281_167
+# FAISS StandardGpuResources' temporary memory on a GPU of over 8 GiB (kMaxTempMem in
+# faiss/gpu/StandardGpuResources.cpp, 1.5 GiB), held from the first GPU index of the process on
+# (fastssl keeps one StandardGpuResources per device, _gpu_resources).
+FAISS_GPU_TEMP_BYTES = 1536 * 2 ** 20
+HNSW_M = 32  # KNNIndex's "HNSW32"
+IVF_NPROBE = 16  # KNNIndex's default nprobe
+
+# From the scaling sweep (python -m benchmarks.knn --scale, benchmarks/results/cpu-2cores/knn-scale.*,
+# docs/knn.md): the largest N at which the exact graph was measured within the sweep's 200 s cap on
+# the 2-core CPU (320,000: 186 s), and the approximate kind beyond it.
+FLAT_MAX_N = 320_000
+APPROX_KIND = "ivf"
+
+
+def choose_index(n: int) -> str:
+    """The FAISS index kind of the InvP graph (``method.graph_index=auto``) for ``n`` bank rows:
+    ``flat`` (exact) up to ``FLAT_MAX_N`` = 320,000 rows, ``ivf`` beyond.
+
+    Measured (``python -m benchmarks.knn --scale``, 2-core AMD EPYC CPU, faiss 1.15.1, unit-norm
+    random vectors D=128, k=4, whole graph built and searched; docs/knn.md): exact costs grow as
+    N^1.92 (build + search; 48 s at 160,000, 186 s at 320,000, about 2,600 s extrapolated to
+    ImageNet's 1,281,167), so flat is kept while it is measured affordable, i.e. up to the largest
+    N the sweep ran it within its 200 s cap.  Beyond that no approximate kind keeps recall high at
+    KNNIndex's defaults on this data (the distribution of InvP's freshly initialised bank):
+    recall@4 against the exact graph, ivf (sqrt(N) lists, nprobe 16) / hnsw (HNSW32, efSearch 16):
+    0.31 / 0.43 at 80,000, 0.26 / 0.30 at 160,000, 0.22 / 0.19 at 320,000, 0.15 / 0.085 at
+    640,000 (2,000 sampled rows).  ivf is picked: its recall falls more slowly and is the higher one
+    from 320,000 on, it rises with nprobe (0.65 at nprobe 64, 0.86 at 128, N=80,000, where hnsw
+    gets 0.53 / 0.66 at efSearch 64 / 128), and FAISS runs it on the GPU (hnsw is CPU only).  Its
+    cost grows as N^1.58 (124 s at 640,000, about 390 s extrapolated to 1,281,167).  The thresholds
+    are CPU measurements: on a GPU the exact graph is far cheaper and may stay affordable at
+    ImageNet's N (not measured here).
+    """
+    return "flat" if n <= FLAT_MAX_N else APPROX_KIND
+
+
+def index_bytes(n: int, dim: int, kind: str = "flat") -> int:
+    """Bytes of a ``KNNIndex`` of ``kind`` over ``n`` float32 rows of ``dim``: flat stores the rows;
+    ivf the rows + an int64 id each + sqrt(n) float32 centroids; hnsw (HNSW32) the rows + int32
+    links, 2M at level 0 and M per upper level, E[upper levels] = 1 / (M - 1), + an int32 level and
+    an int64 offset per row.  Allocator rounding and list headers are left out: the sweep's CPU
+    resident-set growth after the build matched flat and hnsw within 3% (157 / 491 MiB measured vs
+    156 / 479 at N = 320,000 / 640,000) and ivf within 1.3x (414 vs 318 MiB at 640,000: its
+    inverted lists grow geometrically as rows are added)."""
+    if kind == "flat":
+        return n * dim * 4
+    if kind == "ivf":
+        return n * dim * 4 + n * 8 + max(1, int(np.sqrt(n))) * dim * 4
+    if kind == "hnsw":
+        links = 2 * HNSW_M + HNSW_M / (HNSW_M - 1)
+        return int(n * dim * 4 + n * links * 4 + n * 4 + (n + 1) * 8)
+    raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+
+
+def graph_memory(n: int, dim: int = 128, k: int = 4, kind: str | None = None, monitor_bank: int = 1024,
+                 monitor_test: int = 1024, monitor_dim: int = 2048, labeled: int | None = None,
+                 on_gpu: bool = True) -> dict:
+    """Bytes the InvP graph costs on one GPU (every rank holds all of it: ``ddp_keep_local``).
+
+    Persistent, as ``fastssl.methods.invp.InvariancePropagation`` registers them:
+    ``bank`` (n, dim) float32 and ``graph`` (n, k) int64.  During the per-epoch build
+    (``knn_graph``): ``index`` (``index_bytes`` of ``kind``, default ``choose_index(n)``; hnsw is
+    on the host, counted under ``host`` instead), ``faiss_temp`` (FAISS's GPU scratch, 1.5 GiB,
+    kept from the first GPU index on), ``search`` (the k + 1 results: float32 similarities and
+    int64 ids copied back to the device, with the queries on the device for FAISS's unpaged
+    search: an upper bound) and ``graph_build`` (knn_graph's masks and index temporaries and the
+    (n, k) selection before ``graph.copy_``, all counted as alive at once).  At the epoch's end (rank 0): ``monitor`` (the
+    engine's KNNMonitor, ``fastssl.engine.monitors``: ``monitor_bank`` + ``monitor_test``
+    features of ``monitor_dim`` float32 (ResNet-50's pooled 2,048), their normalised copies and
+    a flat GPU index of the bank) and ``invp_monitor`` (InvP's own ``knn_monitor``: the
+    ``labeled`` bank rows, default all n, gathered on the device, then a flat GPU index of them).
+    ``build_peak`` / ``monitor_peak``: persistent + the phase's own; ``peak``: the larger;
+    ``host``: the bank's host copy FAISS reads (+ an hnsw index).  ``on_gpu=False``: the CPU
+    case (index and scratch on the host, ``faiss_temp`` 0).
+    """
+    kind = kind or choose_index(n)
+    labeled = n if labeled is None else labeled
+    f32, i64 = 4, 8
+    out = {"n": n, "dim": dim, "k": k, "kind": kind,
+           "bank": n * dim * f32, "graph": n * k * i64}
+    idx = index_bytes(n, dim, kind)
+    index_on_gpu = on_gpu and kind != "hnsw"
+    out["index"] = idx if index_on_gpu else 0
+    out["faiss_temp"] = FAISS_GPU_TEMP_BYTES if on_gpu else 0
+    out["search"] = n * (k + 1) * (f32 + i64) + (n * dim * f32 if index_on_gpu else 0)
+    # knn_graph's temporaries, all alive at once as an upper bound: the self and keep masks (bool)
+    # and the float copy argmax reads, n-long int64 aranges / argmax / full / drop and a bool any,
+    # and the (n, k) selection idx[keep]
+    out["graph_build"] = n * (k + 1) * (1 + 1 + f32) + n * (5 * i64 + 1) + n * k * i64
+    mon = (monitor_bank + monitor_test) * monitor_dim * f32
+    out["monitor"] = 2 * mon + monitor_bank * monitor_dim * f32
+    out["invp_monitor"] = labeled * dim * f32 * 2
+    out["host"] = n * dim * f32 + (idx if not index_on_gpu else 0)
+    persistent = out["bank"] + out["graph"]
+    out["build_peak"] = persistent + out["index"] + out["faiss_temp"] + out["search"] + out["graph_build"]
+    out["monitor_peak"] = persistent + out["faiss_temp"] + out["monitor"] + out["invp_monitor"]
+    out["peak"] = max(out["build_peak"], out["monitor_peak"])
+    return out

@@ -183,21 +183,24 @@ class InvariancePropagation(Method):
             [Grey()] * (m.grayscale > 0) + [Blur(self.blur_kernel())] * (m.blur > 0) + [Normalise()]
         return Recipe(self.draw, ops, views=1, size=self.view_size, name="invp crop")
 
-    def draw(self, rng, n):
-        """torchvision's RandomResizedCrop boxes, flips, HSV change, greyscale and blur choices."""
-        m, s = self.cfg.method, self.image_size
+    def draw(self, rng, n, shapes=None):
+        """torchvision's RandomResizedCrop boxes, flips, HSV change, greyscale and blur choices;
+        ``shapes`` (n, 2): boxes over frames of these sizes (folders) instead of the square."""
+        m = self.cfg.method
+        sh, sw = (self.image_size, self.image_size) if shapes is None else (shapes[:, :1], shapes[:, 1:])
         tries = 10  # torchvision's RandomResizedCrop: 10 attempts, then the whole image
-        area = s * s * rng.uniform(*m.crop_scale, (n, tries))
+        area = sh * sw * rng.uniform(*m.crop_scale, (n, tries))
         logr = rng.uniform(np.log(m.crop_ratio[0]), np.log(m.crop_ratio[1]), (n, tries))
         w = np.round(np.sqrt(area * np.exp(logr))).astype(np.int64)
         h = np.round(np.sqrt(area / np.exp(logr))).astype(np.int64)
-        ok = (w >= 1) & (h >= 1) & (w <= s) & (h <= s)
+        ok = (w >= 1) & (h >= 1) & (w <= sw) & (h <= sh)
         first = np.where(ok.any(1), ok.argmax(1), -1)
         rows = np.arange(n)
-        h = np.where(first >= 0, h[rows, first.clip(0)], s)
-        w = np.where(first >= 0, w[rows, first.clip(0)], s)
-        y = (rng.random(n) * (s - h + 1)).astype(np.int64)
-        x = (rng.random(n) * (s - w + 1)).astype(np.int64)
+        sh, sw = np.broadcast_to(sh, (n, 1))[:, 0], np.broadcast_to(sw, (n, 1))[:, 0]
+        h = np.where(first >= 0, h[rows, first.clip(0)], sh)
+        w = np.where(first >= 0, w[rows, first.clip(0)], sw)
+        y = (rng.random(n) * (sh - h + 1)).astype(np.int64)
+        x = (rng.random(n) * (sw - w + 1)).astype(np.int64)
         boxes = np.stack([y, x, h, w], 1).astype(np.int32)[:, None, :]
         flips = (rng.random((n, 1)) < 0.5).astype(np.uint8) if m.flip else np.zeros((n, 1), np.uint8)
         fields = {"box": boxes, "flip": flips, "hsv": draw_hsv(rng, n, 1, m.color),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastssl.data.ops import HSV, Crop, Normalise
-from fastssl.data.plan import ColorJitter, check_jitter, draw_hsv, jitter_active
+from fastssl.data.plan import ColorJitter, check_jitter, draw_hsv, jitter_active, positions
 from fastssl.data.recipe import Recipe
 from fastssl.kernels._common import loss_input
 from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused
@@ -118,20 +118,27 @@ class LayerwiseContrastive(Method):
         ops = [Crop()] + [HSV()] * jitter_active(self.cfg.method.color) + [Normalise()]
         return Recipe(self.draw, ops, views=3, size=self.view_size, name=f"layerwise crop (stage {self.stage + 1})")
 
-    def draw(self, rng, n):
-        """Anchor, a positive shifted by at most max_shift (never by 0) and a random negative."""
+    def draw(self, rng, n, shapes=None):
+        """Anchor, a positive shifted by at most max_shift (never by 0) and a random negative;
+        ``shapes`` (n, 2): over frames of these sizes (folders) instead of the square."""
         p, s, shift = self.view_size, self.image_size, self.cfg.method.max_shift
         boxes = np.empty((n, 3, 4), np.int32)
         boxes[..., 2:] = p
-        # anchor anywhere the shifted positive still fits
-        anchor = rng.integers(shift, s - p - shift + 1, size=(n, 2)) if s - p >= 2 * shift else \
-            rng.integers(0, s - p + 1, size=(n, 2))
+        if shapes is None:  # anchor anywhere the shifted positive still fits
+            anchor = rng.integers(shift, s - p - shift + 1, size=(n, 2)) if s - p >= 2 * shift else \
+                rng.integers(0, s - p + 1, size=(n, 2))
+        else:
+            room = shapes - p >= 2 * shift
+            anchor = np.where(room, shift + positions(rng, shapes - p - 2 * shift + 1, (n, 2)),
+                              positions(rng, shapes - p + 1, (n, 2)))
         d = rng.integers(-shift, shift + 1, size=(n, 2))
         zero = (d == 0).all(1)
         d[zero, 1] = rng.choice([-1, 1], size=zero.sum()) * rng.integers(1, shift + 1, size=zero.sum())  # adjacent, not equal
-        pos = np.clip(anchor + d, 0, s - p)
+        hi = s - p if shapes is None else shapes - p
+        pos = np.clip(anchor + d, 0, hi)
         boxes[:, 0, :2], boxes[:, 1, :2] = anchor, pos
-        boxes[:, 2, :2] = rng.integers(0, s - p + 1, size=(n, 2))  # the next image's negative
+        # the next image's negative
+        boxes[:, 2, :2] = rng.integers(0, s - p + 1, size=(n, 2)) if shapes is None else positions(rng, hi + 1, (n, 2))
         return {"box": boxes, "flip": np.zeros((n, 3), np.uint8), "hsv": draw_hsv(rng, n, 3, self.cfg.method.color)}
 
     def monitor_features(self, x):

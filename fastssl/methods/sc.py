@@ -89,8 +89,8 @@ class SpatialContrasting(Method):
     def recipe(self):
         m, side, size = self.cfg.method, self.view_size, self.image_size
 
-        def draw(rng, n):  # two square patches at uniform positions (and, off by default, flips and colour)
-            boxes, flips = square_crops(rng, n, 2, side, size, m.flip)
+        def draw(rng, n, shapes=None):  # two square patches at uniform positions (and, off by default, flips and colour)
+            boxes, flips = square_crops(rng, n, 2, side, size, m.flip, shapes)
             return {"box": boxes, "flip": flips, "hsv": draw_hsv(rng, n, 2, m.color)}
 
         ops = [Crop()] + [Flip()] * bool(m.flip) + [HSV()] * jitter_active(m.color) + [Normalise()]

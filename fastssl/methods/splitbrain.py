@@ -94,8 +94,8 @@ class SplitBrain(Method):
     def recipe(self):
         m, side, size = self.cfg.method, self.view_size, self.image_size
 
-        def draw(rng, n):
-            boxes, flips = square_crops(rng, n, 1, side, size, m.flip)
+        def draw(rng, n, shapes=None):
+            boxes, flips = square_crops(rng, n, 1, side, size, m.flip, shapes)
             return {"box": boxes, "flip": flips}
 
         ops = [Crop(), Flip(), ToSpace(self.split.space), SplitTargets(self.split)]  # (flip: zeros when off)

@@ -44,6 +44,8 @@ def build_loader(cfg, source, split, recipe: Recipe, rank: int = 0, world: int =
     if kind == "dali-gpu":  # a graph the GPU backend refuses fails here, in one line, not at the first batch
         from fastssl.data.dali_check import check_gpu_graph, crop_pipeline
 
-        check_gpu_graph(lambda: crop_pipeline(recipe, source, split, cfg.data.batch_size), f"the {recipe.name} graph")
+        check_gpu_graph(lambda: crop_pipeline(recipe, source, split, cfg.data.batch_size, cfg.data.reader_workers,
+                                              cfg.data.hw_decoder_load), f"the {recipe.name} graph")
     return DaliExecutor(**common, device="gpu" if kind == "dali-gpu" else "cpu", base_size=source.image_size,
-                        num_threads=max(1, cfg.data.num_workers), prefetch=cfg.data.prefetch, device_id=device_id)
+                        num_threads=max(1, cfg.data.num_workers), prefetch=cfg.data.prefetch, device_id=device_id,
+                        reader_workers=cfg.data.reader_workers, hw_decoder_load=cfg.data.hw_decoder_load)

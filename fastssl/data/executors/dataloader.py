@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from fastssl.data.decode import split_images
+from fastssl.data.decode import load_image_region, split_images
 from fastssl.data.executors.base import Executor, run_torch
 from fastssl.data.ops.base import ViewContext
-from fastssl.data.plan import ViewPlan
+from fastssl.data.plan import ViewPlan, union_roi
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -22,7 +22,12 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, k):
         e = self.e
         s = self.plan.step(k + e.start_step)
-        views = run_torch(e.recipe, split_images(e.split, s.sources, e.base_size), s, e.ctx)
+        if e.whole:  # each file decoded, and only the region its views cover kept (as DALI's ROI decode)
+            roi, s.fields["box"] = union_roi(s["box"])
+            images = [load_image_region(e.split.files[i], r) for i, r in zip(s.sources, roi)]
+        else:
+            images = split_images(e.split, s.sources, e.base_size)
+        views = run_torch(e.recipe, images, s, e.ctx)
         return {"views": views, "index": torch.from_numpy(s.index)}
 
 
@@ -40,11 +45,10 @@ class TorchExecutor(Executor):
 
     def __init__(self, split, recipe, batch_size, seed, rank, world, base_size, mean, std,
                  num_workers=2, prefetch=2, pin_memory=False):
-        super().__init__(split, recipe, batch_size, seed, rank, world)
+        super().__init__(split, recipe, batch_size, seed, rank, world, base_size=base_size)
         # imported here, once: every epoch forks new workers, which inherit it (1.4 s each otherwise)
         import torchvision.transforms.v2.functional  # noqa: F401
 
-        self.base_size = base_size
         self.ctx = ViewContext(recipe.size, tuple(mean), tuple(std))
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
 

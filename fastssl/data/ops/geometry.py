@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl.data.ops.base import Op, ViewContext, is_ragged, refuse_ragged
+from fastssl.data.ops.base import Op, ViewContext, is_ragged
 
 
 class Crop(Op):
@@ -18,8 +18,9 @@ class Crop(Op):
         return fn.slice(x, box[0:2], box[2:4], axis_names="HW")  # anchor (y, x), shape (h, w)
 
     def torch(self, x, f, ctx: ViewContext):
-        refuse_ragged(self, x)
         box = f["box"]
+        if is_ragged(x):  # whole images of different sizes (folders): one box from each
+            return [img[:, y:y + h, xx:xx + w] for img, (y, xx, h, w) in zip(x, box.tolist())]
         if len(box) and bool((box[:, 2:] == box[:1, 2:]).all()):  # one size: one gather for the batch
             h, w = int(box[0, 2]), int(box[0, 3])
             b = box.to(x.device, torch.long)
