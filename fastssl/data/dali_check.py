@@ -58,11 +58,11 @@ def crop_pipeline(recipe, source, split, batch_size: int, reader_workers: int = 
     """``recipe``'s dali-gpu pipeline on ``split`` as build_loader configures it, fed by an empty
     source (for its graph only: it is never run, so device 0 need not exist)."""
     from fastssl.data.executors.base import over_whole_images, whole_image
-    from fastssl.data.executors.dali import FileReader, build_dali_pipeline
+    from fastssl.data.executors.dali import FileReader, build_dali_pipeline, reads_in_workers
 
     whole = whole_image(split, recipe)
-    reader = FileReader(split.files, batch_size, 0, 0, 1, 0, 0) \
-        if split.encoded and reader_workers > 0 and recipe.plan is None else None
+    reader = FileReader(split.files, batch_size, 0, 0, 1, 0, 0) if reads_in_workers(split, recipe, reader_workers) \
+        else None
     return build_dali_pipeline([], over_whole_images(recipe) if whole else recipe, "gpu", batch_size, 1, 0,
                                source.image_size, split.encoded, source.mean, source.std, whole=whole, reader=reader,
                                reader_workers=reader_workers, hw_decoder_load=hw_decoder_load)

@@ -86,6 +86,12 @@ class FileReader:
         return np.fromfile(self.files[take[i]], dtype=np.uint8)
 
 
+def reads_in_workers(split: Split, recipe: Recipe, reader_workers: int) -> bool:
+    """Whether worker processes read the files: a folder whose recipe follows the epoch plan
+    (not a recipe with its own plan, e.g. Exemplar-CNN's)."""
+    return split.encoded and reader_workers > 0 and recipe.plan is None
+
+
 def dali_images(split: Split, idx) -> List[np.ndarray]:
     """What an external source feeds DALI for images ``idx``: encoded file bytes (decoded in the
     graph) or contiguous HWC uint8 arrays."""
@@ -187,8 +193,7 @@ class DaliExecutor(Executor):
         # the op that prepares each field for the graph (Op.feed): the first op reading it
         self.feeders = {name: next(op for op in recipe.ops if name in op.reads) for name in recipe.reads}
         self.source, self._it = _PlanSource(self), None
-        # files are read by worker processes where they follow the plan's order (not Exemplar's own plan)
-        self.parallel = split.encoded and reader_workers > 0 and recipe.plan is None
+        self.parallel = reads_in_workers(split, recipe, reader_workers)
 
         def make_iter():  # the pipeline is built on first use, after set_epoch
             reader = FileReader(split.files, batch_size, seed, rank, world, self.epoch, self.start_step) \
