@@ -1,4 +1,5 @@
 """fastssl: self-supervised image-representation training with a GPU data pipeline."""
+
 from setuptools import setup
 
 setup(

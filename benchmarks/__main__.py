@@ -9,8 +9,9 @@ scikit-image), Exemplar-CNN surrogate patches (DALI GPU / DALI CPU / DataLoader)
 (images/s, data-stall).  Each compares against its baseline in the same run.  Results go to
 benchmarks/results/<device>/: one JSON and one markdown table per suite, PNG plots, and
 report.md (every suite's latest table in the folder) + environment.json; ``python -m
-benchmarks.readme`` copies the reports into the README.  --tiny runs small sizes in a few minutes (used by the tests).
+benchmarks.readme`` copies the reports into docs/benchmarks.md.  --tiny runs small sizes in a few minutes (used by the tests).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ SUITES = ("pipelines", "folder", "kernels", "knn", "lab", "exemplar", "train_ste
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES)
     p.add_argument("--out", default=None)
@@ -43,8 +45,10 @@ def main(argv=None):
         print(f"== {suite}", flush=True)
         if suite == "pipelines":
             for m in METHODS:
-                pipelines.main(["--method", m, "--out", out] + (["--sizes", "32", "--images", "512", "--batch", "64",
-                                                                  "--repeats", "1"] if tiny else []))
+                pipelines.main(
+                    ["--method", m, "--out", out]
+                    + (["--sizes", "32", "--images", "512", "--batch", "64", "--repeats", "1"] if tiny else [])
+                )
         elif suite == "folder":
             folder.main(["--out", out] + (["--tiny"] if tiny else []))
         elif suite == "kernels":
@@ -57,11 +61,28 @@ def main(argv=None):
         elif suite == "lab":
             lab.main(["--out", out] + (["--images", "256", "--batch", "64", "--repeats", "1"] if tiny else []))
         elif suite == "exemplar":
-            exemplar.main(["--out", out] + (["--images", "128", "--per-class", "4", "--batch", "128", "--repeats", "1"]
-                                            if tiny else []))
+            exemplar.main(
+                ["--out", out]
+                + (["--images", "128", "--per-class", "4", "--batch", "128", "--repeats", "1"] if tiny else [])
+            )
         else:
-            train_step.main(["--out", out] + (["--methods", "sc", "layerwise", "invp", "--steps", "6",
-                                               "data.batch_size=32", "data.builtin.num_train=512"] if tiny else []))
+            train_step.main(
+                ["--out", out]
+                + (
+                    [
+                        "--methods",
+                        "sc",
+                        "layerwise",
+                        "invp",
+                        "--steps",
+                        "6",
+                        "data.batch_size=32",
+                        "data.builtin.num_train=512",
+                    ]
+                    if tiny
+                    else []
+                )
+            )
     write_report(out)
 
 
@@ -71,10 +92,20 @@ def write_report(out: str) -> None:
     env = environment()
     with open(os.path.join(out, "environment.json"), "w") as f:
         json.dump(env, f, indent=2)
-    parts = [f"# fastssl benchmarks on {device_name()}\n",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n"]
-    names = [f"pipelines-{m}" for m in METHODS] + ["folder", "kernels", "knn", "knn-scale", "lab", "exemplar",
-                                                     "train_step"]
+    parts = [
+        f"# fastssl benchmarks on {device_name()}\n",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n",
+    ]
+    names = [f"pipelines-{m}" for m in METHODS] + [
+        "folder",
+        "kernels",
+        "knn",
+        "knn-scale",
+        "knn-ivf-recall",
+        "lab",
+        "exemplar",
+        "train_step",
+    ]
     for name in names:
         if os.path.isfile(os.path.join(out, f"{name}.md")):
             parts.append("## " + _body(os.path.join(out, f"{name}.md")))

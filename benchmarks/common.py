@@ -1,4 +1,5 @@
 """Shared benchmark helpers: device naming, repeated timing, result files."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ def device_name() -> str:
 
 
 def environment() -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": device_name(),
-           "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
     for mod in ("nvidia.dali", "faiss", "triton"):
         try:
             env[mod] = __import__(mod, fromlist=["__version__"]).__version__

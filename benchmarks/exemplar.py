@@ -12,6 +12,7 @@ set per repeat.  "materialised" reads the same epoch back from a ``patches.npy``
 (page cache warm), i.e. the cost of training from a set generated once.  Rates are patches/s
 (median of repeats after a warm-up pass); ratios are to the DataLoader measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import publish, summary, timed  # noqa: E402
 from fastssl.data import surrogate as ex  # noqa: E402
+from fastssl.data.decode import to_chw  # noqa: E402
 from fastssl.data.executors.dali import DaliExecutor  # noqa: E402
 from fastssl.data.executors.dataloader import TorchExecutor  # noqa: E402
 from fastssl.data.executors.tensor import TensorExecutor  # noqa: E402
 from fastssl.data.exemplar import FileSurrogateLoader, materialise  # noqa: E402
-from fastssl.data.decode import to_chw  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
 
 
@@ -52,12 +53,17 @@ def main(argv=None):
     pca = ex.pca_basis(to_chw(images[:1000]))
     aug = ex.SurrogateAug()
     recipe = ex.surrogate_recipe(sset, aug, 32, a.size, pca, a.per_class)
-    common = dict(split=split, recipe=recipe, batch_size=a.batch, seed=0, rank=0, world=1, mean=(0.5,) * 3, std=(0.25,) * 3)
+    common = dict(
+        split=split, recipe=recipe, batch_size=a.batch, seed=0, rank=0, world=1, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaders = {f"torch-dataloader ({a.workers} procs)": TorchExecutor(**common, base_size=a.size, num_workers=a.workers),
-               f"dali-cpu ({a.workers} threads)": DaliExecutor(**common, device="cpu", base_size=a.size,
-                                                               num_threads=a.workers),
-               f"tensor ({device})": TensorExecutor(**common, device=device)}
+    loaders = {
+        f"torch-dataloader ({a.workers} procs)": TorchExecutor(**common, base_size=a.size, num_workers=a.workers),
+        f"dali-cpu ({a.workers} threads)": DaliExecutor(
+            **common, device="cpu", base_size=a.size, num_threads=a.workers
+        ),
+        f"tensor ({device})": TensorExecutor(**common, device=device),
+    }
     if torch.cuda.is_available():
         loaders["dali-gpu"] = DaliExecutor(**common, device="gpu", base_size=a.size, num_threads=a.workers, device_id=0)
     else:
@@ -70,6 +76,7 @@ def main(argv=None):
             epoch_no["k"] += 1
             for b in loader:
                 b["views"][0].cpu()  # (waits for GPU work)
+
         return go
 
     patches = len(next(iter(loaders.values()))) * a.batch
@@ -77,29 +84,63 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name, loader in loaders.items():
             epoch_no["k"] = 0
-            rows.append({"executor": name, "patches": patches, "batch": a.batch, "image_size": a.size,
-                         "patches_per_s": summary(timed(epoch(loader), a.repeats), patches)})
+            rows.append(
+                {
+                    "executor": name,
+                    "patches": patches,
+                    "batch": a.batch,
+                    "image_size": a.size,
+                    "patches_per_s": summary(timed(epoch(loader), a.repeats), patches),
+                }
+            )
             print(f"  exemplar {name:32s} {rows[-1]['patches_per_s']['median']:10.0f} patches/s", flush=True)
-        materialise(DaliExecutor(**common, device="cpu", base_size=a.size, num_threads=a.workers), tmp, sset, pca,
-                    progress=False)
+        materialise(
+            DaliExecutor(**common, device="cpu", base_size=a.size, num_threads=a.workers),
+            tmp,
+            sset,
+            pca,
+            progress=False,
+        )
         fl = FileSurrogateLoader(tmp, a.batch, 0, 0, 1)
-        rows.append({"executor": "materialised (patches.npy)", "patches": patches, "batch": a.batch,
-                     "image_size": a.size, "patches_per_s": summary(timed(epoch(fl), a.repeats), patches)})
+        rows.append(
+            {
+                "executor": "materialised (patches.npy)",
+                "patches": patches,
+                "batch": a.batch,
+                "image_size": a.size,
+                "patches_per_s": summary(timed(epoch(fl), a.repeats), patches),
+            }
+        )
         print(f"  exemplar {'materialised':32s} {rows[-1]['patches_per_s']['median']:10.0f} patches/s", flush=True)
     base = rows[0]["patches_per_s"]["median"]
     for r in rows:
         r["ratio_vs_dataloader"] = r["patches_per_s"]["median"] / base
     full = 16000 * 100
-    lines = ["| executor | patches/s (median) | min | max | vs DataLoader | 16,000 x 100 set |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| executor | patches/s (median) | min | max | vs DataLoader | 16,000 x 100 set |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         s = r["patches_per_s"]
-        lines.append(f"| {r['executor']} | {s['median']:.0f} | {s['min']:.0f} | {s['max']:.0f} | "
-                     f"{r['ratio_vs_dataloader']:.2f}x | {full / s['median']:.0f} s |")
-    table = "\n".join(lines) + (f"\n\n{a.images} seed images of {a.size} px x {a.per_class} patches of 32x32 "
-                                f"(all six transformation families), batch {a.batch}, {a.repeats} repeats; the last "
-                                f"column extrapolates the rate to the paper's 1.6M-patch set.")
-    publish("exemplar", rows, table, a.out, [r["executor"] for r in rows], [r["ratio_vs_dataloader"] for r in rows],
-            "patches/s vs torch DataLoader", "Exemplar-CNN surrogate patches")
+        lines.append(
+            f"| {r['executor']} | {s['median']:.0f} | {s['min']:.0f} | {s['max']:.0f} | "
+            f"{r['ratio_vs_dataloader']:.2f}x | {full / s['median']:.0f} s |"
+        )
+    table = "\n".join(lines) + (
+        f"\n\n{a.images} seed images of {a.size} px x {a.per_class} patches of 32x32 "
+        f"(all six transformation families), batch {a.batch}, {a.repeats} repeats; the last "
+        f"column extrapolates the rate to the paper's 1.6M-patch set."
+    )
+    publish(
+        "exemplar",
+        rows,
+        table,
+        a.out,
+        [r["executor"] for r in rows],
+        [r["ratio_vs_dataloader"] for r in rows],
+        "patches/s vs torch DataLoader",
+        "Exemplar-CNN surrogate patches",
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ reader_workers=0 (file bytes read on the main thread) is added.  The data check 
 process with an empty cache and again with the cache filled, alone and as training starts
 (``load_config`` + ``build_source``).  Results: benchmarks/results/<device>/folder.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,22 @@ from benchmarks.common import publish, summary, timed  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = ".make_folder.json"  # a dot-file: neither the sources nor the data check list it
 # scikit-image's bundled photographs (in the wheel, no download); grey ones become RGB
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "camera", "coins", "moon", "brick", "grass", "gravel", "clock")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "coins",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+)
 SIDE = (300, 500)  # each side of a generated image, drawn uniformly (inclusive)
 QUALITY = 90
 PIPELINES = ("torch", "dali-cpu", "dali-gpu")
@@ -106,8 +121,15 @@ def make_folder(root: str, n: int, seed: int = 0, classes: int = 10, progress: b
     i % classes), deterministic from ``seed``; returns the file paths.  A folder made before with
     the same settings is reused as it is (only missing files are written, stray ones removed);
     a folder with images that ``make_folder`` did not make is refused."""
-    spec = {"n": n, "seed": seed, "classes": classes, "side": list(SIDE), "quality": QUALITY, "photos": list(PHOTOS),
-            "version": 1}
+    spec = {
+        "n": n,
+        "seed": seed,
+        "classes": classes,
+        "side": list(SIDE),
+        "quality": QUALITY,
+        "photos": list(PHOTOS),
+        "version": 1,
+    }
     paths = _paths(root, n, classes)
     man = os.path.join(root, MANIFEST)
     old = None
@@ -157,8 +179,13 @@ def has_data_key(key: str) -> bool:
 
 
 def base_overrides(root: str, size: int, batch: int, workers: int):
-    return ["data.source=folder", f"data.path={root}", f"data.image_size={size}", f"data.batch_size={batch}",
-            f"data.num_workers={workers}"]
+    return [
+        "data.source=folder",
+        f"data.path={root}",
+        f"data.image_size={size}",
+        f"data.batch_size={batch}",
+        f"data.num_workers={workers}",
+    ]
 
 
 def build(method: str, overrides, device: torch.device):
@@ -170,8 +197,9 @@ def build(method: str, overrides, device: torch.device):
 
     cfg = load_config(os.path.join(ROOT, "configs", method, "builtin.yaml"), overrides)
     source = build_source(cfg)
-    m = get_method(cfg.method.name)(cfg, build_backbone(cfg.model, source.image_size), source.image_size,
-                                    len(source.pretrain))
+    m = get_method(cfg.method.name)(
+        cfg, build_backbone(cfg.model, source.image_size), source.image_size, len(source.pretrain)
+    )
     m.begin_stage(0, source)
     device_id = 0 if device.type == "cuda" else None
     return cfg, m.loader(cfg, source, 0, 1, device_id, device.type)
@@ -191,6 +219,7 @@ def epochs_of(loader, device, counted):
                 v.to(device, non_blocking=True)
             n += len(b["index"])
         counted[0] = n
+
     return one_epoch
 
 
@@ -221,10 +250,20 @@ def bench(method: str, root: str, size: int, batch: int, workers: int, repeats: 
         times = timed(epochs_of(loader, device, counted), repeats)
         del loader  # free the DALI pipeline / worker processes before the next one starts
         gc.collect()
-        rows.append({"kind": "pipeline", "method": method, "pipeline": pipeline, "label": label,
-                     "image_size": size, "batch": batch, "workers": workers,
-                     "reader_workers": cfg.data.reader_workers if reader and pipeline != "torch" else None,
-                     "images": counted[0], "images_per_s": summary(times, counted[0])})
+        rows.append(
+            {
+                "kind": "pipeline",
+                "method": method,
+                "pipeline": pipeline,
+                "label": label,
+                "image_size": size,
+                "batch": batch,
+                "workers": workers,
+                "reader_workers": cfg.data.reader_workers if reader and pipeline != "torch" else None,
+                "images": counted[0],
+                "images_per_s": summary(times, counted[0]),
+            }
+        )
         print(f"  {method} {size}px {label:26s} {rows[-1]['images_per_s']['median']:10.1f} images/s", flush=True)
     base = next((r for r in rows if r["pipeline"] == "torch"), None)
     for r in rows:
@@ -240,15 +279,14 @@ def _time_source(method: str, overrides, train_start: bool) -> None:
     alone, unvalidated, as ``python -m fastssl.data.check`` builds a source (the check alone) or,
     with ``train_start``, ``load_config`` (whose validation builds the source too) then
     ``build_source``, as fastssl/train.py starts."""
+    import PIL.Image  # noqa: F401
+    import tqdm  # noqa: F401
     from omegaconf import OmegaConf
-
-    from fastssl.config import load_config
-    from fastssl.data.sources import build_source
 
     import fastssl.data.check  # noqa: F401  (imports out of the timings: what validation and the check use)
     import fastssl.models  # noqa: F401
-    import PIL.Image  # noqa: F401
-    import tqdm  # noqa: F401
+    from fastssl.config import load_config
+    from fastssl.data.sources import build_source
 
     t0 = time.perf_counter()
     if train_start:
@@ -260,8 +298,7 @@ def _time_source(method: str, overrides, train_start: bool) -> None:
     s = build_source(cfg)
     t2 = time.perf_counter()
     images = len(s.pretrain) + len(s.test) + len(s.bad_files)
-    print(json.dumps({"load_config_s": t1 - t0 if train_start else 0.0, "build_source_s": t2 - t1,
-                      "images": images}))
+    print(json.dumps({"load_config_s": t1 - t0 if train_start else 0.0, "build_source_s": t2 - t1, "images": images}))
 
 
 def check_timings(method: str, root: str, size: int, batch: int, workers: int):
@@ -276,18 +313,31 @@ def check_timings(method: str, root: str, size: int, batch: int, workers: int):
         with tempfile.TemporaryDirectory(prefix="fastssl-cache-") as cache:
             env["FASTSSL_CACHE"] = cache
             for state in ("empty", "filled"):
-                code = (f"from benchmarks.folder import _time_source; "
-                        f"_time_source({method!r}, {list(overrides)!r}, {train_start})")
+                code = (
+                    f"from benchmarks.folder import _time_source; "
+                    f"_time_source({method!r}, {list(overrides)!r}, {train_start})"
+                )
                 p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
                 if p.returncode != 0:
                     raise RuntimeError(f"{step} ({state} cache) exited {p.returncode}:\n{p.stderr[-3000:]}")
                 res = json.loads(p.stdout.strip().splitlines()[-1])
                 sec = res["load_config_s"] + res["build_source_s"]
-                rows.append({"kind": "check", "step": step, "cache": state, "seconds": sec,
-                             "load_config_s": res["load_config_s"], "build_source_s": res["build_source_s"],
-                             "images": res["images"], "images_per_s": res["images"] / sec})
-                print(f"  check: {step:42s} {state:6s} cache {sec:8.3f} s {rows[-1]['images_per_s']:10.0f} images/s",
-                      flush=True)
+                rows.append(
+                    {
+                        "kind": "check",
+                        "step": step,
+                        "cache": state,
+                        "seconds": sec,
+                        "load_config_s": res["load_config_s"],
+                        "build_source_s": res["build_source_s"],
+                        "images": res["images"],
+                        "images_per_s": res["images"] / sec,
+                    }
+                )
+                print(
+                    f"  check: {step:42s} {state:6s} cache {sec:8.3f} s {rows[-1]['images_per_s']:10.0f} images/s",
+                    flush=True,
+                )
     return rows
 
 
@@ -296,27 +346,36 @@ def check_timings(method: str, root: str, size: int, batch: int, workers: int):
 
 def table(rows, a, workers: int) -> str:
     pipe = [r for r in rows if r["kind"] == "pipeline"]
-    lines = ["| method | pipeline | workers/threads | reader workers | images/s (median) | min | max | vs DataLoader |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | pipeline | workers/threads | reader workers | images/s (median) | min | max | vs DataLoader |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in pipe:
         ips = r["images_per_s"]
         rw = "-" if r["reader_workers"] is None else r["reader_workers"]
         ratio = "-" if r["ratio_vs_dataloader"] is None else f"{r['ratio_vs_dataloader']:.2f}x"
-        lines.append(f"| {r['method']} | {r['label']} | {r['workers']} | {rw} | {ips['median']:.1f} | "
-                     f"{ips['min']:.1f} | {ips['max']:.1f} | {ratio} |")
+        lines.append(
+            f"| {r['method']} | {r['label']} | {r['workers']} | {rw} | {ips['median']:.1f} | "
+            f"{ips['min']:.1f} | {ips['max']:.1f} | {ratio} |"
+        )
     n = pipe[0]["images"] if pipe else a.images
     text = "\n".join(lines) + (
         f"\n\n{a.images} JPEGs ({SIDE[0]}-{SIDE[1]} px a side, quality {QUALITY}) decoded and resized to {a.size} px, "
         f"{n} images per epoch, batch {a.batch}, {a.repeats} repeats after a warm-up epoch; "
-        f"{os.cpu_count()} CPU cores, data.num_workers={workers} (DataLoader workers / DALI threads).")
+        f"{os.cpu_count()} CPU cores, data.num_workers={workers} (DataLoader workers / DALI threads)."
+    )
     chk = [r for r in rows if r["kind"] == "check"]
     if chk:
         lines = ["| data check | verdict cache | seconds | of which build_source | images/s |", "|---|---|---|---|---|"]
-        lines += [f"| {r['step']} | {r['cache']} | {r['seconds']:.3f} | {r['build_source_s']:.3f} | "
-                  f"{r['images_per_s']:.0f} |" for r in chk]
-        text += ("\n\n" + "\n".join(lines) + "\n\nEach in a fresh process (imports not counted), FASTSSL_CACHE a new "
-                 "empty folder for the first; the files are in the OS page cache (just written), so this is decoding, "
-                 "not disk reads.")
+        lines += [
+            f"| {r['step']} | {r['cache']} | {r['seconds']:.3f} | {r['build_source_s']:.3f} | {r['images_per_s']:.0f} |"
+            for r in chk
+        ]
+        text += (
+            "\n\n" + "\n".join(lines) + "\n\nEach in a fresh process (imports not counted), FASTSSL_CACHE a new "
+            "empty folder for the first; the files are in the OS page cache (just written), so this is decoding, "
+            "not disk reads."
+        )
     return text
 
 
@@ -348,9 +407,16 @@ def main(argv=None):
     for m in a.methods:
         rows += bench(m, root, a.size, a.batch, workers, a.repeats, a.pipelines)
     pipe = [r for r in rows if r["kind"] == "pipeline"]
-    publish("folder", rows, table(rows, a, workers), a.out, [f"{r['method']} {r['label']}" for r in pipe],
-            [r["ratio_vs_dataloader"] or 0.0 for r in pipe], "images/s vs torchvision DataLoader",
-            f"image folder, {a.size} px")
+    publish(
+        "folder",
+        rows,
+        table(rows, a, workers),
+        a.out,
+        [f"{r['method']} {r['label']}" for r in pipe],
+        [r["ratio_vs_dataloader"] or 0.0 for r in pipe],
+        "images/s vs torchvision DataLoader",
+        f"image folder, {a.size} px",
+    )
 
 
 if __name__ == "__main__":

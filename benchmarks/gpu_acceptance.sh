@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU acceptance: everything a new GPU machine should show, in one call of at most 7 minutes
 # (sized for one H200), written as at most 8 files that `python -m benchmarks.readme` turns into
-# the README's "GPU acceptance" section.
+# the "GPU acceptance" section of docs/benchmarks.md.
 #
 #   bash benchmarks/gpu_acceptance.sh [--tiny] [OUT_DIR]     (default OUT_DIR: benchmarks/results/gpu-acceptance)
 #

@@ -19,6 +19,7 @@ error cell and a note under the table, not a crash, and is not tried again for t
 and eager run for every size first, torch.compile'd eager (slow to compile) after them, and the
 JSON and markdown are rewritten after every row, so a run cut short keeps what it measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,11 @@ def triplet_hard(fn):
 
 def invp_bank(fn, K):
     """InvP's loss on a bank: L_ins + 0.6 L_inv (rows with positives), hard positives P = 20."""
+
     def loss(f, bank, index, pos):
         l_ins, l_inv = fn(f, bank, index, pos, 0.07, K, 20)
         return l_ins.mean() + 0.6 * l_inv.nan_to_num(0.0).mean()
+
     return loss
 
 
@@ -78,36 +81,60 @@ def unit(*shape, dt):
 def bank_inputs(s, dt):
     """A batch against a bank it belongs to (the first B entries), 84 propagated positives each."""
     bank = unit(s["N"], s["D"], dt=dt)
-    f = (bank[:s["B"]].float() + 0.5 * unit(s["B"], s["D"], dt=torch.float32)).to(dt)
+    f = (bank[: s["B"]].float() + 0.5 * unit(s["B"], s["D"], dt=torch.float32)).to(dt)
     return [f, bank, torch.arange(s["B"], device=DEV), torch.randint(0, s["N"], (s["B"], 84), device=DEV)]
 
 
 def pair_sizes(tiny):
-    return [dict(B=64, D=32), dict(B=96, D=64)] if tiny else [
-        dict(B=b, D=d) for b in (256, 1024, 4096, 16384) for d in (64, 128, 512)]
+    return (
+        [dict(B=64, D=32), dict(B=96, D=64)]
+        if tiny
+        else [dict(B=b, D=d) for b in (256, 1024, 4096, 16384) for d in (64, 128, 512)]
+    )
 
 
 def bank_sizes(tiny):
-    return [dict(B=16, N=3000, D=32, K=64)] if tiny else [
-        dict(B=256, N=n, D=128, K=4096) for n in (65536, 262144, 1281167)] + [
-        dict(B=256, N=1281167, D=d, K=4096) for d in (64, 512)] + [dict(B=1024, N=1281167, D=128, K=4096)]
+    return (
+        [dict(B=16, N=3000, D=32, K=64)]
+        if tiny
+        else [dict(B=256, N=n, D=128, K=4096) for n in (65536, 262144, 1281167)]
+        + [dict(B=256, N=1281167, D=d, K=4096) for d in (64, 512)]
+        + [dict(B=1024, N=1281167, D=128, K=4096)]
+    )
 
 
 LOSSES = {
     # name: fused, eager, sizes(tiny), inputs(size, dtype), how many inputs are differentiated,
     #       FLOPs of the fused fwd+bwd(size), least bytes it must move(size, element size)
-    "sc": dict(fused=sc_loss_fused, eager=sc_loss_eager, keops=sc_loss_keops, sizes=pair_sizes,
-               make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(2)], grads=2,
-               flops=lambda s: 2 * s["B"] ** 2 * s["D"] * 5, bytes=lambda s, e: 4 * s["B"] * s["D"] * e),
-    "triplet-hardest": dict(fused=triplet_hard(triplet_loss_fused), eager=triplet_hard(triplet_loss_eager),
-                            sizes=pair_sizes, grads=3,
-                            make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(3)],
-                            flops=lambda s: 2 * s["B"] * 2 * s["B"] * s["D"], bytes=lambda s, e: 6 * s["B"] * s["D"] * e),
+    "sc": dict(
+        fused=sc_loss_fused,
+        eager=sc_loss_eager,
+        keops=sc_loss_keops,
+        sizes=pair_sizes,
+        make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(2)],
+        grads=2,
+        flops=lambda s: 2 * s["B"] ** 2 * s["D"] * 5,
+        bytes=lambda s, e: 4 * s["B"] * s["D"] * e,
+    ),
+    "triplet-hardest": dict(
+        fused=triplet_hard(triplet_loss_fused),
+        eager=triplet_hard(triplet_loss_eager),
+        sizes=pair_sizes,
+        grads=3,
+        make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(3)],
+        flops=lambda s: 2 * s["B"] * 2 * s["B"] * s["D"],
+        bytes=lambda s, e: 6 * s["B"] * s["D"] * e,
+    ),
     # the bank loss's floor is one pass over the bank (its FLOPs: the B x N logits, once)
-    "invp-bank": dict(fused=lambda *x: invp_bank(bank_loss_fused, x[-1])(*x[:-1]),
-                      eager=lambda *x: invp_bank(bank_loss_eager, x[-1])(*x[:-1]), sizes=bank_sizes, grads=1,
-                      make=lambda s, dt: bank_inputs(s, dt) + [s["K"]],
-                      flops=lambda s: 2 * s["B"] * s["N"] * s["D"], bytes=lambda s, e: s["N"] * s["D"] * e),
+    "invp-bank": dict(
+        fused=lambda *x: invp_bank(bank_loss_fused, x[-1])(*x[:-1]),
+        eager=lambda *x: invp_bank(bank_loss_eager, x[-1])(*x[:-1]),
+        sizes=bank_sizes,
+        grads=1,
+        make=lambda s, dt: bank_inputs(s, dt) + [s["K"]],
+        flops=lambda s: 2 * s["B"] * s["N"] * s["D"],
+        bytes=lambda s, e: s["N"] * s["D"] * e,
+    ),
 }
 
 
@@ -132,6 +159,7 @@ def fwd_bwd(fn, inputs, grads):
     def go():
         loss = fn(*xs)
         loss.backward()
+
     return go
 
 
@@ -154,8 +182,8 @@ def ceilings():
     for dt in (torch.bfloat16, torch.float32):
         a = torch.randn(8192, 8192, device=DEV, dtype=dt)
         t = time_it(lambda: a @ a, 10)["median_ms"] / 1e3
-        out[f"matmul_{str(dt).split('.')[-1]}_tflops"] = 2 * 8192 ** 3 / t / 1e12
-    x = torch.empty(2 ** 30, device=DEV, dtype=torch.uint8)
+        out[f"matmul_{str(dt).split('.')[-1]}_tflops"] = 2 * 8192**3 / t / 1e12
+    x = torch.empty(2**30, device=DEV, dtype=torch.uint8)
     t = time_it(lambda: x.clone(), 10)["median_ms"] / 1e3
     out["copy_tb_s"] = 2 * x.numel() / t / 1e12
     return out
@@ -166,16 +194,24 @@ def sizes_of(name, a):
     preset = a.sizes or ("tiny" if a.tiny else "sweep")
     tiny = preset == "tiny"
     if name == "invp-bank":
-        base = ([dict(B=256, N=n, D=128, K=4096) for n in (65536, 262144, 1281167)] if preset == "headline"
-                else bank_sizes(tiny))
+        base = (
+            [dict(B=256, N=n, D=128, K=4096) for n in (65536, 262144, 1281167)]
+            if preset == "headline"
+            else bank_sizes(tiny)
+        )
         if not (a.n or a.d or a.bank_b or a.k):
             return base
-        return [dict(B=a.bank_b or base[0]["B"], N=n, D=d, K=a.k or base[0]["K"])
-                for d in (a.d or [base[0]["D"]]) for n in (a.n or sorted({s["N"] for s in base}))]
+        return [
+            dict(B=a.bank_b or base[0]["B"], N=n, D=d, K=a.k or base[0]["K"])
+            for d in (a.d or [base[0]["D"]])
+            for n in (a.n or sorted({s["N"] for s in base}))
+        ]
     base = [dict(B=4096, D=128)] if preset == "headline" else pair_sizes(tiny)
     if not (a.b or a.d):
         return base
-    return [dict(B=b, D=d) for b in (a.b or sorted({s["B"] for s in base})) for d in (a.d or sorted({s["D"] for s in base}))]
+    return [
+        dict(B=b, D=d) for b in (a.b or sorted({s["B"] for s in base})) for d in (a.d or sorted({s["D"] for s in base}))
+    ]
 
 
 def _why(e: BaseException) -> str:
@@ -186,20 +222,33 @@ def _why(e: BaseException) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a few small sizes (runs on CPU under the interpreter)")
-    p.add_argument("--sizes", choices=("tiny", "sweep", "headline"), default=None,
-                   help="size preset (default: sweep, or tiny with --tiny)")
+    p.add_argument(
+        "--sizes",
+        choices=("tiny", "sweep", "headline"),
+        default=None,
+        help="size preset (default: sweep, or tiny with --tiny)",
+    )
     p.add_argument("--b", type=int, nargs="+", help="batch sizes of the SC and triplet losses")
     p.add_argument("--d", type=int, nargs="+", help="feature dimensions (all losses)")
     p.add_argument("--n", type=int, nargs="+", help="bank sizes N of the InvP bank loss")
     p.add_argument("--bank-b", type=int, default=None, help="batch size of the InvP bank loss (preset: 256)")
     p.add_argument("--k", type=int, default=None, help="top-K of the InvP bank loss (preset: 4096)")
     p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
-    p.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="default: bfloat16 float32 (float32 with --tiny)")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="default: bfloat16 float32 (float32 with --tiny)",
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile'd eager")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds: no measurement starts after this (the rest: 'not run' cells)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: no measurement starts after this (the rest: 'not run' cells)",
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     deadline = time.perf_counter() + a.time_budget if a.time_budget else None
@@ -207,12 +256,20 @@ def main(argv=None):
     if not CUDA and not tiny:
         print("benchmarks.kernels: no CUDA GPU here; the full sweep needs one (use --tiny to check the script)")
         return 0
-    dtypes = [getattr(torch, d) for d in a.dtypes] if a.dtypes else [torch.float32] if tiny else [torch.bfloat16, torch.float32]
+    dtypes = (
+        [getattr(torch, d) for d in a.dtypes]
+        if a.dtypes
+        else [torch.float32]
+        if tiny
+        else [torch.bfloat16, torch.float32]
+    )
     repeats = 2 if a.tiny else a.repeats
     use_compile = not (a.no_compile or a.tiny)
     ceil = ceilings()
     # fused and eager (and pykeops) for every size first, then torch.compile (slow to compile)
-    phases = [["fused", "eager"] + (["keops"] if have_keops() and not tiny else [])] + ([["compiled"]] if use_compile else [])
+    phases = [["fused", "eager"] + (["keops"] if have_keops() and not tiny else [])] + (
+        [["compiled"]] if use_compile else []
+    )
     rows, by_key, broken, compiled = [], {}, {}, {}
     out = None
     for phase in phases:
@@ -261,8 +318,11 @@ def main(argv=None):
                             torch.cuda.empty_cache()
                     del inputs
                     ratios(row, spec, size, dt, ceil)
-                    print(f"  {name:16s} {size_label(row):28s} {row['dtype']:9s} " + "  ".join(
-                        f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in phase if i in row), flush=True)
+                    print(
+                        f"  {name:16s} {size_label(row):28s} {row['dtype']:9s} "
+                        + "  ".join(f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in phase if i in row),
+                        flush=True,
+                    )
                     out = write_results("kernels", rows, render(rows, impls_of(rows), ceil, tiny), a.out)
     table = render(rows, impls_of(rows), ceil, tiny)
     print(table)
@@ -286,11 +346,13 @@ def ratios(row, spec, size, dt, ceil):
         t = row["fused"]["median_ms"] / 1e3
         peak = ceil["matmul_bfloat16_tflops" if dt == torch.bfloat16 else "matmul_float32_tflops"]
         row["fused"]["flop_fraction"] = spec["flops"](size) / t / 1e12 / peak
-        row["fused"]["bandwidth_fraction"] = spec["bytes"](size, torch.empty((), dtype=dt).element_size()) / t / 1e12 / ceil["copy_tb_s"]
+        row["fused"]["bandwidth_fraction"] = (
+            spec["bytes"](size, torch.empty((), dtype=dt).element_size()) / t / 1e12 / ceil["copy_tb_s"]
+        )
 
 
 def _mb(x):
-    return "-" if x is None else f"{x / 2 ** 20:.1f}"
+    return "-" if x is None else f"{x / 2**20:.1f}"
 
 
 def size_label(r):
@@ -307,25 +369,43 @@ def _cell(r, i):
 
 
 def render(rows, impls, ceil, tiny):
-    head = "| loss | size | dtype | " + " | ".join(f"{i} ms" for i in impls) + \
-           " | fused vs eager | fused vs compiled | peak MiB fused / eager | fused FLOP frac. | fused BW frac. |"
+    head = (
+        "| loss | size | dtype | "
+        + " | ".join(f"{i} ms" for i in impls)
+        + " | fused vs eager | fused vs compiled | peak MiB fused / eager | fused FLOP frac. | fused BW frac. |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     errors = []
     for r in rows:
         ms = " | ".join(_cell(r, i) for i in impls)
         f, e = r.get("fused", {}), r.get("eager", {})
-        vs_c = (f"{r['compiled']['median_ms'] / f['median_ms']:.2f}x" if "median_ms" in r.get("compiled", {})
-                and "median_ms" in f else "-")
+        vs_c = (
+            f"{r['compiled']['median_ms'] / f['median_ms']:.2f}x"
+            if "median_ms" in r.get("compiled", {}) and "median_ms" in f
+            else "-"
+        )
         sp = f"{f['speedup_vs_eager']:.2f}x" if f.get("speedup_vs_eager") else "-"
-        lines.append(f"| {r['loss']} | {size_label(r)} | {r['dtype']} | {ms} | {sp} | {vs_c} | "
-                     f"{_mb(f.get('peak_mem_bytes'))} / {_mb(e.get('peak_mem_bytes'))} | "
-                     f"{f.get('flop_fraction', float('nan')):.2f} | {f.get('bandwidth_fraction', float('nan')):.2f} |")
-        errors += [f"* {i} at {r['loss']} {size_label(r)} {r['dtype']}: {r[i]['error']}"
-                   for i in impls if "error" in r.get(i, {}) and not r[i]["error"].startswith("not run:")]
-    note = ("\nTiny mode on a CPU: the fused kernels ran under the Triton interpreter, so these timings say "
-            "nothing about speed.\n" if tiny and not CUDA else "")
-    errs = ("\nErrors (the implementation was not tried again for that loss):\n" + "\n".join(errors) + "\n"
-            if errors else "")
+        lines.append(
+            f"| {r['loss']} | {size_label(r)} | {r['dtype']} | {ms} | {sp} | {vs_c} | "
+            f"{_mb(f.get('peak_mem_bytes'))} / {_mb(e.get('peak_mem_bytes'))} | "
+            f"{f.get('flop_fraction', float('nan')):.2f} | {f.get('bandwidth_fraction', float('nan')):.2f} |"
+        )
+        errors += [
+            f"* {i} at {r['loss']} {size_label(r)} {r['dtype']}: {r[i]['error']}"
+            for i in impls
+            if "error" in r.get(i, {}) and not r[i]["error"].startswith("not run:")
+        ]
+    note = (
+        "\nTiny mode on a CPU: the fused kernels ran under the Triton interpreter, so these timings say "
+        "nothing about speed.\n"
+        if tiny and not CUDA
+        else ""
+    )
+    errs = (
+        "\nErrors (the implementation was not tried again for that loss):\n" + "\n".join(errors) + "\n"
+        if errors
+        else ""
+    )
     if any(c.get("error") == "not run: --time-budget spent" for r in rows for c in r.values() if isinstance(c, dict)):
         errs += "\n'not run': the run's --time-budget was spent before that measurement.\n"
     ce = ", ".join(f"{k} {v:.1f}" for k, v in ceil.items())
@@ -344,11 +424,22 @@ def plot(rows, path):
         mine = [r for r in rows if r["loss"] == name]
         ref, x = mine[0], "N" if "N" in mine[0] else "B"  # the sweep through the first size
         for impl in ("fused", "eager", "compiled", "keops"):
-            pts = [(r[x], r[impl]["median_ms"]) for r in mine if impl in r and "median_ms" in r[impl]
-                   and all(r[k] == ref[k] for k in ("B", "N", "D", "K", "dtype") if k in r and k != x)]
+            pts = [
+                (r[x], r[impl]["median_ms"])
+                for r in mine
+                if impl in r
+                and "median_ms" in r[impl]
+                and all(r[k] == ref[k] for k in ("B", "N", "D", "K", "dtype") if k in r and k != x)
+            ]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="bank N" if x == "N" else "batch B", ylabel="fwd+bwd ms", title=f"{name} ({device_name()})")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="bank N" if x == "N" else "batch B",
+            ylabel="fwd+bwd ms",
+            title=f"{name} ({device_name()})",
+        )
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

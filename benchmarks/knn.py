@@ -31,7 +31,18 @@ twice that limit, gives a 'skipped: reason' row; larger N of that kind are skipp
 table footer states each kind's fitted exponents (time ~ N^b, least squares on log-log) and the
 extrapolated time at N = 1,281,167 (ImageNet), labelled as such.  Results: ``knn-scale.json``,
 ``.md`` and ``.png`` (time vs N, log-log, with the fits).
+
+Recall of ``method.graph_index=auto``'s approximate kind on two kinds of bank:
+
+    python -m benchmarks.knn --ivf-recall [--sizes 80000 320000] [--nprobes 16 64] [--sample 2000]
+
+recall@k of the ivf index (``KNNIndex(kind="ivf")``, sqrt(N) lists) against exact neighbours for
+``--sample`` rows, at each nprobe, on a ``random`` bank (unit-norm Gaussian rows: InvP's bank at
+initialisation, the worst case) and a ``clustered`` one (unit-norm points around N/100 random
+centres with Gaussian noise of norm 0.6: the shape of a trained bank, whose images gather around
+classes and instances).  Results: ``knn-ivf-recall.json`` and ``.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +64,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import device_name, environment, publish, timed, write_results  # noqa: E402
 from fastssl.knn import KNNIndex, gpu_count  # noqa: E402
 
-
 IMPLS = ("faiss-flat", "torch", "sklearn", "faiss-hnsw")
 
 
 def torch_graph(x, k, chunk=None):
     """Each row's k + 1 largest inner products (itself included), in row chunks of at most
     2^30 similarities (4,096 rows up to N = 262,144)."""
-    chunk = chunk or max(256, min(4096, 2 ** 30 // max(1, len(x))))
+    chunk = chunk or max(256, min(4096, 2**30 // max(1, len(x))))
     out = []
     for s in range(0, len(x), chunk):
-        out.append((x[s:s + chunk] @ x.t()).topk(k + 1, dim=1).indices)
+        out.append((x[s : s + chunk] @ x.t()).topk(k + 1, dim=1).indices)
     return torch.cat(out)
 
 
@@ -95,8 +105,17 @@ def run(n, d, k, repeats, impls=IMPLS, warmup=1):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        rows.append({"impl": name, "n": n, "d": d, "k": k, "seconds_median": sorted(ts)[len(ts) // 2],
-                     "seconds_min": min(ts), "seconds_max": max(ts)})
+        rows.append(
+            {
+                "impl": name,
+                "n": n,
+                "d": d,
+                "k": k,
+                "seconds_median": sorted(ts)[len(ts) // 2],
+                "seconds_min": min(ts),
+                "seconds_max": max(ts),
+            }
+        )
         print(f"  knn {name:24s} {rows[-1]['seconds_median']:.3f}s", flush=True)
     base = next((r for r in rows if r["impl"].startswith("torch") and "error" not in r), None)
     for r in rows:
@@ -205,8 +224,9 @@ class _PeakSampler(threading.Thread):
         self.gpu_used = max(self.gpu_used, self._gpu_used())
 
 
-def measure_point(kind: str, n: int, d: int, k: int, seed: int, out_npy: str, nprobe: int = 16,
-                  ef_search: int | None = None) -> dict:
+def measure_point(
+    kind: str, n: int, d: int, k: int, seed: int, out_npy: str, nprobe: int = 16, ef_search: int | None = None
+) -> dict:
     """One point of the sweep, in this (fresh) process: build + whole-graph search of ``kind`` over
     ``n`` unit vectors; the (n, k + 1) neighbour indices go to ``out_npy``."""
     import numpy as np
@@ -239,13 +259,24 @@ def measure_point(kind: str, n: int, d: int, k: int, seed: int, out_npy: str, np
     sampler.stop()
     peak = _status_kib("VmHWM")["VmHWM"] if hwm else sampler.rss
     np.save(out_npy, idx.cpu().numpy().astype(np.int64))
-    return {"kind": kind, "n": n, "d": d, "k": k, "device": "gpu" if gpu else "cpu",
-            "build_s": t1 - t0, "search_s": t2 - t1, "total_s": t2 - t0,
-            "rss_base_bytes": base, "index_rss_bytes": after_build - base, "peak_rss_growth_bytes": peak - base,
-            "peak_rss_method": "VmHWM after clear_refs" if hwm else "VmRSS sampled every 5 ms",
-            "gpu_peak_bytes": (sampler.gpu_used - gpu_base) if gpu else None,
-            "threads": faiss.omp_get_max_threads(), "nprobe": nprobe if kind == "ivf" else None,
-            "ef_search": (ef_search or 16) if kind == "hnsw" else None}
+    return {
+        "kind": kind,
+        "n": n,
+        "d": d,
+        "k": k,
+        "device": "gpu" if gpu else "cpu",
+        "build_s": t1 - t0,
+        "search_s": t2 - t1,
+        "total_s": t2 - t0,
+        "rss_base_bytes": base,
+        "index_rss_bytes": after_build - base,
+        "peak_rss_growth_bytes": peak - base,
+        "peak_rss_method": "VmHWM after clear_refs" if hwm else "VmRSS sampled every 5 ms",
+        "gpu_peak_bytes": (sampler.gpu_used - gpu_base) if gpu else None,
+        "threads": faiss.omp_get_max_threads(),
+        "nprobe": nprobe if kind == "ivf" else None,
+        "ef_search": (ef_search or 16) if kind == "hnsw" else None,
+    }
 
 
 def drop_self(idx, k: int):
@@ -253,13 +284,18 @@ def drop_self(idx, k: int):
     rows without self lose their last column; as ``fastssl.methods.invp.knn_graph`` does."""
     import numpy as np
 
-    n = len(idx)
-    rows = np.arange(n)
+    return drop_rows(idx, np.arange(len(idx)), k)
+
+
+def drop_rows(idx, rows, k: int):
+    """``drop_self`` for the queries ``rows`` of the database (a sample): each query's own id removed."""
+    import numpy as np
+
     self_mask = idx == rows[:, None]
     drop = np.where(self_mask.any(1), self_mask.argmax(1), idx.shape[1] - 1)
     keep = np.ones_like(idx, dtype=bool)
-    keep[rows, drop] = False
-    return idx[keep].reshape(n, idx.shape[1] - 1)[:, :k]
+    keep[np.arange(len(idx)), drop] = False
+    return idx[keep].reshape(len(idx), idx.shape[1] - 1)[:, :k]
 
 
 def recall_at_k(approx, exact) -> float:
@@ -268,8 +304,8 @@ def recall_at_k(approx, exact) -> float:
 
     hit = np.zeros(len(exact), dtype=np.int64)
     for s in range(0, len(exact), 65536):
-        a, e = approx[s:s + 65536], exact[s:s + 65536]
-        hit[s:s + 65536] = ((a[:, :, None] == e[:, None, :]) & (a[:, :, None] >= 0)).any(2).sum(1)
+        a, e = approx[s : s + 65536], exact[s : s + 65536]
+        hit[s : s + 65536] = ((a[:, :, None] == e[:, None, :]) & (a[:, :, None] >= 0)).any(2).sum(1)
     return float(hit.sum() / exact.size)
 
 
@@ -279,7 +315,7 @@ def exact_sample(n: int, d: int, k: int, seed: int, rows):
     q = x[torch.as_tensor(rows)]
     out = []
     for s in range(0, len(q), 128):  # 128 x n similarities at a time (656 MB at n = 1.28M)
-        out.append((q[s:s + 128] @ x.t()).topk(k + 1, dim=1).indices)
+        out.append((q[s : s + 128] @ x.t()).topk(k + 1, dim=1).indices)
     return torch.cat(out).numpy()
 
 
@@ -328,8 +364,20 @@ def _run_point(kind, n, d, k, seed, tmp, hard_limit, nprobe=16, ef_search=None):
     out_npy = os.path.join(tmp, f"{kind}-{n}.npy")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "benchmarks.knn", "--point", kind, str(n), str(d), str(k), str(seed), out_npy,
-           "--nprobe", str(nprobe)] + (["--ef-search", str(ef_search)] if ef_search else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.knn",
+        "--point",
+        kind,
+        str(n),
+        str(d),
+        str(k),
+        str(seed),
+        out_npy,
+        "--nprobe",
+        str(nprobe),
+    ] + (["--ef-search", str(ef_search)] if ef_search else [])
     try:
         p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=hard_limit)
     except subprocess.TimeoutExpired:
@@ -340,14 +388,24 @@ def _run_point(kind, n, d, k, seed, tmp, hard_limit, nprobe=16, ef_search=None):
         if p.returncode < 0:
             why = f"killed by signal {-p.returncode} (out of memory?)"
         return f"failed: {why}"[:200], None
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     idx = np.load(out_npy)
     os.remove(out_npy)
     return res, idx
 
 
-def scale(sizes, kinds, d: int, k: int, max_seconds: float, sample: int = 2000, seed: int = 0, log=print,
-          nprobe: int = 16, ef_search: int | None = None):
+def scale(
+    sizes,
+    kinds,
+    d: int,
+    k: int,
+    max_seconds: float,
+    sample: int = 2000,
+    seed: int = 0,
+    log=print,
+    nprobe: int = 16,
+    ef_search: int | None = None,
+):
     """The sweep: one row per (N, kind), measured or 'skipped: reason'; see the module docstring."""
     import numpy as np
 
@@ -361,8 +419,11 @@ def scale(sizes, kinds, d: int, k: int, max_seconds: float, sample: int = 2000, 
                 row = {"kind": kind, "n": n, "d": d, "k": k}
                 est = estimate_seconds(times[kind], n)
                 est_mem = estimate_bytes(mems[kind], n)
-                free = _mem_available() if kind == "hnsw" or not torch.cuda.is_available() else \
-                    torch.cuda.mem_get_info()[0]
+                free = (
+                    _mem_available()
+                    if kind == "hnsw" or not torch.cuda.is_available()
+                    else torch.cuda.mem_get_info()[0]
+                )
                 why = unavailable.get(kind) or stopped.get(kind)
                 if not why and est is not None and est > max_seconds:
                     why = f"estimated {est:.3g} s > --max-seconds {max_seconds:g} (fit of the previous points)"
@@ -392,13 +453,18 @@ def scale(sizes, kinds, d: int, k: int, max_seconds: float, sample: int = 2000, 
                 else:
                     pick = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
                     if sample_exact is None:
-                        sample_exact = drop_self(exact_sample(n, d, k, seed, pick), k)
+                        sample_exact = drop_rows(exact_sample(n, d, k, seed, pick), pick, k)
                     row["recall"], row["recall_rows"] = recall_at_k(got[pick], sample_exact), len(pick)
                 times[kind].append((n, row["total_s"]))
-                mems[kind].append((n, row["gpu_peak_bytes"] if row["device"] == "gpu" else row["peak_rss_growth_bytes"]))
+                mems[kind].append(
+                    (n, row["gpu_peak_bytes"] if row["device"] == "gpu" else row["peak_rss_growth_bytes"])
+                )
                 rows.append(row)
-                log(f"  knn-scale {kind:6s} N={n:>8d}  build {row['build_s']:8.2f}s  search {row['search_s']:8.2f}s  "
-                    f"peak +{row['peak_rss_growth_bytes'] / 2**20:7.0f} MiB  recall@{k} {row['recall']:.3f}", flush=True)
+                log(
+                    f"  knn-scale {kind:6s} N={n:>8d}  build {row['build_s']:8.2f}s  search {row['search_s']:8.2f}s  "
+                    f"peak +{row['peak_rss_growth_bytes'] / 2**20:7.0f} MiB  recall@{k} {row['recall']:.3f}",
+                    flush=True,
+                )
     return rows
 
 
@@ -437,55 +503,75 @@ def _fmt_s(t):
 
 def scale_table(rows, fits, a) -> str:
     k = a.k
-    lines = [f"| kind | N | build s | search s | total s | index RSS MiB | peak RSS growth MiB | recall@{k} | recall over |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| kind | N | build s | search s | total s | index RSS MiB | peak RSS growth MiB | recall@{k} | recall over |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     by_kind = sorted(rows, key=lambda r: (SCALE_KINDS.index(r["kind"]), r["n"]))
     for i, r in enumerate(by_kind):
         if "skipped" in r:
             prev = by_kind[i - 1] if i else None
             if prev is not None and prev["kind"] == r["kind"] and "skipped" in prev:
                 continue  # one row per kind for its skipped sizes
-            rest = [x["n"] for x in by_kind[i + 1:] if x["kind"] == r["kind"]]
+            rest = [x["n"] for x in by_kind[i + 1 :] if x["kind"] == r["kind"]]
             ns = f"{r['n']:,}" + (f" and up ({', '.join(f'{x:,}' for x in rest)})" if rest else "")
             lines.append(f"| {r['kind']} | {ns} | skipped: {r['skipped'].replace('|', '/')} | | | | | | |")
             continue
         gpu = f" (GPU +{r['gpu_peak_bytes'] / 2**20:,.0f})" if r.get("gpu_peak_bytes") is not None else ""
         over = "all rows" if r["recall_rows"] == r["n"] else f"{r['recall_rows']:,} rows"
-        lines.append(f"| {r['kind']} ({r['device']}) | {r['n']:,} | {_fmt_s(r['build_s'])} | {_fmt_s(r['search_s'])} | "
-                     f"{_fmt_s(r['total_s'])} | {r['index_rss_bytes'] / 2**20:,.0f} | "
-                     f"{r['peak_rss_growth_bytes'] / 2**20:,.0f}{gpu} | {r['recall']:.4f} | "
-                     f"{over} |")
+        lines.append(
+            f"| {r['kind']} ({r['device']}) | {r['n']:,} | {_fmt_s(r['build_s'])} | {_fmt_s(r['search_s'])} | "
+            f"{_fmt_s(r['total_s'])} | {r['index_rss_bytes'] / 2**20:,.0f} | "
+            f"{r['peak_rss_growth_bytes'] / 2**20:,.0f}{gpu} | {r['recall']:.4f} | "
+            f"{over} |"
+        )
     env = environment()
     threads = next((r["threads"] for r in rows if "threads" in r), None)
-    foot = [f"\nkNN graph of N unit-norm random vectors, D={a.d}, k={k} (InvP's graph_k; each search asks k + 1, "
-            f"self dropped), all N rows queried; one fresh process per point, one run each. Machine: {env['device']} "
-            f"({env['cpu']}, {threads} FAISS threads), faiss {env.get('faiss')}, torch {env['torch']}. "
-            f"ivf = IVF sqrt(N) lists, nprobe {a.nprobe}; hnsw = HNSW32 (efConstruction 40, efSearch {a.ef_search or 16}), "
-            f"{'as fastssl.knn.KNNIndex builds them by default' if (a.nprobe, a.ef_search or 16) == (16, 16) else 'NOT KNNIndex defaults (16, 16)'}. Recall@k of each kind against the exact (flat) graph of the same N; "
-            f"where flat was skipped, over {a.sample:,} sampled rows against torch brute force. "
-            f"Time cap --max-seconds {a.max_seconds:g} per point (build + search), estimated from the kind's previous points.",
-            "", "Fitted growth law, time = a * N^b (least squares on log-log over the measured points):", ""]
+    foot = [
+        f"\nkNN graph of N unit-norm random vectors, D={a.d}, k={k} (InvP's graph_k; each search asks k + 1, "
+        f"self dropped), all N rows queried; one fresh process per point, one run each. Machine: {env['device']} "
+        f"({env['cpu']}, {threads} FAISS threads), faiss {env.get('faiss')}, torch {env['torch']}. "
+        f"ivf = IVF sqrt(N) lists, nprobe {a.nprobe}; hnsw = HNSW32 (efConstruction 40, efSearch {a.ef_search or 16}), "
+        f"{'as fastssl.knn.KNNIndex builds them by default' if (a.nprobe, a.ef_search or 16) == (16, 16) else 'NOT KNNIndex defaults (16, 16)'}. Recall@k of each kind against the exact (flat) graph of the same N; "
+        f"where flat was skipped, over {a.sample:,} sampled rows against torch brute force. "
+        f"Time cap --max-seconds {a.max_seconds:g} per point (build + search), estimated from the kind's previous points.",
+        "",
+        "Fitted growth law, time = a * N^b (least squares on log-log over the measured points):",
+        "",
+    ]
     for kind, f in fits.items():
         if f.get("total_exponent") is None:
-            foot.append(f"* **{kind}**: no fit ({f['points']} measured point); recall@{k} {f['recall_at_largest_n']:.3f} "
-                        f"at N = {f['largest_n']:,}.")
+            foot.append(
+                f"* **{kind}**: no fit ({f['points']} measured point); recall@{k} {f['recall_at_largest_n']:.3f} "
+                f"at N = {f['largest_n']:,}."
+            )
             continue
 
         def ex(key):
             v = f.get(key)
             return "-" if v is None else f"{v:.2f}"
-        foot.append(f"* **{kind}**: build N^{ex('build_exponent')}, search N^{ex('search_exponent')}, "
-                    f"total N^{ex('total_exponent')} (over {f['points']} points, N = {f['n_range'][0]:,} to "
-                    f"{f['n_range'][1]:,}). **Extrapolated (not measured)** to N = 1,281,167: "
-                    f"total {_fmt_s(f['total_s_at_imagenet_extrapolated'])} s (build "
-                    f"{_fmt_s(f['build_s_at_imagenet_extrapolated'])} s + search {_fmt_s(f['search_s_at_imagenet_extrapolated'])} s)"
-                    + (f"; measured there: {_fmt_s(f['total_s_at_imagenet_measured'])} s" if f.get("total_s_at_imagenet_measured")
-                       else "")
-                    + (f"; with the theoretical exponent 2 (O(N^2 D)) from the largest point: "
-                       f"{_fmt_s(f['search_s_at_imagenet_n2'])} s of search" if f.get("search_s_at_imagenet_n2") else "")
-                    + f"; peak memory {f['peak_bytes_per_row']:.0f} B/row, extrapolated "
-                    f"{f['peak_bytes_at_imagenet_extrapolated'] / 2**30:.2f} GiB; recall@{k} {f['recall_at_largest_n']:.3f} "
-                    f"at N = {f['largest_n']:,}.")
+
+        foot.append(
+            f"* **{kind}**: build N^{ex('build_exponent')}, search N^{ex('search_exponent')}, "
+            f"total N^{ex('total_exponent')} (over {f['points']} points, N = {f['n_range'][0]:,} to "
+            f"{f['n_range'][1]:,}). **Extrapolated (not measured)** to N = 1,281,167: "
+            f"total {_fmt_s(f['total_s_at_imagenet_extrapolated'])} s (build "
+            f"{_fmt_s(f['build_s_at_imagenet_extrapolated'])} s + search {_fmt_s(f['search_s_at_imagenet_extrapolated'])} s)"
+            + (
+                f"; measured there: {_fmt_s(f['total_s_at_imagenet_measured'])} s"
+                if f.get("total_s_at_imagenet_measured")
+                else ""
+            )
+            + (
+                f"; with the theoretical exponent 2 (O(N^2 D)) from the largest point: "
+                f"{_fmt_s(f['search_s_at_imagenet_n2'])} s of search"
+                if f.get("search_s_at_imagenet_n2")
+                else ""
+            )
+            + f"; peak memory {f['peak_bytes_per_row']:.0f} B/row, extrapolated "
+            f"{f['peak_bytes_at_imagenet_extrapolated'] / 2**30:.2f} GiB; recall@{k} {f['recall_at_largest_n']:.3f} "
+            f"at N = {f['largest_n']:,}."
+        )
     return "\n".join(lines) + "\n" + "\n".join(foot)
 
 
@@ -506,8 +592,14 @@ def scale_plot(rows, fits, path: str) -> None:
         if f.get("total_exponent") is not None:
             a0 = f["total_s_at_imagenet_extrapolated"] / IMAGENET_N ** f["total_exponent"]
             xs = [f["n_range"][0], IMAGENET_N]
-            ax.loglog(xs, [a0 * x ** f["total_exponent"] for x in xs], "--", color=c, lw=0.9,
-                      label=f"{kind} fit N^{f['total_exponent']:.2f} (extrapolated)")
+            ax.loglog(
+                xs,
+                [a0 * x ** f["total_exponent"] for x in xs],
+                "--",
+                color=c,
+                lw=0.9,
+                label=f"{kind} fit N^{f['total_exponent']:.2f} (extrapolated)",
+            )
             ax.plot([IMAGENET_N], [f["total_s_at_imagenet_extrapolated"]], "*", color=c, ms=10)
         axr.semilogx([r["n"] for r in ok], [r["recall"] for r in ok], "o-", color=c, label=kind)
     ax.axvline(IMAGENET_N, color="k", lw=0.6, ls=":")
@@ -519,6 +611,69 @@ def scale_plot(rows, fits, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def bank(kind: str, n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """(n, d) unit rows: ``random`` (Gaussian, normalised) or ``clustered`` (around n/100 centres)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return F.normalize(torch.randn(n, d, generator=g), dim=1)
+    centres = F.normalize(torch.randn(max(1, n // 100), d, generator=g), dim=1)
+    label = torch.randint(0, len(centres), (n,), generator=g)
+    return F.normalize(centres[label] + 0.6 / d**0.5 * torch.randn(n, d, generator=g), dim=1)
+
+
+def ivf_recall(sizes, nprobes, d: int, k: int, sample: int, seed: int = 0, log=print):
+    """Rows of recall@k of ivf against exact search, per bank kind, N and nprobe (``sample`` rows)."""
+    rows = []
+    for n in sizes:
+        for kind in ("clustered", "random"):
+            x = bank(kind, n, d, seed)
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(sample, n)]
+            exact = drop_rows(KNNIndex(x, "ip").search(x[pick], k + 1)[1].numpy(), pick.numpy(), k)
+            t0 = time.perf_counter()
+            index = KNNIndex(x, "ip", kind="ivf")
+            build = time.perf_counter() - t0
+            for nprobe in nprobes:
+                index.index.nprobe = nprobe
+                t0 = time.perf_counter()
+                approx = drop_rows(index.search(x[pick], k + 1)[1].numpy(), pick.numpy(), k)
+                per_row = (time.perf_counter() - t0) / len(pick)
+                rows.append(
+                    {
+                        "bank": kind,
+                        "n": n,
+                        "d": d,
+                        "k": k,
+                        "nprobe": nprobe,
+                        "sample": len(pick),
+                        "recall": recall_at_k(approx, exact),
+                        "build_s": build,
+                        "graph_search_s": per_row * n,
+                    }
+                )
+                log(f"{kind} N={n} nprobe={nprobe}: recall@{k} {rows[-1]['recall']:.3f}")
+    return rows
+
+
+def ivf_recall_table(rows) -> str:
+    k, sample, d = rows[0]["k"], rows[0]["sample"], rows[0]["d"]
+    lines = [f"| bank | N | nprobe | recall@{k} |", "|---|---|---|---|"]
+    lines += [f"| {r['bank']} | {r['n']:,} | {r['nprobe']} | {r['recall']:.3f} |" for r in rows]
+    return "\n".join(lines) + (
+        f"\n\nivf (sqrt(N) lists) against exact search over {sample} sampled rows, D={d}, "
+        f"self excluded; {device_name()}.  Times (in the JSON) come from the sample "
+        "queries alone: the whole-graph costs are the scaling sweep's."
+    )
+
+
+def ivf_recall_main(a) -> int:
+    k = a.k if a.k is not None else invp_graph_k()
+    rows = ivf_recall(a.sizes or [80_000, 320_000], a.nprobes, a.d, k, a.sample, a.seed)
+    table = ivf_recall_table(rows)
+    print(table)
+    print("written to", write_results("knn-ivf-recall", rows, table, a.out))
+    return 0
 
 
 def scale_main(a) -> int:
@@ -534,8 +689,16 @@ def scale_main(a) -> int:
     path = os.path.join(out, "knn-scale.json")
     with open(path) as f:
         doc = json.load(f)
-    doc.update(fits=fits, k=k, d=a.d, max_seconds=a.max_seconds, sample=a.sample, imagenet_n=IMAGENET_N,
-               nprobe=a.nprobe, ef_search=a.ef_search or 16)
+    doc.update(
+        fits=fits,
+        k=k,
+        d=a.d,
+        max_seconds=a.max_seconds,
+        sample=a.sample,
+        imagenet_n=IMAGENET_N,
+        nprobe=a.nprobe,
+        ef_search=a.ef_search or 16,
+    )
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
     scale_plot(rows, fits, os.path.join(out, "knn-scale.png"))
@@ -553,16 +716,27 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--out", default=None)
     p.add_argument("--scale", action="store_true", help="the scaling sweep over --sizes and --kinds")
-    p.add_argument("--sizes", nargs="+", type=int, default=None, help="--scale: the N values (default "
-                   + " ".join(map(str, SCALE_SIZES)) + ")")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="--scale: the N values (default " + " ".join(map(str, SCALE_SIZES)) + ")",
+    )
     p.add_argument("--kinds", nargs="+", choices=SCALE_KINDS, default=list(SCALE_KINDS), help="--scale: index kinds")
-    p.add_argument("--max-seconds", type=float, default=120.0,
-                   help="--scale: skip a point whose build + search time, estimated from the previous points, is over this")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=120.0,
+        help="--scale: skip a point whose build + search time, estimated from the previous points, is over this",
+    )
     p.add_argument("--sample", type=int, default=2000, help="--scale: rows for recall where the exact graph is skipped")
     p.add_argument("--fit-min-n", type=int, default=0, help="--scale: fit the growth law over N >= this only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nprobe", type=int, default=16, help="--scale: ivf lists searched (KNNIndex's default 16)")
     p.add_argument("--ef-search", type=int, default=None, help="--scale: hnsw efSearch (default FAISS's 16)")
+    p.add_argument("--ivf-recall", action="store_true", help="recall of ivf on random and clustered banks")
+    p.add_argument("--nprobes", nargs="+", type=int, default=[16, 64], help="--ivf-recall: nprobe values")
     p.add_argument("--point", nargs=6, metavar=("KIND", "N", "D", "K", "SEED", "OUT_NPY"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.point:  # one point of the sweep, in its own process (its peak memory is its own)
@@ -572,22 +746,47 @@ def main(argv=None):
         return 0
     if a.scale:
         return scale_main(a)
+    if a.ivf_recall:
+        return ivf_recall_main(a)
     a.k = 5 if a.k is None else a.k
     rows = run(a.n, a.d, a.k, a.repeats, a.impls, a.warmup)
-    lines = ["| implementation | N | D | k | seconds (median) | min | max | vs torch |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| implementation | N | D | k | seconds (median) | min | max | vs torch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['n']} | {r['d']} | {r['k']} | failed: {r['error'].replace('|', '/')} | - | - | - |")
+            lines.append(
+                f"| {r['impl']} | {r['n']} | {r['d']} | {r['k']} | failed: {r['error'].replace('|', '/')} | - | - | - |"
+            )
             continue
         vs = f"{r['speedup_vs_torch']:.2f}x" if r.get("speedup_vs_torch") else "-"
-        lines.append(f"| {r['impl']} | {r['n']} | {r['d']} | {r['k']} | {r['seconds_median']:.3f} | "
-                     f"{r['seconds_min']:.3f} | {r['seconds_max']:.3f} | {vs} |")
-    table = "\n".join(lines) + f"\n\nkNN graph of {a.n} unit vectors (all rows queried), {a.repeats} repeats" + (
-        "." if a.warmup == 1 else f" after {a.warmup} warm-up runs." if a.warmup else
-        ", no warm-up run (the first includes start-up).")
+        lines.append(
+            f"| {r['impl']} | {r['n']} | {r['d']} | {r['k']} | {r['seconds_median']:.3f} | "
+            f"{r['seconds_min']:.3f} | {r['seconds_max']:.3f} | {vs} |"
+        )
+    table = (
+        "\n".join(lines)
+        + f"\n\nkNN graph of {a.n} unit vectors (all rows queried), {a.repeats} repeats"
+        + (
+            "."
+            if a.warmup == 1
+            else f" after {a.warmup} warm-up runs."
+            if a.warmup
+            else ", no warm-up run (the first includes start-up)."
+        )
+    )
     ok = [r for r in rows if "error" not in r]
-    publish("knn", rows, table, a.out, [r["impl"] for r in ok], [r.get("speedup_vs_torch") or 0.0 for r in ok],
-            "speed vs torch brute force", f"kNN graph, N={a.n}")
+    publish(
+        "knn",
+        rows,
+        table,
+        a.out,
+        [r["impl"] for r in ok],
+        [r.get("speedup_vs_torch") or 0.0 for r in ok],
+        "speed vs torch brute force",
+        f"kNN graph, N={a.n}",
+    )
     return 1 if len(ok) < len(rows) else 0
 
 

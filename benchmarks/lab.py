@@ -9,6 +9,7 @@ and on DALI's CPU backend (``workers`` threads), and ``skimage.color.rgb2lab`` +
 torch DataLoader with ``workers`` processes (the baseline).  Rates are images/s (median of
 repeats after a warm-up pass) and ratios to the baseline measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,7 @@ class _Batches(torch.utils.data.Dataset):
         return len(self.images) // self.batch
 
     def __getitem__(self, k):
-        outs = [reference_targets(im, self.split) for im in self.images[k * self.batch:(k + 1) * self.batch]]
+        outs = [reference_targets(im, self.split) for im in self.images[k * self.batch : (k + 1) * self.batch]]
         return [torch.from_numpy(np.stack(o)) for o in zip(*outs)]
 
 
@@ -72,7 +73,7 @@ def dali_runner(images, batch, split, device, threads):
     from nvidia.dali import fn, pipeline_def
 
     side = images.shape[1]
-    batches = [list(images[k * batch:(k + 1) * batch]) for k in range(len(images) // batch)]
+    batches = [list(images[k * batch : (k + 1) * batch]) for k in range(len(images) // batch)]
     state = {"k": 0}
 
     def source():
@@ -80,7 +81,9 @@ def dali_runner(images, batch, split, device, threads):
         state["k"] += 1
         return b
 
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if device == "gpu" else None, prefetch_queue_depth=2)
+    @pipeline_def(
+        batch_size=batch, num_threads=threads, device_id=0 if device == "gpu" else None, prefetch_queue_depth=2
+    )
     def pipe():
         x = fn.external_source(source=source, batch=True)
         return tuple(split.dali(x.gpu() if device == "gpu" else x, side))
@@ -93,6 +96,7 @@ def dali_runner(images, batch, split, device, threads):
             outs = p.run()
             if device == "gpu":
                 outs[0].as_cpu()  # wait for the GPU work of this batch
+
     return epoch
 
 
@@ -101,8 +105,10 @@ def run(size, n, batch, workers, repeats, rescale):
     images = np.ascontiguousarray(images)
     split = ColorSplit(space="lab", rescale=rescale, factor=8)
     baseline = torch.utils.data.DataLoader(_Batches(images, batch, split), batch_size=None, num_workers=workers)
-    runners = {f"scikit-image + numpy ({workers} procs)": lambda: [None for _ in baseline],
-               f"dali-cpu ({workers} threads)": dali_runner(images, batch, split, "cpu", workers)}
+    runners = {
+        f"scikit-image + numpy ({workers} procs)": lambda: [None for _ in baseline],
+        f"dali-cpu ({workers} threads)": dali_runner(images, batch, split, "cpu", workers),
+    }
     if torch.cuda.is_available():
         runners["dali-gpu"] = dali_runner(images, batch, split, "gpu", workers)
     else:
@@ -110,8 +116,16 @@ def run(size, n, batch, workers, repeats, rescale):
     done = (len(images) // batch) * batch
     rows = []
     for name, fn in runners.items():
-        rows.append({"impl": name, "image_size": size, "images": done, "batch": batch, "rescale": rescale,
-                     "images_per_s": summary(timed(fn, repeats), done)})
+        rows.append(
+            {
+                "impl": name,
+                "image_size": size,
+                "images": done,
+                "batch": batch,
+                "rescale": rescale,
+                "images_per_s": summary(timed(fn, repeats), done),
+            }
+        )
         print(f"  lab {size}px {name:32s} {rows[-1]['images_per_s']['median']:10.0f} images/s", flush=True)
     base = rows[0]["images_per_s"]["median"]
     for r in rows:
@@ -134,13 +148,25 @@ def main(argv=None):
     lines = ["| implementation | Lab | images/s (median) | min | max | vs scikit-image |", "|---|---|---|---|---|---|"]
     for r in rows:
         ips = r["images_per_s"]
-        lines.append(f"| {r['impl']} | {'re-scaled' if r['rescale'] else 'plain'} | {ips['median']:.0f} | "
-                     f"{ips['min']:.0f} | {ips['max']:.0f} | {r['ratio_vs_skimage']:.2f}x |")
-    table = "\n".join(lines) + (f"\n\n{a.size}x{a.size} images -> Lab input + 100-bin L and 10x10-bin ab targets on a "
-                                f"{a.size // 8}x{a.size // 8} grid; {rows[0]['images']} images, batch {a.batch}, "
-                                f"{a.repeats} repeats.")
-    publish("lab", rows, table, a.out, [f"{r['impl']} {'re-scaled' if r['rescale'] else 'plain'}" for r in rows],
-            [r["ratio_vs_skimage"] for r in rows], "images/s vs scikit-image + numpy", "Lab conversion + quantisation")
+        lines.append(
+            f"| {r['impl']} | {'re-scaled' if r['rescale'] else 'plain'} | {ips['median']:.0f} | "
+            f"{ips['min']:.0f} | {ips['max']:.0f} | {r['ratio_vs_skimage']:.2f}x |"
+        )
+    table = "\n".join(lines) + (
+        f"\n\n{a.size}x{a.size} images -> Lab input + 100-bin L and 10x10-bin ab targets on a "
+        f"{a.size // 8}x{a.size // 8} grid; {rows[0]['images']} images, batch {a.batch}, "
+        f"{a.repeats} repeats."
+    )
+    publish(
+        "lab",
+        rows,
+        table,
+        a.out,
+        [f"{r['impl']} {'re-scaled' if r['rescale'] else 'plain'}" for r in rows],
+        [r["ratio_vs_skimage"] for r in rows],
+        "images/s vs scikit-image + numpy",
+        "Lab conversion + quantisation",
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ rate is images/s (median, min, max over repeats after a warm-up epoch) with the 
 training device, and each is reported as a ratio to the DataLoader measured in the same run.
 DALI GPU is skipped with a message where no GPU is present.  Results: benchmarks/results/<device>/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,32 +49,55 @@ def epochs_of(loader, device):
         loader.set_epoch(epoch[0])
         epoch[0] += 1
         return run_epoch(loader, device)
+
     return one_epoch
 
 
 def bench(method: str, size: int, images: int, batch: int, workers: int, repeats: int):
-    cfg = load_config(os.path.join(ROOT, "configs", method, "builtin.yaml"),
-                      [f"data.builtin.image_size={size}", f"data.batch_size={batch}"])
+    cfg = load_config(
+        os.path.join(ROOT, "configs", method, "builtin.yaml"),
+        [f"data.builtin.image_size={size}", f"data.batch_size={batch}"],
+    )
     x, _ = make_builtin(images, size, 10, seed=0)
     m = get_method(method)(cfg, build_backbone(cfg.model, size), size)
-    common = dict(split=Split(images=x), recipe=m.recipe(), batch_size=batch, seed=0, rank=0, world=1,
-                  mean=(0.5,) * 3, std=(0.25,) * 3)
+    common = dict(
+        split=Split(images=x),
+        recipe=m.recipe(),
+        batch_size=batch,
+        seed=0,
+        rank=0,
+        world=1,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    executors = {"torch-dataloader": lambda: TorchExecutor(**common, base_size=size, num_workers=workers,
-                                                           pin_memory=device.type == "cuda"),
-                 "dali-cpu": lambda: DaliExecutor(**common, device="cpu", base_size=size, num_threads=max(1, workers)),
-                 "tensor": lambda: TensorExecutor(**common, device=device)}
+    executors = {
+        "torch-dataloader": lambda: TorchExecutor(
+            **common, base_size=size, num_workers=workers, pin_memory=device.type == "cuda"
+        ),
+        "dali-cpu": lambda: DaliExecutor(**common, device="cpu", base_size=size, num_threads=max(1, workers)),
+        "tensor": lambda: TensorExecutor(**common, device=device),
+    }
     if torch.cuda.is_available():
-        executors["dali-gpu"] = lambda: DaliExecutor(**common, device="gpu", base_size=size,
-                                                     num_threads=max(1, workers), device_id=0)
+        executors["dali-gpu"] = lambda: DaliExecutor(
+            **common, device="gpu", base_size=size, num_threads=max(1, workers), device_id=0
+        )
     else:
         print("  dali-gpu: skipped (no CUDA GPU on this machine)")
     rows = []
     for name, make in executors.items():
         loader = make()
         n = len(loader) * batch
-        rows.append({"method": method, "image_size": size, "executor": name, "workers": workers,
-                     "batch": batch, "images_per_s": summary(timed(epochs_of(loader, device), repeats), n)})
+        rows.append(
+            {
+                "method": method,
+                "image_size": size,
+                "executor": name,
+                "workers": workers,
+                "batch": batch,
+                "images_per_s": summary(timed(epochs_of(loader, device), repeats), n),
+            }
+        )
         del loader  # free the DALI pipeline before the next executor starts
         gc.collect()
         print(f"  {method} {size}px {name:17s} {rows[-1]['images_per_s']['median']:10.0f} images/s", flush=True)
@@ -97,15 +121,30 @@ def main(argv=None):
         rows = []
         for s in a.sizes:
             rows += bench(method, s, a.images, a.batch, a.workers, a.repeats)
-        lines = ["| method | image | executor | images/s (median) | min | max | vs torch DataLoader |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| method | image | executor | images/s (median) | min | max | vs torch DataLoader |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             ips = r["images_per_s"]
-            lines.append(f"| {r['method']} | {r['image_size']}px | {r['executor']} | {ips['median']:.0f} | "
-                         f"{ips['min']:.0f} | {ips['max']:.0f} | {r['ratio_vs_torch']:.2f}x |")
-        table = "\n".join(lines) + f"\n\n{a.images} images, batch {a.batch}, {a.workers} workers/threads, {a.repeats} repeats."
-        publish(f"pipelines-{method}", rows, table, a.out, [f"{r['image_size']}px {r['executor']}" for r in rows],
-                [r["ratio_vs_torch"] for r in rows], "images/s vs torchvision DataLoader", f"{method} data pipeline")
+            lines.append(
+                f"| {r['method']} | {r['image_size']}px | {r['executor']} | {ips['median']:.0f} | "
+                f"{ips['min']:.0f} | {ips['max']:.0f} | {r['ratio_vs_torch']:.2f}x |"
+            )
+        table = (
+            "\n".join(lines)
+            + f"\n\n{a.images} images, batch {a.batch}, {a.workers} workers/threads, {a.repeats} repeats."
+        )
+        publish(
+            f"pipelines-{method}",
+            rows,
+            table,
+            a.out,
+            [f"{r['image_size']}px {r['executor']}" for r in rows],
+            [r["ratio_vs_torch"] for r in rows],
+            "images/s vs torchvision DataLoader",
+            f"{method} data pipeline",
+        )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Copy the benchmark reports (benchmarks/results/<device>/report.md) into the README, between
-the markers ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->``, and, when the folder
+"""Copy the benchmark reports (benchmarks/results/<device>/report.md) into docs/benchmarks.md
+(``TARGET``; the README links to it and quotes a few figures), between the markers
+``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->``, and, when the folder
 benchmarks/results/gpu-acceptance/ exists (``bash benchmarks/gpu_acceptance.sh``), its files as
 the "GPU acceptance" section between ``<!-- gpu-acceptance:begin -->`` and
 ``<!-- gpu-acceptance:end -->`` (inserted after the benchmark section the first time).
 
-    python -m benchmarks.readme          # rewrite README.md
-    python -m benchmarks.readme --check  # exit 1 if README.md is out of date
+    python -m benchmarks.readme          # rewrite docs/benchmarks.md
+    python -m benchmarks.readme --check  # exit 1 if docs/benchmarks.md is out of date
     python -m benchmarks.readme --acceptance DIR --print-acceptance   # print DIR's section only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,16 +18,29 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.path.join(ROOT, "docs", "benchmarks.md")  # the page holding the tables (images linked from docs/)
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 ACC_BEGIN, ACC_END = "<!-- gpu-acceptance:begin -->", "<!-- gpu-acceptance:end -->"
 ACCEPTANCE = os.path.join(ROOT, "benchmarks", "results", "gpu-acceptance")
 # The acceptance script's files: (section, file, heading).
 ACC_SECTIONS = (
     ("doctor", "doctor.json", "Doctor: every component against its reference (`python -m fastssl.doctor`)"),
-    ("kernels", "kernels.json", "Fused loss kernels: fused vs eager vs torch.compile (`benchmarks.kernels --sizes headline`)"),
+    (
+        "kernels",
+        "kernels.json",
+        "Fused loss kernels: fused vs eager vs torch.compile (`benchmarks.kernels --sizes headline`)",
+    ),
     ("compiled", "compiled.md", "Compiled kernel configurations (`python -m fastssl.kernels.compiled`)"),
-    ("pipelines", "pipelines.json", "Data pipelines per method: DALI GPU / DALI CPU / DataLoader (`benchmarks.pipelines`)"),
-    ("train_losses", "train_losses.json", "Training losses, `loss.impl=fused` vs `eager` (`benchmarks.train_step --compare-impls`)"),
+    (
+        "pipelines",
+        "pipelines.json",
+        "Data pipelines per method: DALI GPU / DALI CPU / DataLoader (`benchmarks.pipelines`)",
+    ),
+    (
+        "train_losses",
+        "train_losses.json",
+        "Training losses, `loss.impl=fused` vs `eager` (`benchmarks.train_step --compare-impls`)",
+    ),
     ("train_step", "train_step.json", "Training images/s and data-stall per method (`benchmarks.train_step`)"),
     ("knn", "knn.json", "kNN graph (`benchmarks.knn`)"),
 )
@@ -39,7 +54,7 @@ def section(results=os.path.join(ROOT, "benchmarks", "results")) -> str:
             body = open(rep).read().strip()
             body = body.replace("\n## ", "\n#### ").replace("# fastssl benchmarks on", "### Benchmarks on", 1)
             pngs = sorted(f for f in os.listdir(os.path.join(results, dev)) if f.endswith(".png"))
-            plots = " ".join(f"![{f[:-4]} on {dev}](benchmarks/results/{dev}/{f})" for f in pngs)
+            plots = " ".join(f"![{f[:-4]} on {dev}](../benchmarks/results/{dev}/{f})" for f in pngs)
             parts.append(body + (f"\n\n{plots}" if plots else "") + f"\n\n(`benchmarks/results/{dev}/`)")
     return "\n\n".join(parts) or "No benchmark reports yet: run `python -m benchmarks`."
 
@@ -47,8 +62,11 @@ def section(results=os.path.join(ROOT, "benchmarks", "results")) -> str:
 def _status(env: dict) -> str:
     s = env.get("status", "?") + (f": {env['why']}" if env.get("why") else "")
     if "cpu_status" in env:
-        s += f"; ran instead: {env.get('ran_instead') or 'the CPU version'} ({env['cpu_status']}" + (
-            f": {env['cpu_why']}" if env.get("cpu_why") else "") + ")"
+        s += (
+            f"; ran instead: {env.get('ran_instead') or 'the CPU version'} ({env['cpu_status']}"
+            + (f": {env['cpu_why']}" if env.get("cpu_why") else "")
+            + ")"
+        )
     return s
 
 
@@ -58,22 +76,38 @@ def _cell(x) -> str:
 
 def _doctor_md(doc: dict) -> str:
     v = doc.get("versions", {})
-    keys = ("python", "torch", "cuda_runtime", "driver", "gpus", "triton", "nvidia.dali", "faiss", "faiss_gpus",
-            "apex", "omegaconf")
-    ver = ", ".join(f"{k} {'; '.join(v[k]) if isinstance(v.get(k), list) else v.get(k)}" for k in keys
-                    if k in v and v[k] not in (None, []))
+    keys = (
+        "python",
+        "torch",
+        "cuda_runtime",
+        "driver",
+        "gpus",
+        "triton",
+        "nvidia.dali",
+        "faiss",
+        "faiss_gpus",
+        "apex",
+        "omegaconf",
+    )
+    ver = ", ".join(
+        f"{k} {'; '.join(v[k]) if isinstance(v.get(k), list) else v.get(k)}"
+        for k in keys
+        if k in v and v[k] not in (None, [])
+    )
     lines = [f"Versions: {ver}" if ver else "", "", "| component | status | detail | s |", "|---|---|---|---|"]
     for r in doc.get("components", []):
         st = r.get("status", "?") + (f": {r['why']}" if r.get("why") else "")
-        lines.append(f"| {_cell(r.get('component', r.get('id', '?')))} | {_cell(st)} | {_cell(r.get('detail', ''))} | "
-                     f"{'' if r.get('seconds') is None else r['seconds']} |")
+        lines.append(
+            f"| {_cell(r.get('component', r.get('id', '?')))} | {_cell(st)} | {_cell(r.get('detail', ''))} | "
+            f"{'' if r.get('seconds') is None else r['seconds']} |"
+        )
     if doc.get("verdict"):
         lines += ["", f"{doc['verdict']}."]
     return "\n".join(lines).strip()
 
 
 def acceptance_section(folder: str = ACCEPTANCE):
-    """The README's "GPU acceptance" section from ``folder`` (the acceptance script's files), or
+    """The "GPU acceptance" section of docs/benchmarks.md from ``folder`` (the acceptance script's files), or
     None when the folder does not exist."""
     if not os.path.isdir(folder):
         return None
@@ -89,7 +123,7 @@ def acceptance_section(folder: str = ACCEPTANCE):
             env = {"section": name, "status": "?"}
             if first.startswith("<!-- acceptance ") and first.rstrip().endswith("-->"):
                 try:
-                    env.update(json.loads(first.strip()[len("<!-- acceptance "):-len("-->")]))
+                    env.update(json.loads(first.strip()[len("<!-- acceptance ") : -len("-->")]))
                     text = rest
                 except ValueError:
                     pass
@@ -111,18 +145,27 @@ def acceptance_section(folder: str = ACCEPTANCE):
     device = first.get("device") or "unknown device"
     total = sum(float(e.get("seconds") or 0) for e in envs)
     tiny = " (`--tiny`: CPU-sized)" if first.get("tiny") else ""
-    where = os.path.relpath(folder, ROOT) if os.path.abspath(folder).startswith(ROOT + os.sep) else os.path.basename(folder)
-    head = [f"### GPU acceptance on {device}{tiny}", "",
-            f"`bash benchmarks/gpu_acceptance.sh{' --tiny' if first.get('tiny') else ''}` wrote `{where}/`; "
-            f"{total:.0f} s in all, one command, each section under its own time limit.", "",
-            "| section | status | seconds | limit |", "|---|---|---|---|"]
-    head += [f"| {e['section']} | {_cell(_status(e))} | {e.get('seconds', '-')} | {e.get('limit_s', '-')} |" for e in envs]
+    where = (
+        os.path.relpath(folder, ROOT) if os.path.abspath(folder).startswith(ROOT + os.sep) else os.path.basename(folder)
+    )
+    head = [
+        f"### GPU acceptance on {device}{tiny}",
+        "",
+        f"`bash benchmarks/gpu_acceptance.sh{' --tiny' if first.get('tiny') else ''}` wrote `{where}/`; "
+        f"{total:.0f} s in all, one command, each section under its own time limit.",
+        "",
+        "| section | status | seconds | limit |",
+        "|---|---|---|---|",
+    ]
+    head += [
+        f"| {e['section']} | {_cell(_status(e))} | {e.get('seconds', '-')} | {e.get('limit_s', '-')} |" for e in envs
+    ]
     return "\n".join(head) + "\n\n" + "\n\n".join(bodies)
 
 
 def render(readme: str, acceptance: str = ACCEPTANCE) -> str:
     if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the markers {BEGIN} ... {END}")
+        raise SystemExit(f"{os.path.relpath(TARGET, ROOT)} lacks the markers {BEGIN} ... {END}")
     head, rest = readme.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     out = f"{head}{BEGIN}\n{section()}\n{END}{tail}"
@@ -130,8 +173,10 @@ def render(readme: str, acceptance: str = ACCEPTANCE) -> str:
     if ACC_BEGIN in out and ACC_END in out:
         h, r = out.split(ACC_BEGIN, 1)
         _, t = r.split(ACC_END, 1)
-        acc = acc or ("No GPU acceptance run yet: `bash benchmarks/gpu_acceptance.sh` on a GPU machine writes "
-                      "`benchmarks/results/gpu-acceptance/`.")
+        acc = acc or (
+            "No GPU acceptance run yet: `bash benchmarks/gpu_acceptance.sh` on a GPU machine writes "
+            "`benchmarks/results/gpu-acceptance/`."
+        )
         out = f"{h}{ACC_BEGIN}\n{acc}\n{ACC_END}{t}"
     elif acc is not None:  # the first time: the markers go right after the benchmark section
         out = out.replace(END, f"{END}\n\n{ACC_BEGIN}\n{acc}\n{ACC_END}", 1)
@@ -151,17 +196,17 @@ def main(argv=None):
             return 1
         print(acc)
         return 0
-    path = os.path.join(ROOT, "README.md")
+    path = TARGET
     old = open(path).read()
     new = render(old, a.acceptance)
     if a.check:
         if new != old:
-            print("README.md's benchmark section is out of date: run python -m benchmarks.readme", file=sys.stderr)
+            print("docs/benchmarks.md is out of date: run python -m benchmarks.readme", file=sys.stderr)
             return 1
         return 0
     with open(path, "w") as f:
         f.write(new)
-    print("README.md updated")
+    print("docs/benchmarks.md updated")
     return 0
 
 

@@ -1,4 +1,5 @@
 """fastssl: self-supervised image-representation training with a GPU data pipeline."""
+
 import os as _os
 
 # The top-level kernels/ folder is the package ``fastssl.kernels`` (setup.py's package_dir).

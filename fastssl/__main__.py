@@ -1,4 +1,5 @@
 """``python -m fastssl <command> ...``: the same as the ``fastssl`` command (fastssl/cli.py)."""
+
 import sys
 
 from fastssl.cli import main

@@ -7,6 +7,7 @@ tool's own entry point runs), so ``fastssl train ...`` is ``fastssl/train.py ...
 ``fastssl eval ...`` is ``python -m fastssl.eval ...``.  Tools are imported only when their
 command runs.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -40,14 +41,23 @@ def _module(name: str, what: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name == name:
-            raise CommandError(f"{what}: not available in this installation ({name.replace('.', '/')}.py is missing)") from None
+            raise CommandError(
+                f"{what}: not available in this installation ({name.replace('.', '/')}.py is missing)"
+            ) from None
         raise CommandError(f"{what}: needs the Python package {e.name!r}, which is not installed") from None
 
 
 def torchrun_argv(nproc: int, args: list[str]) -> list[str]:
     """The command ``fastssl train --nproc N ...`` runs: torchrun on fastssl/train.py."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            TRAIN_SCRIPT, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        TRAIN_SCRIPT,
+        *args,
+    ]
 
 
 def split_nproc(argv: list[str]):
@@ -112,8 +122,10 @@ def _doctor(argv):
 
 def _bench(argv):
     if not os.path.isfile(os.path.join(CHECKOUT, "benchmarks", "__main__.py")):
-        raise CommandError(f"bench: needs a fastssl checkout (a git clone): there is no benchmarks/ folder beside "
-                           f"the fastssl package in {CHECKOUT}")
+        raise CommandError(
+            f"bench: needs a fastssl checkout (a git clone): there is no benchmarks/ folder beside "
+            f"the fastssl package in {CHECKOUT}"
+        )
     if CHECKOUT not in sys.path:
         sys.path.insert(0, CHECKOUT)
     mod = importlib.import_module("benchmarks.__main__")
@@ -129,31 +141,36 @@ COMMANDS: dict[str, Command] = {
         "(or: fastssl train --nproc 2 --config ...)",
         _train,
         "  --nproc N   run under torchrun: python -m torch.distributed.run --standalone --nproc_per_node=N "
-        "fastssl/train.py ...\n              (torchrun fastssl/train.py ... works as before)"),
+        "fastssl/train.py ...\n              (torchrun fastssl/train.py ... works as before)",
+    ),
     "eval": Command(
         "evaluate a checkpoint's backbone: linear, knn, finetune, transfer, svm-folds (python -m fastssl.eval)",
         "fastssl eval --checkpoint runs/x/checkpoints/last.pt --protocol knn",
-        _eval),
+        _eval,
+    ),
     "export": Command(
         "write a checkpoint's backbone for torchvision, timm or as a plain state dict (python -m fastssl.export)",
         "fastssl export --checkpoint runs/x/checkpoints/last.pt --format torchvision --out backbone.pt",
-        _export),
+        _export,
+    ),
     "check": Command(
         "validate a dataset's files before training (python -m fastssl.data.check)",
         "fastssl check data/my_images --source folder",
-        _check),
+        _check,
+    ),
     "report": Command(
         "write RUN_DIR/report.md with training curves, neighbours and filters (python -m fastssl.report)",
         "fastssl report runs/x",
-        _report),
+        _report,
+    ),
     "bench": Command(
-        "run the benchmark suites of a checkout (python -m benchmarks)",
-        "fastssl bench --tiny --suites knn",
-        _bench),
+        "run the benchmark suites of a checkout (python -m benchmarks)", "fastssl bench --tiny --suites knn", _bench
+    ),
     "doctor": Command(
         "check this machine: versions, then every component on tiny inputs (python -m fastssl.doctor)",
         "fastssl doctor --quick",
-        _doctor),
+        _doctor,
+    ),
 }
 
 
@@ -166,8 +183,9 @@ def usage() -> str:
 
 
 def _epilog(name: str, c: Command) -> str:
-    return (f"\nexample ({'fastssl ' + name}):\n  {c.example}\n"
-            + (f"\nfastssl {name} also takes:\n{c.extra_help}\n" if c.extra_help else ""))
+    return f"\nexample ({'fastssl ' + name}):\n  {c.example}\n" + (
+        f"\nfastssl {name} also takes:\n{c.extra_help}\n" if c.extra_help else ""
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

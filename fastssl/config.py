@@ -6,6 +6,7 @@ defaults, the method's own defaults (its registered config dataclass), the YAML 
 memory or any model or GPU memory is created.  Any problem raises ``ConfigError`` whose message
 is one line naming the key (and the file or value) at fault.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,12 +17,8 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fastssl.errors import ConfigError  # noqa: E402,F401  (re-exported: fastssl.config.ConfigError)
-
-
-SOURCES = ("builtin", "stl10", "cifar10", "cifar100", "folder")
-PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "tensor")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from fastssl.errors import ConfigError  # noqa: F401  (re-exported: fastssl.config.ConfigError)
+from fastssl.registry import PIPELINES, PRECISIONS  # noqa: F401  (the fixed choices; re-exported)
 
 
 @dataclass
@@ -107,6 +104,9 @@ class EvalConfig:
     transfer_epochs: int = 15  # transfer protocol (layerwise): small classifier on the learned first layer
     transfer_runs: int = 3
     transfer_freeze: bool = False  # frozen (True) or fine-tuned (False) first layer
+    transfer_classifier: str = (
+        "small"  # small (fastssl's) | authors (shallow-conv's: BatchNorm, conv2 512, fc 512, crop/flip)
+    )
     svm_c: float = 1.0  # svm-folds: LinearSVC C on standardised features
     svm_folds: int = 10  # svm-folds without predefined folds: random folds of svm_fold_size train images
     svm_fold_size: int = 1000
@@ -195,12 +195,12 @@ def _choice(cfg: DictConfig, key: str, choices) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every value; cheap (headers and file sizes only, no image data is loaded)."""
-    from fastssl.data.sources import check_source
+    from fastssl.data.sources import SOURCES, check_source
     from fastssl.methods import get_method
     from fastssl.models import ARCHS, stages_of
 
     d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
-    _choice(cfg, "data.source", SOURCES)
+    _choice(cfg, "data.source", SOURCES.names())
     _choice(cfg, "data.pipeline", PIPELINES)
     _choice(cfg, "data.split", ("pretrain", "train"))
     _choice(cfg, "model.arch", ARCHS)
@@ -214,9 +214,14 @@ def validate(cfg: DictConfig) -> None:
 
         from fastssl.kernels._common import interpreted
 
-        _check(torch.cuda.is_available() or interpreted(), "loss.impl",
-               "fused kernels need a CUDA GPU (or TRITON_INTERPRET=1 for tests); use auto or eager")
-    _check(d.batch_size >= 2, "data.batch_size", f"must be >= 2 (contrastive losses need negatives), got {d.batch_size}")
+        _check(
+            torch.cuda.is_available() or interpreted(),
+            "loss.impl",
+            "fused kernels need a CUDA GPU (or TRITON_INTERPRET=1 for tests); use auto or eager",
+        )
+    _check(
+        d.batch_size >= 2, "data.batch_size", f"must be >= 2 (contrastive losses need negatives), got {d.batch_size}"
+    )
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
     _check(d.reader_workers >= 0, "data.reader_workers", f"must be >= 0, got {d.reader_workers}")
@@ -228,8 +233,11 @@ def validate(cfg: DictConfig) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     _check(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
-    _check(len(o.gammas) in (0, len(o.milestones)), "optim.gammas",
-           f"{len(o.gammas)} factors for {len(o.milestones)} milestones (give one per milestone, or none)")
+    _check(
+        len(o.gammas) in (0, len(o.milestones)),
+        "optim.gammas",
+        f"{len(o.gammas)} factors for {len(o.milestones)} milestones (give one per milestone, or none)",
+    )
     for i, g in enumerate(o.gammas):
         _check(0 < g <= 1, f"optim.gammas[{i}]", f"must be in (0, 1], got {g}")
     for i, ms in enumerate(o.milestones):
@@ -248,31 +256,53 @@ def validate(cfg: DictConfig) -> None:
     _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
     _check(e.transfer_epochs >= 1, "eval.transfer_epochs", f"must be >= 1, got {e.transfer_epochs}")
     _check(e.transfer_runs >= 1, "eval.transfer_runs", f"must be >= 1, got {e.transfer_runs}")
+    _choice(cfg, "eval.transfer_classifier", ("small", "authors"))
     _check(e.svm_c > 0, "eval.svm_c", f"must be > 0, got {e.svm_c}")
     _check(e.svm_folds >= 1, "eval.svm_folds", f"must be >= 1, got {e.svm_folds}")
     _check(e.svm_fold_size >= 2, "eval.svm_fold_size", f"must be >= 2, got {e.svm_fold_size}")
     _check(e.knn_temperature > 0, "eval.knn_temperature", f"must be > 0, got {e.knn_temperature}")
-    _check(e.finetune_labels is None or e.finetune_labels >= 1, "eval.finetune_labels", f"must be >= 1, got {e.finetune_labels}")
+    _check(
+        e.finetune_labels is None or e.finetune_labels >= 1,
+        "eval.finetune_labels",
+        f"must be >= 1, got {e.finetune_labels}",
+    )
     if e.layer is not None:
-        _check(e.layer in stages_of(m.arch), "eval.layer", f"{e.layer!r} is not a stage of {m.arch}: {', '.join(stages_of(m.arch))}")
-    _check(d.pipeline != "tensor" or d.source != "folder", "data.pipeline",
-           "tensor keeps the whole dataset in memory as one tensor and needs an in-memory source "
-           "(builtin, stl10, cifar10, cifar100); a folder's images are files: use dali-gpu, dali-cpu or torch")
+        _check(
+            e.layer in stages_of(m.arch),
+            "eval.layer",
+            f"{e.layer!r} is not a stage of {m.arch}: {', '.join(stages_of(m.arch))}",
+        )
+    _check(
+        d.pipeline != "tensor" or d.source != "folder",
+        "data.pipeline",
+        "tensor keeps the whole dataset in memory as one tensor and needs an in-memory source "
+        "(builtin, stl10, cifar10, cifar100); a folder's images are files: use dali-gpu, dali-cpu or torch",
+    )
     if d.pipeline == "dali-gpu":
         import torch
 
-        _check(torch.cuda.is_available(), "data.pipeline", "dali-gpu needs a CUDA GPU and none is visible; use dali-cpu or torch")
+        _check(
+            torch.cuda.is_available(),
+            "data.pipeline",
+            "dali-gpu needs a CUDA GPU and none is visible; use dali-cpu or torch",
+        )
     if t.precision in ("bf16", "fp16"):
         import torch
 
-        _check(torch.cuda.is_available() or t.precision == "bf16", "train.precision",
-               "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        _check(
+            torch.cuda.is_available() or t.precision == "bf16",
+            "train.precision",
+            "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU",
+        )
 
     info = check_source(cfg)  # raises ConfigError naming the file/field; returns sizes
     n = info["num_pretrain"] if d.split == "pretrain" else info["num_train"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    _check(n >= d.batch_size * world, "data.batch_size",
-           f"{d.batch_size} x {world} processes is more than the {n} training images of {d.source}")
+    _check(
+        n >= d.batch_size * world,
+        "data.batch_size",
+        f"{d.batch_size} x {world} processes is more than the {n} training images of {d.source}",
+    )
     get_method(cfg.method.name).validate(cfg, info)
 
 

@@ -8,6 +8,7 @@ processes on CPU), then ``python -m fastssl.eval --protocol linear`` twice, then
 run's report (``python -m fastssl.report``: curves, results, nearest-neighbour grid, filters)
 and prints its path as the last line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastssl.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "sc", "builtin.yaml"))
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 2)
@@ -33,8 +35,15 @@ def main(argv=None) -> int:
     if os.path.isdir(a.out):
         shutil.rmtree(a.out)  # a demo starts fresh
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    train = torchrun + ["--standalone", f"--nproc_per_node={a.nproc}", os.path.join(ROOT, "fastssl", "train.py"),
-                        "--config", a.config, f"out_dir={a.out}", *a.overrides]
+    train = torchrun + [
+        "--standalone",
+        f"--nproc_per_node={a.nproc}",
+        os.path.join(ROOT, "fastssl", "train.py"),
+        "--config",
+        a.config,
+        f"out_dir={a.out}",
+        *a.overrides,
+    ]
     print("$", " ".join(train[2:]), flush=True)
     if subprocess.call(train) != 0:
         return 1

@@ -25,6 +25,7 @@ builds it; no data is read) and its weights are loaded.  Every format writes one
 evaluation used, the method, the training step and the loading snippet.  The file is written
 atomically (temporary file, fsync, rename).  Errors are one line, exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,7 @@ def torchvision_key(key: str) -> str:
     ``stages.layerN`` layerN)."""
     for a, b in (("stem.0.", "conv1."), ("stem.1.", "bn1."), ("stages.", "")):
         if key.startswith(a):
-            return b + key[len(a):]
+            return b + key[len(a) :]
     raise ExportError(f"unexpected ResNet backbone key {key!r}")
 
 
@@ -83,8 +84,10 @@ def input_spec(cfg):
     if method == "splitbrain":
         from omegaconf import OmegaConf
 
-        return {"pixels": f"colour split of method.space={OmegaConf.select(cfg, 'method.space')}",
-                "note": "see fastssl.methods.splitbrain eval_input"}
+        return {
+            "pixels": f"colour split of method.space={OmegaConf.select(cfg, 'method.space')}",
+            "note": "see fastssl.methods.splitbrain eval_input",
+        }
     if cfg.data.source not in SOURCE_STATS:
         return {"pixels": "(x / 255 - mean) / std", "note": f"the {cfg.data.source} source's mean/std"}
     mean, std = SOURCE_STATS[cfg.data.source]
@@ -97,17 +100,23 @@ def _load_checkpoint(path: str):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ExportError(f"{path} is not a fastssl checkpoint (not readable by torch.load: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ExportError(
+            f"{path} is not a fastssl checkpoint (not readable by torch.load: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ExportError(f"{path} is not a fastssl checkpoint (no 'model' and 'config' entries; "
-                          f"expected RUN/checkpoints/last.pt written by fastssl train)")
+        raise ExportError(
+            f"{path} is not a fastssl checkpoint (no 'model' and 'config' entries; "
+            f"expected RUN/checkpoints/last.pt written by fastssl train)"
+        )
     cfg = state["config"]
     try:
         arch, _ = str(cfg.model.arch), cfg.data.source
     except Exception:
-        raise ExportError(f"{path} is not a fastssl checkpoint (its 'config' has no model.arch / data.source)") from None
-    weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+        raise ExportError(
+            f"{path} is not a fastssl checkpoint (its 'config' has no model.arch / data.source)"
+        ) from None
+    weights = {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")}
     if not weights:
         raise ExportError(f"{path} is not a fastssl checkpoint (no 'backbone.*' weights in its model)")
     return state, cfg, arch, weights
@@ -125,15 +134,31 @@ def snippet(fmt: str, arch: str, stem: str, out: str) -> list:
     f = os.path.basename(out)
     stem_lines = list(SMALL_STEM_LINES) if stem == "small" else []
     if fmt == "state_dict":
-        return ["import torch, fastssl.models", f'ck = torch.load("{f}")',
-                'net = fastssl.models.build(**ck["meta"]["build"])',
-                'net.load_state_dict(ck["state_dict"], strict=True)',
-                "# features: net.features(x) = the last stage, average-pooled"]
-    head = (["import torch, torchvision", "from torch import nn", f"model = torchvision.models.{arch}()",
-             "model.fc = nn.Identity()"] if fmt == "torchvision" else
-            ["import torch, timm", "from torch import nn", f'model = timm.create_model("{arch}", num_classes=0)'])
-    return head + stem_lines + [f'model.load_state_dict(torch.load("{f}")["state_dict"], strict=True)',
-                                "# features: model(x) = the last stage, average-pooled"]
+        return [
+            "import torch, fastssl.models",
+            f'ck = torch.load("{f}")',
+            'net = fastssl.models.build(**ck["meta"]["build"])',
+            'net.load_state_dict(ck["state_dict"], strict=True)',
+            "# features: net.features(x) = the last stage, average-pooled",
+        ]
+    head = (
+        [
+            "import torch, torchvision",
+            "from torch import nn",
+            f"model = torchvision.models.{arch}()",
+            "model.fc = nn.Identity()",
+        ]
+        if fmt == "torchvision"
+        else ["import torch, timm", "from torch import nn", f'model = timm.create_model("{arch}", num_classes=0)']
+    )
+    return (
+        head
+        + stem_lines
+        + [
+            f'model.load_state_dict(torch.load("{f}")["state_dict"], strict=True)',
+            "# features: model(x) = the last stage, average-pooled",
+        ]
+    )
 
 
 def export(checkpoint: str, fmt: str, out: str) -> dict:
@@ -145,12 +170,16 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
     if not os.path.isfile(checkpoint):
         raise ExportError(f"--checkpoint: not a file: {checkpoint}")
     if fmt == "timm" and importlib.util.find_spec("timm") is None:
-        raise ExportError("--format timm: timm is not installed (pip install timm); --format torchvision "
-                          "writes the same keys for ResNets")
+        raise ExportError(
+            "--format timm: timm is not installed (pip install timm); --format torchvision "
+            "writes the same keys for ResNets"
+        )
     state, cfg, arch, weights = _load_checkpoint(checkpoint)
     if fmt in ("torchvision", "timm") and arch not in RESNETS:
-        raise ExportError(f"--format {fmt}: only resnet18/resnet50 backbones map onto {fmt} models; "
-                          f"this checkpoint's backbone is {arch} (use --format state_dict)")
+        raise ExportError(
+            f"--format {fmt}: only resnet18/resnet50 backbones map onto {fmt} models; "
+            f"this checkpoint's backbone is {arch} (use --format state_dict)"
+        )
 
     import torch
     from omegaconf import OmegaConf
@@ -169,8 +198,9 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
     try:
         net.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise ExportError(f"{checkpoint}: its backbone weights do not fit its config's model "
-                          f"({arch}): {str(e).splitlines()[0]}") from None
+        raise ExportError(
+            f"{checkpoint}: its backbone weights do not fit its config's model ({arch}): {str(e).splitlines()[0]}"
+        ) from None
     sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
 
     if fmt == "torchvision":
@@ -221,12 +251,19 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m fastssl.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by fastssl train (RUN/checkpoints/last.pt)")
-    p.add_argument("--format", default="state_dict", choices=FORMATS,
-                   help="torchvision / timm: ResNet backbones under those libraries' names; state_dict: any backbone, "
-                        "fastssl's names (default)")
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint written by fastssl train (RUN/checkpoints/last.pt)"
+    )
+    p.add_argument(
+        "--format",
+        default="state_dict",
+        choices=FORMATS,
+        help="torchvision / timm: ResNet backbones under those libraries' names; state_dict: any backbone, "
+        "fastssl's names (default)",
+    )
     p.add_argument("--out", required=True, help="the file to write, e.g. backbone.pt")
     return p.parse_args(argv)
 
@@ -239,8 +276,10 @@ def main(argv=None) -> int:
         print(f"fastssl export: error: {e}", file=sys.stderr)
         return 2
     stem = f", {meta['stem']} stem" if meta["stem"] else ""
-    print(f"fastssl export: {meta['method']}/{meta['arch']}{stem}, step {meta['step']} -> {a.out} "
-          f"({a.format}, {meta['feature_dim']}-d features, {meta['image_size']} px images)")
+    print(
+        f"fastssl export: {meta['method']}/{meta['arch']}{stem}, step {meta['step']} -> {a.out} "
+        f"({a.format}, {meta['feature_dim']}-d features, {meta['image_size']} px images)"
+    )
     if meta["stem_change"]:
         print("this backbone has the small stem (3x3 stride-1 conv1, no max-pool): change the model first with")
         print("\n".join("    " + line for line in meta["stem_change"]))

@@ -25,6 +25,7 @@ A folder that is not a run (no ``config.yaml``, ``metrics.jsonl`` or ``checkpoin
 is refused with one line naming what is missing (exit status 2).  A run whose data has no
 labels gets the pictures without borders, and report.md says which parts were skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,11 @@ def read_metrics(path: str) -> Tuple[List[Dict], List[Dict], int]:
                 steps[r["step"]] = r
             else:
                 epochs[(r["step"], r.get("epoch"))] = {**epochs.get((r["step"], r.get("epoch")), {}), **r}
-    return ([steps[k] for k in sorted(steps)],
-            [epochs[k] for k in sorted(epochs, key=lambda k: (k[0], k[1] if k[1] is not None else 0))], bad)
+    return (
+        [steps[k] for k in sorted(steps)],
+        [epochs[k] for k in sorted(epochs, key=lambda k: (k[0], k[1] if k[1] is not None else 0))],
+        bad,
+    )
 
 
 def read_evals(run_dir: str) -> Dict[str, Dict[str, Dict]]:
@@ -96,13 +100,16 @@ def read_evals(run_dir: str) -> Dict[str, Dict[str, Dict]]:
         except (OSError, ValueError, KeyError, TypeError):
             say(f"skipping {os.path.basename(path)}: not an evaluation result")
             continue
-        stem = os.path.basename(path)[len("eval_"):-len(".json")]
+        stem = os.path.basename(path)[len("eval_") : -len(".json")]
         random = bool(r.get("random_init", stem.endswith("_random")))
         if stem.endswith("_random"):
             stem = stem[: -len("_random")]
         protocol = r.get("protocol", stem)
-        out.setdefault(protocol, {})["random" if random else "trained"] = {**r, "accuracy": acc,
-                                                                          "file": os.path.basename(path)}
+        out.setdefault(protocol, {})["random" if random else "trained"] = {
+            **r,
+            "accuracy": acc,
+            "file": os.path.basename(path),
+        }
     return out
 
 
@@ -159,8 +166,15 @@ def plot_training(steps: List[Dict], path: str) -> None:
         for b, s in bounds:
             ax.axvline(b, color="0.5", ls=":", lw=1)
     for b, s in bounds:
-        axes[0, 0].annotate(f"stage {s + 1}", (b, 1), xycoords=("data", "axes fraction"), fontsize=8,
-                            xytext=(3, -12), textcoords="offset points", color="0.35")
+        axes[0, 0].annotate(
+            f"stage {s + 1}",
+            (b, 1),
+            xycoords=("data", "axes fraction"),
+            fontsize=8,
+            xytext=(3, -12),
+            textcoords="offset points",
+            color="0.35",
+        )
     for ax in axes[1]:
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -189,8 +203,15 @@ def plot_monitor(epochs: List[Dict], keys: List[str], path: str) -> None:
     for r0, r1 in zip(epochs, epochs[1:]):
         if r1["_stage"] != r0["_stage"]:
             ax.axvline(r0["_x"] + 0.5, color="0.5", ls=":", lw=1)
-            ax.annotate(f"stage {r1['_stage']}", (r0["_x"] + 0.5, 1), xycoords=("data", "axes fraction"),
-                        fontsize=8, xytext=(3, -12), textcoords="offset points", color="0.35")
+            ax.annotate(
+                f"stage {r1['_stage']}",
+                (r0["_x"] + 0.5, 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                xytext=(3, -12),
+                textcoords="offset points",
+                color="0.35",
+            )
     ax.set_xlabel("epoch (all stages)" if staged else "epoch")
     ax.set_ylabel("weighted kNN accuracy (%)")
     ax.set_title("kNN monitor (test images against labeled training images)")
@@ -223,7 +244,7 @@ def filter_tiles(w, scale: Optional[int] = None) -> np.ndarray:
     for i in range(n):
         r, c = divmod(i, cols)
         tile = w[i].transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
-        grid[g + r * (t + g): g + r * (t + g) + t, g + c * (t + g): g + c * (t + g) + t] = tile
+        grid[g + r * (t + g) : g + r * (t + g) + t, g + c * (t + g) : g + c * (t + g) + t] = tile
     return grid
 
 
@@ -280,8 +301,15 @@ def _font(size: int = 14):
         return ImageFont.load_default()
 
 
-def draw_grid(query_imgs: np.ndarray, nn_learned: List[np.ndarray], nn_random: List[np.ndarray],
-              ok_learned: Optional[np.ndarray], ok_random: Optional[np.ndarray], titles: Tuple[str, str], path: str):
+def draw_grid(
+    query_imgs: np.ndarray,
+    nn_learned: List[np.ndarray],
+    nn_random: List[np.ndarray],
+    ok_learned: Optional[np.ndarray],
+    ok_random: Optional[np.ndarray],
+    titles: Tuple[str, str],
+    path: str,
+):
     """``query_imgs`` (Q, H, W, 3) uint8; ``nn_*`` (Q, K, H, W, 3) uint8; ``ok_*`` (Q, K) bool or
     None (no labels: neutral borders).  Writes the PNG; returns its (width, height)."""
     from PIL import Image, ImageDraw
@@ -370,7 +398,7 @@ def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neig
         if n < queries + neighbours:
             raise ValueError(f"only {n} images: too few for {queries} queries with {neighbours} neighbours")
         perm = rng.permutation(n)
-        q_pool, gal_idx = perm[:max(queries, n - gallery)], np.sort(perm[max(queries, n - gallery):])
+        q_pool, gal_idx = perm[: max(queries, n - gallery)], np.sort(perm[max(queries, n - gallery) :])
         q_split, q_labels = gal_split, gal_labels
     if gal_labels is None or q_labels is None:
         gal_labels = q_labels = None
@@ -390,17 +418,26 @@ def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neig
         if result["stage"] is None:
             result["stage"] = backbone.stage_names[-1]
         with torch.no_grad():
-            feats = lambda split, idx: torch.nn.functional.normalize(torch.cat(  # noqa: E731
-                [backbone.features(x, stage).float() for x in
-                 image_batches(split, source.image_size, prepare, bs, device, idx)]), dim=1)
+            feats = lambda split, idx: torch.nn.functional.normalize(
+                torch.cat(  # noqa: E731
+                    [
+                        backbone.features(x, stage).float()
+                        for x in image_batches(split, source.image_size, prepare, bs, device, idx)
+                    ]
+                ),
+                dim=1,
+            )
             g = feats(gal_split, gal_idx)
             qf = feats(q_split, scored)
             nbr = (qf @ g.T).topk(k, dim=1).indices.numpy()  # positions in gal_idx
         result["conv_name"], conv = first_conv(backbone)
         result[f"conv_{which}"] = None if conv is None else conv.weight.detach().float().numpy()
         row = np.searchsorted(scored, shown)
-        nn_imgs.append(np.stack([split_images(gal_split, gal_idx[nbr[r]], source.image_size).permute(0, 2, 3, 1).numpy()
-                                 for r in row]))
+        nn_imgs.append(
+            np.stack(
+                [split_images(gal_split, gal_idx[nbr[r]], source.image_size).permute(0, 2, 3, 1).numpy() for r in row]
+            )
+        )
         if gal_labels is not None:
             same = gal_labels[gal_idx[nbr]] == q_labels[scored][:, None]
             result[f"agree_{which}"] = float(same.mean() * 100)
@@ -441,8 +478,9 @@ def eval_table(evals: Dict[str, Dict[str, Dict]]) -> List[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastssl.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", help="a run folder written by fastssl/train.py (out_dir)")
     p.add_argument("--gallery", type=int, default=2000, help="training images searched for neighbours (seeded subset)")
     p.add_argument("--queries", type=int, default=16, help="test images shown in the retrieval grid")
@@ -487,17 +525,23 @@ def main(argv=None) -> int:
     with open(os.path.join(run_dir, "config.yaml")) as f:
         config_text = f.read()
     mtime = datetime.datetime.fromtimestamp(os.path.getmtime(ck_path)).strftime("%Y-%m-%d %H:%M")
-    where = f"step {state['step']} (stage {state.get('stage', 0) + 1}, " if cfg.method.name == "layerwise" else \
-        f"step {state['step']} ("
+    where = (
+        f"step {state['step']} (stage {state.get('stage', 0) + 1}, "
+        if cfg.method.name == "layerwise"
+        else f"step {state['step']} ("
+    )
     where += f"{state['epoch']} epochs + {state['step_in_epoch']} steps"
     where += ")"
     name = os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-    md += [f"# Run report: `{name}`", "",
-           f"* **method** `{cfg.method.name}`, backbone `{cfg.model.arch}` (width {cfg.model.width}), "
-           f"data `{cfg.data.source}`, seed {cfg.seed}",
-           f"* **checkpoint** `checkpoints/last.pt`: {where} ({state.get('reason', '?')}; written {mtime})",
-           f"* **report made on** {machine()}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, "
-           f"by `python -m fastssl.report {run_dir}`; the throughput below is the training machine's"]
+    md += [
+        f"# Run report: `{name}`",
+        "",
+        f"* **method** `{cfg.method.name}`, backbone `{cfg.model.arch}` (width {cfg.model.width}), "
+        f"data `{cfg.data.source}`, seed {cfg.seed}",
+        f"* **checkpoint** `checkpoints/last.pt`: {where} ({state.get('reason', '?')}; written {mtime})",
+        f"* **report made on** {machine()}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, "
+        f"by `python -m fastssl.report {run_dir}`; the throughput below is the training machine's",
+    ]
 
     # ---- curves
     steps, epochs, bad = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
@@ -509,12 +553,16 @@ def main(argv=None) -> int:
         ips = [r["images_per_s"] for r in steps[1:] or steps if "images_per_s" in r]
         stall = [r["data_stall"] for r in steps[1:] or steps if "data_stall" in r]
         last = steps[-1]
-        md += ["![loss, learning rate, images/s and data-stall against steps](report/training.png)", "",
-               f"{len(steps)} logged steps ({steps[0]['step']} to {last['step']}); last loss {last['loss']:.4f}"
-               + (f"; median {np.median(ips):,.0f} images/s" if ips else "")
-               + (f", data-stall {100 * np.median(stall):.1f}%" if stall else "")
-               + (" (medians without the first record, which includes start-up)" if len(steps) > 1 else "")
-               + (f"; {last['skipped_steps']} non-finite steps skipped" if last.get("skipped_steps") else "") + "."]
+        md += [
+            "![loss, learning rate, images/s and data-stall against steps](report/training.png)",
+            "",
+            f"{len(steps)} logged steps ({steps[0]['step']} to {last['step']}); last loss {last['loss']:.4f}"
+            + (f"; median {np.median(ips):,.0f} images/s" if ips else "")
+            + (f", data-stall {100 * np.median(stall):.1f}%" if stall else "")
+            + (" (medians without the first record, which includes start-up)" if len(steps) > 1 else "")
+            + (f"; {last['skipped_steps']} non-finite steps skipped" if last.get("skipped_steps") else "")
+            + ".",
+        ]
     else:
         md.append("metrics.jsonl holds no step records (the run stopped before its first logged step).")
     if bad:
@@ -535,14 +583,18 @@ def main(argv=None) -> int:
         for k in keys:
             rs = [r for r in mon if k in r]
             best = max(rs, key=lambda r: r[k])
-            md.append(f"* `{k}`: {rs[-1][k]:.2f}% after {when(rs[-1])} (best {best[k]:.2f}% after {when(best)}; "
-                      f"{len(rs)} epochs)")
+            md.append(
+                f"* `{k}`: {rs[-1][k]:.2f}% after {when(rs[-1])} (best {best[k]:.2f}% after {when(best)}; "
+                f"{len(rs)} epochs)"
+            )
         secs = [r["monitor_s"] for r in mon if "monitor_s" in r]
         if secs:
             md.append(f"* the monitor took {np.median(secs):.1f} s per epoch (median)")
     else:
-        md.append(f"No epoch record in metrics.jsonl carries {' or '.join(f'`{k}`' for k in MONITOR_KEYS)} "
-                  f"(the monitor is off, `train.monitor_every=0`, the data has no labels, or no epoch ended).")
+        md.append(
+            f"No epoch record in metrics.jsonl carries {' or '.join(f'`{k}`' for k in MONITOR_KEYS)} "
+            f"(the monitor is off, `train.monitor_every=0`, the data has no labels, or no epoch ended)."
+        )
 
     # ---- evaluation files
     md += ["", "## Evaluation", ""]
@@ -551,9 +603,12 @@ def main(argv=None) -> int:
         md += eval_table(evals)
         md += ["", "From `python -m fastssl.eval --checkpoint checkpoints/last.pt --protocol P [--random-init]`."]
     else:
-        md.append("No `eval_<protocol>[_random].json` in the run folder; make them with "
-                  "`python -m fastssl.eval --checkpoint " + os.path.join(run_dir, "checkpoints", "last.pt")
-                  + " --protocol linear` (and again with `--random-init`).")
+        md.append(
+            "No `eval_<protocol>[_random].json` in the run folder; make them with "
+            "`python -m fastssl.eval --checkpoint "
+            + os.path.join(run_dir, "checkpoints", "last.pt")
+            + " --protocol linear` (and again with `--random-init`)."
+        )
 
     # ---- retrieval grid and filters (need the data)
     md += ["", "## Nearest neighbours", ""]
@@ -572,15 +627,21 @@ def main(argv=None) -> int:
         skipped.append("the retrieval grid")
         md.append(f"No retrieval grid: {why}.")
     if res is not None:
-        md += ["![test images and their nearest training images](report/retrieval.png)", "",
-               f"Each row: a test image, then its {res['neighbours']} nearest of {res['gallery']:,} training images "
-               f"(a seeded subset) by cosine similarity of the backbone's pooled `{res['stage']}` features of whole "
-               "images: learned (left) and the same network untrained (right, as `--random-init`)."]
+        md += [
+            "![test images and their nearest training images](report/retrieval.png)",
+            "",
+            f"Each row: a test image, then its {res['neighbours']} nearest of {res['gallery']:,} training images "
+            f"(a seeded subset) by cosine similarity of the backbone's pooled `{res['stage']}` features of whole "
+            "images: learned (left) and the same network untrained (right, as `--random-init`).",
+        ]
         if res["labels"]:
             md[-1] += " Green border: same label as the query; red: another label."
-            md += ["", f"Neighbours with the query's label, over {res['scored']:,} test images: "
-                       f"**{res['agree_learned']:.1f}%** learned, {res['agree_random']:.1f}% random init "
-                       f"(chance: {res['chance']:.1f}%)."]
+            md += [
+                "",
+                f"Neighbours with the query's label, over {res['scored']:,} test images: "
+                f"**{res['agree_learned']:.1f}%** learned, {res['agree_random']:.1f}% random init "
+                f"(chance: {res['chance']:.1f}%).",
+            ]
         else:
             md[-1] += " The data has no labels: neighbours are not marked and no agreement is computed."
             skipped.append("the label marks and agreement of the retrieval grid (no labels)")
@@ -591,8 +652,9 @@ def main(argv=None) -> int:
         conv_l, conv_r, conv_name = res["conv_learned"], res["conv_random"], res["conv_name"]
     else:  # no data: the backbone alone
         try:
-            from fastssl.eval.__main__ import load_backbone
             import torch
+
+            from fastssl.eval.__main__ import load_backbone
 
             size = cfg.data.builtin.image_size if cfg.data.source == "builtin" else (cfg.data.image_size or 96)
             src = type("S", (), {"image_size": size})()
@@ -609,19 +671,35 @@ def main(argv=None) -> int:
         md.append("![first-layer filters, learned and random init](report/filters.png)")
         if conv_r is not None and conv_r.shape == conv_l.shape:
             rel = float(np.linalg.norm(conv_l - conv_r) / max(np.linalg.norm(conv_r), 1e-12))
-            md += ["", f"`{conv_name}` ({conv_l.shape[0]} filters of {conv_l.shape[1]} x {conv_l.shape[2]} x "
-                       f"{conv_l.shape[3]}): relative distance from the random-init filters "
-                       f"||W - W_random|| / ||W_random|| = {rel:.3f}."]
+            md += [
+                "",
+                f"`{conv_name}` ({conv_l.shape[0]} filters of {conv_l.shape[1]} x {conv_l.shape[2]} x "
+                f"{conv_l.shape[3]}): relative distance from the random-init filters "
+                f"||W - W_random|| / ||W_random|| = {rel:.3f}.",
+            ]
         if os.path.isfile(os.path.join(run_dir, "filters", "layer1.png")):
-            md += ["", "The run also wrote its first layer's filters itself (same stretch): "
-                       "![filters/layer1.png](filters/layer1.png)"]
+            md += [
+                "",
+                "The run also wrote its first layer's filters itself (same stretch): "
+                "![filters/layer1.png](filters/layer1.png)",
+            ]
     else:
         md.append("No convolution found in the backbone.")
         skipped.append("the filters")
 
     # ---- config
-    md += ["", "## Config", "", "<details><summary>config.yaml (the resolved config of the run)</summary>", "",
-           "```yaml", config_text.rstrip(), "```", "", "</details>"]
+    md += [
+        "",
+        "## Config",
+        "",
+        "<details><summary>config.yaml (the resolved config of the run)</summary>",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
+        "",
+        "</details>",
+    ]
     if skipped:
         md += ["", "Skipped: " + "; ".join(skipped) + "."]
     out = os.path.join(run_dir, "report.md")

@@ -13,6 +13,7 @@ Dtype policy (the same for every kernel, and for its eager twin):
   ``loss_input`` casts features to the autocast dtype when autocast is on (bf16 on GPUs by
   default), so the fused kernel uses the tensor cores and the twin sees the same numbers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,8 +88,22 @@ TARGET_PROGRAMS = 264
 
 
 @triton.jit
-def dot_tile(a_ptr, b_ptr, r0, c0, NA, NB, D, stride_a, stride_b,
-             BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def dot_tile(
+    a_ptr,
+    b_ptr,
+    r0,
+    c0,
+    NA,
+    NB,
+    D,
+    stride_a,
+    stride_b,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """(BM, BN) fp32 inner products a[r0 : r0 + BM] . b[c0 : c0 + BN] over D in BLOCK_D chunks
     (masked edges).  The blocks' first rows are reached by a 64-bit scalar offset (N x D may
     exceed 2^31: a 1.28M-entry bank at D = 2,048); offsets inside a block stay 32-bit, which
@@ -100,10 +115,16 @@ def dot_tile(a_ptr, b_ptr, r0, c0, NA, NB, D, stride_a, stride_b,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         offs = k + tl.arange(0, BLOCK_D)
-        a = tl.load(a_blk + ra[:, None] * stride_a + offs[None, :], mask=(r0 + ra[:, None] < NA) & (offs[None, :] < D),
-                    other=0.0)
-        b = tl.load(b_blk + rb[:, None] * stride_b + offs[None, :], mask=(c0 + rb[:, None] < NB) & (offs[None, :] < D),
-                    other=0.0)
+        a = tl.load(
+            a_blk + ra[:, None] * stride_a + offs[None, :],
+            mask=(r0 + ra[:, None] < NA) & (offs[None, :] < D),
+            other=0.0,
+        )
+        b = tl.load(
+            b_blk + rb[:, None] * stride_b + offs[None, :],
+            mask=(c0 + rb[:, None] < NB) & (offs[None, :] < D),
+            other=0.0,
+        )
         if UPCAST:  # the interpreter's bf16 dot is wrong; the GPU's is native
             a = a.to(tl.float32)
             b = b.to(tl.float32)

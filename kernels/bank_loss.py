@@ -25,6 +25,7 @@ Backward: dlse/df_i = 1/tau * sum_j softmax_j bank_j over the row's top-K, a gat
 rows per batch row (``_bank_grad_topk``), or, for the whole bank, a second streaming pass
 (``_bank_grad_full``).  The bank is not differentiated (InvP updates it by EMA).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,17 +48,24 @@ def last_fallback_rows() -> int:
 # ----------------------------------------------------------------------------- shared maths
 
 
-def hardest_positives(pos_logits: torch.Tensor, valid: torch.Tensor, p: int) -> torch.Tensor:
-    """Mask of the ``p`` least similar valid positives per row (all valid ones when p == 0)."""
+def hardest_positives(
+    pos_logits: torch.Tensor, valid: torch.Tensor, p: int, most_similar: bool = False
+) -> torch.Tensor:
+    """Mask of the ``p`` least similar valid positives per row (all valid ones when p == 0);
+    ``most_similar``: the ``p`` most similar instead (the authors' ``--not_hardpos`` ablation).
+    Columns are counted one by one: a positive listed twice can be taken twice."""
     if p <= 0 or p >= pos_logits.shape[1]:
         return valid
-    order = pos_logits.masked_fill(~valid, float("inf")).topk(p, dim=1, largest=False).indices
+    if most_similar:
+        order = pos_logits.masked_fill(~valid, float("-inf")).topk(p, dim=1, largest=True).indices
+    else:
+        order = pos_logits.masked_fill(~valid, float("inf")).topk(p, dim=1, largest=False).indices
     keep = torch.zeros_like(valid)
     keep.scatter_(1, order, True)
     return keep & valid
 
 
-def _combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_pos):
+def _combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_pos, most_similar=False):
     """InvP's two per-row terms from the background log-sum-exp, the anchor's own logit and its
     positives' logits (see fastssl/methods/invp.py):
 
@@ -66,40 +74,65 @@ def _combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_pos):
     The background always holds self: it is added when the top-K did not contain it."""
     lse = torch.where(self_in_lse, lse, torch.logaddexp(lse, self_logit))
     l_ins = lse - self_logit
-    use = hardest_positives(pos_logits.detach(), valid, hard_pos)
+    use = hardest_positives(pos_logits.detach(), valid, hard_pos, most_similar)
     lse_pos = pos_logits.masked_fill(~use, float("-inf")).logsumexp(1)
     log_denominator = lse + torch.log(-torch.expm1(self_logit - lse))  # log(sum_bg s - s_self)
     l_inv = log_denominator - lse_pos
     return l_ins, torch.where(use.any(1), l_inv, torch.full_like(l_inv, float("nan")))
 
 
-def invp_losses(logits: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, background: int,
-                hard_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row L_ins and L_inv (NaN where a row has no positive), from the full logits (B, N)."""
+def invp_losses(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    pos: torch.Tensor,
+    background: int,
+    hard_pos: int,
+    most_similar: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row L_ins and L_inv (NaN where a row has no positive), from the full logits (B, N).
+    A positive listed more than once in a row of ``pos`` counts once per listing."""
     self_logit = logits.gather(1, index[:, None])[:, 0]
     if 0 < background < logits.shape[1]:
         bg, bg_idx = logits.topk(background, dim=1)
         lse, self_in = bg.logsumexp(1), (bg_idx == index[:, None]).any(1)
     else:
         lse, self_in = logits.logsumexp(1), torch.ones_like(index, dtype=torch.bool)
-    return _combine(lse, self_in, self_logit, logits.gather(1, pos.clamp(min=0)), pos >= 0, hard_pos)
+    return _combine(lse, self_in, self_logit, logits.gather(1, pos.clamp(min=0)), pos >= 0, hard_pos, most_similar)
 
 
 @no_autocast
-def bank_loss_eager(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
-                    tau: float, background: int, hard_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def bank_loss_eager(
+    f: torch.Tensor,
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    pos: torch.Tensor,
+    tau: float,
+    background: int,
+    hard_pos: int,
+    most_similar: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The reference: the whole (B, N) logit matrix in fp32, then ``invp_losses``.
 
     f (B, D) batch features, bank (N, D), index (B,) each row's own entry, pos (B, C) positive
-    entries with -1 padding; returns per-row (L_ins, L_inv)."""
+    entries with -1 padding; returns per-row (L_ins, L_inv).  ``most_similar``: the
+    ``hard_pos`` most similar positives instead of the least similar."""
     _check(f, bank, index, pos)
     logits = f.float() @ bank.float().t() / tau
-    return invp_losses(logits, index, pos, background, hard_pos)
+    return invp_losses(logits, index, pos, background, hard_pos, most_similar)
 
 
 @no_autocast
-def bank_loss_fused(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
-                    tau: float, background: int, hard_pos: int, tf32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def bank_loss_fused(
+    f: torch.Tensor,
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    pos: torch.Tensor,
+    tau: float,
+    background: int,
+    hard_pos: int,
+    tf32: bool = False,
+    most_similar: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Same signature and values as ``bank_loss_eager``; fp32/bf16/fp16, fp32 accumulation
     (``tf32``: an fp32 bank on the TF32 tensor cores)."""
     _check(f, bank, index, pos)
@@ -108,34 +141,71 @@ def bank_loss_fused(f: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, po
     self_logit = (ff * bank[index].float()).sum(1) / tau
     self_in = (top == index[:, None]).any(1) if top is not None else torch.ones_like(index, dtype=torch.bool)
     pos_logits = torch.einsum("bd,bcd->bc", ff, bank[pos.clamp(min=0)].float()) / tau
-    return _combine(lse, self_in, self_logit, pos_logits, pos >= 0, hard_pos)
+    return _combine(lse, self_in, self_logit, pos_logits, pos >= 0, hard_pos, most_similar)
 
 
 def _check(f, bank, index, pos):
     if f.ndim != 2 or bank.ndim != 2 or f.shape[1] != bank.shape[1]:
-        raise ValueError(f"bank loss: f (B, D) and bank (N, D) must share D, got {tuple(f.shape)} and {tuple(bank.shape)}")
+        raise ValueError(
+            f"bank loss: f (B, D) and bank (N, D) must share D, got {tuple(f.shape)} and {tuple(bank.shape)}"
+        )
     if index.shape != (f.shape[0],) or pos.ndim != 2 or pos.shape[0] != f.shape[0]:
-        raise ValueError(f"bank loss: index must be (B,) and pos (B, C) for B = {f.shape[0]}, "
-                         f"got {tuple(index.shape)} and {tuple(pos.shape)}")
+        raise ValueError(
+            f"bank loss: index must be (B,) and pos (B, C) for B = {f.shape[0]}, "
+            f"got {tuple(index.shape)} and {tuple(pos.shape)}"
+        )
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _logit_tile(f_ptr, bank_ptr, r0, c0, B, N, D, stride_f, stride_b, inv_tau,
-                BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
+def _logit_tile(
+    f_ptr,
+    bank_ptr,
+    r0,
+    c0,
+    B,
+    N,
+    D,
+    stride_f,
+    stride_b,
+    inv_tau,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """(BM, BN) fp32 logits f[r0 : r0 + BM] . bank[c0 : c0 + BN] / tau."""
     acc = dot_tile(f_ptr, bank_ptr, r0, c0, B, N, D, stride_f, stride_b, BM, BN, BLOCK_D, PREC, UPCAST)
     return acc * inv_tau
 
 
 @triton.jit
-def _bank_scan(f_ptr, bank_ptr, thr_ptr, cnt_ptr, cval_ptr, cidx_ptr, pm_ptr, ps_ptr,
-               B, N, D, stride_f, stride_b, inv_tau, CAP,
-               COLLECT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _bank_scan(
+    f_ptr,
+    bank_ptr,
+    thr_ptr,
+    cnt_ptr,
+    cval_ptr,
+    cidx_ptr,
+    pm_ptr,
+    ps_ptr,
+    B,
+    N,
+    D,
+    stride_f,
+    stride_b,
+    inv_tau,
+    CAP,
+    COLLECT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One tile of BN bank entries against the whole batch.  COLLECT: append entries at or
     above the row threshold to the row's candidates.  Else: this tile's (max, sum exp) per row."""
     pid = tl.program_id(0)
@@ -144,8 +214,9 @@ def _bank_scan(f_ptr, bank_ptr, thr_ptr, cnt_ptr, cval_ptr, cidx_ptr, pm_ptr, ps
     for m0 in range(0, B, BM):
         rows = m0 + tl.arange(0, BM)
         rmask = rows < B
-        logits = _logit_tile(f_ptr, bank_ptr, m0, pid * BN, B, N, D, stride_f, stride_b, inv_tau,
-                             BM, BN, BLOCK_D, PREC, UPCAST)
+        logits = _logit_tile(
+            f_ptr, bank_ptr, m0, pid * BN, B, N, D, stride_f, stride_b, inv_tau, BM, BN, BLOCK_D, PREC, UPCAST
+        )
         valid = rmask[:, None] & cmask[None, :]
         if COLLECT:
             thr = tl.load(thr_ptr + rows, mask=rmask, other=float("inf"))
@@ -165,9 +236,26 @@ def _bank_scan(f_ptr, bank_ptr, thr_ptr, cnt_ptr, cval_ptr, cidx_ptr, pm_ptr, ps
 
 
 @triton.jit
-def _bank_grad_full(f_ptr, bank_ptr, lse_ptr, part_ptr, B, N, D, stride_f, stride_b, inv_tau, SPLIT,
-                    BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                    PREC: tl.constexpr, UPCAST: tl.constexpr, HALF_DOT: tl.constexpr):
+def _bank_grad_full(
+    f_ptr,
+    bank_ptr,
+    lse_ptr,
+    part_ptr,
+    B,
+    N,
+    D,
+    stride_f,
+    stride_b,
+    inv_tau,
+    SPLIT,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    HALF_DOT: tl.constexpr,
+):
     """sum_j softmax_j bank_j for a block of rows over every SPLIT-th tile of the bank, output
     dimensions [program_id(2) * BLOCK_DO, + BLOCK_DO) (the logits always use all D, in BLOCK_D
     chunks).  HALF_DOT: the probabilities x bank product on the tensor cores in the bank's dtype."""
@@ -180,8 +268,9 @@ def _bank_grad_full(f_ptr, bank_ptr, lse_ptr, part_ptr, B, N, D, stride_f, strid
     acc = tl.zeros((BM, BLOCK_DO), tl.float32)
     for n0 in range(tl.program_id(1) * BN, N, SPLIT * BN):
         cmask = n0 + jj < N
-        logits = _logit_tile(f_ptr, bank_ptr, r0, n0, B, N, D, stride_f, stride_b, inv_tau,
-                             BM, BN, BLOCK_D, PREC, UPCAST)
+        logits = _logit_tile(
+            f_ptr, bank_ptr, r0, n0, B, N, D, stride_f, stride_b, inv_tau, BM, BN, BLOCK_D, PREC, UPCAST
+        )
         p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(logits - lse[:, None]), 0.0)
         blk = bank_ptr + tl.cast(n0, tl.int64) * stride_b  # 64-bit block offset (N x D > 2^31)
         b = tl.load(blk + jj[:, None] * stride_b + dd[None, :], mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
@@ -194,8 +283,7 @@ def _bank_grad_full(f_ptr, bank_ptr, lse_ptr, part_ptr, B, N, D, stride_f, strid
 
 
 @triton.jit
-def _bank_grad_topk(bank_ptr, idx_ptr, w_ptr, grad_ptr, K, D, stride_b,
-                    BK: tl.constexpr, BLOCK_DO: tl.constexpr):
+def _bank_grad_topk(bank_ptr, idx_ptr, w_ptr, grad_ptr, K, D, stride_b, BK: tl.constexpr, BLOCK_DO: tl.constexpr):
     """grad_i = sum_j w_ij bank[idx_ij] over the row's K entries (one program per row and block
     of BLOCK_DO output dimensions)."""
     row = tl.program_id(0).to(tl.int64)
@@ -222,9 +310,11 @@ def configs(dtype: torch.dtype, tf32: bool = False, interp: Optional[bool] = Non
     up = upcast(dtype, interp)
     fma = dtype == torch.float32 and not tf32  # exact fp32 products on the FMA units hold more registers
     tile = dict(BM=64, BN=64, BLOCK_D=32, PREC=dot_precision(dtype, tf32), UPCAST=up, num_warps=8)
-    return {"scan": tile,
-            "grad_full": dict(tile, BLOCK_DO=32 if fma else 64, HALF_DOT=half(dtype) and not up),
-            "grad_topk": dict(BK=32, BLOCK_DO=64, num_warps=4)}
+    return {
+        "scan": tile,
+        "grad_full": dict(tile, BLOCK_DO=32 if fma else 64, HALF_DOT=half(dtype) and not up),
+        "grad_topk": dict(BK=32, BLOCK_DO=64, num_warps=4),
+    }
 
 
 def _thresholds(f, bank, tau, k, sample_stride: Optional[int]):
@@ -249,8 +339,25 @@ def _topk_rows(f, bank, tau, k, sample_stride, tf32):
     cidx = torch.zeros((B, cap), device=f.device, dtype=torch.int32)
     cfg = configs(f.dtype, tf32)["scan"]
     with launch_device(f):
-        _bank_scan[(triton.cdiv(N, cfg["BN"]),)](f, bank, thr, cnt, cval, cidx, cval, cval, B, N, D, f.stride(0),
-                                                 bank.stride(0), 1.0 / tau, cap, COLLECT=True, **cfg)
+        _bank_scan[(triton.cdiv(N, cfg["BN"]),)](
+            f,
+            bank,
+            thr,
+            cnt,
+            cval,
+            cidx,
+            cval,
+            cval,
+            B,
+            N,
+            D,
+            f.stride(0),
+            bank.stride(0),
+            1.0 / tau,
+            cap,
+            COLLECT=True,
+            **cfg,
+        )
     vals, at = cval.topk(k, dim=1)
     idx = cidx.gather(1, at).long()
     bad = ((cnt < k) | (cnt > cap)).nonzero()[:, 0]
@@ -268,8 +375,9 @@ def _full_lse(f, bank, tau, tf32):
     pm = torch.empty(tiles, B, device=f.device, dtype=torch.float32)
     ps = torch.empty_like(pm)
     with launch_device(f):
-        _bank_scan[(tiles,)](f, bank, pm, pm, pm, pm, pm, ps, B, N, D, f.stride(0), bank.stride(0), 1.0 / tau, 0,
-                             COLLECT=False, **cfg)
+        _bank_scan[(tiles,)](
+            f, bank, pm, pm, pm, pm, pm, ps, B, N, D, f.stride(0), bank.stride(0), 1.0 / tau, 0, COLLECT=False, **cfg
+        )
     m = pm.max(0).values
     return m + (ps * torch.exp(pm - m)).sum(0).log()
 
@@ -305,7 +413,8 @@ class BankLSE(torch.autograd.Function):
             part = torch.empty(split, B, D, device=f.device, dtype=torch.float32)
             with launch_device(f):
                 _bank_grad_full[(triton.cdiv(B, cfg["BM"]), split, triton.cdiv(D, cfg["BLOCK_DO"]))](
-                    f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.tau, split, **cfg)
+                    f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.tau, split, **cfg
+                )
             grad = part.sum(0)
         else:
             bank, idx, vals, lse = ctx.saved_tensors
@@ -314,15 +423,17 @@ class BankLSE(torch.autograd.Function):
             grad = torch.empty(B, D, device=bank.device, dtype=torch.float32)
             cfg = configs(bank.dtype)["grad_topk"]
             with launch_device(bank):
-                _bank_grad_topk[(B, triton.cdiv(D, cfg["BLOCK_DO"]))](bank, idx.contiguous(), w, grad, idx.shape[1], D,
-                                                                      bank.stride(0), **cfg)
+                _bank_grad_topk[(B, triton.cdiv(D, cfg["BLOCK_DO"]))](
+                    bank, idx.contiguous(), w, grad, idx.shape[1], D, bank.stride(0), **cfg
+                )
         grad = grad * (g_lse.float()[:, None] / ctx.tau)
         return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
 @no_autocast
-def bank_lse(f: torch.Tensor, bank: torch.Tensor, tau: float, k: int, sample_stride: Optional[int] = None,
-             tf32: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def bank_lse(
+    f: torch.Tensor, bank: torch.Tensor, tau: float, k: int, sample_stride: Optional[int] = None, tf32: bool = False
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per row: log-sum-exp of its top-``k`` logits f @ bank.T / tau (k = 0 or >= N: all of
     them) and the top-k entries' indices (None for the whole bank).  Differentiable in f.
     ``sample_stride`` overrides the threshold sample's stride (tests); ``tf32``: fp32 banks on the

@@ -12,6 +12,7 @@ any batch, bank and feature size (D is tiled), so the table below covers every l
 can make.  Must run with TRITON_INTERPRET unset or 0 (the interpreter replaces ``triton.jit``);
 ``launches()`` and ``compile_row()`` are what tests/test_compiled.py checks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ import torch
 
 # The input precisions a launcher can be asked for: (dtype, tf32).
 PRECISIONS: Dict[str, Tuple[torch.dtype, bool]] = {
-    "fp32": (torch.float32, False), "tf32": (torch.float32, True),
-    "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
+    "fp32": (torch.float32, False),
+    "tf32": (torch.float32, True),
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+}
 # Largest shared memory one block may use (opt-in), in bytes: CUDA programming guide,
 # "Technical Specifications per Compute Capability" (227 KB on 9.0, 163 KB on 8.0).
 SHARED_LIMIT = {90: 232448, 80: 166912}
@@ -61,8 +65,7 @@ class Launch:
 def _launch(name, precision, kernel, pointers, cfg, uses_dot=True) -> Launch:
     cfg = dict(cfg)
     warps = cfg.pop("num_warps")
-    return Launch(name, precision, kernel, tuple(sorted(pointers.items())), tuple(sorted(cfg.items())), warps,
-                  uses_dot)
+    return Launch(name, precision, kernel, tuple(sorted(pointers.items())), tuple(sorted(cfg.items())), warps, uses_dot)
 
 
 def launches() -> List[Launch]:
@@ -76,24 +79,65 @@ def launches() -> List[Launch]:
         sc = sc_loss.configs(dtype, tf32, interp=False)
         out.append(_launch("sc_fwd", prec, "fastssl.kernels.sc_loss:_sc_fwd", {"a_ptr": p, "b_ptr": p}, sc["fwd"]))
         for rows, which in ((True, "f1"), (False, "f2")):
-            out.append(_launch(f"sc_bwd_{which}", prec, "fastssl.kernels.sc_loss:_sc_bwd", {"x_ptr": p, "y_ptr": p},
-                               dict(sc["bwd"], ROWS=rows)))
+            out.append(
+                _launch(
+                    f"sc_bwd_{which}",
+                    prec,
+                    "fastssl.kernels.sc_loss:_sc_bwd",
+                    {"x_ptr": p, "y_ptr": p},
+                    dict(sc["bwd"], ROWS=rows),
+                )
+            )
         tr = triplet.configs(dtype, tf32, interp=False)["hardest"]
         for cosine in (False, True):
-            out.append(_launch(f"triplet_hardest_{'cosine' if cosine else 'euclidean'}", prec,
-                               "fastssl.kernels.triplet:_hardest_kernel",
-                               {"a_ptr": p, "c_ptr": p, "out_i_ptr": "*i32"}, dict(tr, COSINE=cosine)))
+            out.append(
+                _launch(
+                    f"triplet_hardest_{'cosine' if cosine else 'euclidean'}",
+                    prec,
+                    "fastssl.kernels.triplet:_hardest_kernel",
+                    {"a_ptr": p, "c_ptr": p, "out_i_ptr": "*i32"},
+                    dict(tr, COSINE=cosine),
+                )
+            )
         bk = bank_loss.configs(dtype, tf32, interp=False)
-        out.append(_launch("bank_scan_topk", prec, "fastssl.kernels.bank_loss:_bank_scan",
-                           {"f_ptr": p, "bank_ptr": p, "cnt_ptr": "*i32", "cidx_ptr": "*i32"},
-                           dict(bk["scan"], COLLECT=True)))
-        out.append(_launch("bank_scan_full", prec, "fastssl.kernels.bank_loss:_bank_scan",
-                           {"f_ptr": p, "bank_ptr": p}, dict(bk["scan"], COLLECT=False)))
-        out.append(_launch("bank_grad_full", prec, "fastssl.kernels.bank_loss:_bank_grad_full",
-                           {"f_ptr": p, "bank_ptr": p}, bk["grad_full"]))
+        out.append(
+            _launch(
+                "bank_scan_topk",
+                prec,
+                "fastssl.kernels.bank_loss:_bank_scan",
+                {"f_ptr": p, "bank_ptr": p, "cnt_ptr": "*i32", "cidx_ptr": "*i32"},
+                dict(bk["scan"], COLLECT=True),
+            )
+        )
+        out.append(
+            _launch(
+                "bank_scan_full",
+                prec,
+                "fastssl.kernels.bank_loss:_bank_scan",
+                {"f_ptr": p, "bank_ptr": p},
+                dict(bk["scan"], COLLECT=False),
+            )
+        )
+        out.append(
+            _launch(
+                "bank_grad_full",
+                prec,
+                "fastssl.kernels.bank_loss:_bank_grad_full",
+                {"f_ptr": p, "bank_ptr": p},
+                bk["grad_full"],
+            )
+        )
         if not tf32:  # a gather and a weighted sum: no product to put on the tensor cores
-            out.append(_launch("bank_grad_topk", prec, "fastssl.kernels.bank_loss:_bank_grad_topk",
-                               {"bank_ptr": p, "idx_ptr": "*i64"}, bk["grad_topk"], uses_dot=False))
+            out.append(
+                _launch(
+                    "bank_grad_topk",
+                    prec,
+                    "fastssl.kernels.bank_loss:_bank_grad_topk",
+                    {"bank_ptr": p, "idx_ptr": "*i64"},
+                    bk["grad_topk"],
+                    uses_dot=False,
+                )
+            )
     return out
 
 
@@ -126,11 +170,20 @@ def compile_row(launch: Launch, arch: int = 90) -> Dict:
 
     fn = launch.fn()
     t0 = time.perf_counter()
-    row = {"kernel": launch.name, "precision": launch.precision, "arch": f"sm_{arch}", "num_warps": launch.num_warps,
-           "tiles": " ".join(f"{k}={v}" for k, v in launch.constexprs if k.startswith("B")), "uses_dot": launch.uses_dot}
+    row = {
+        "kernel": launch.name,
+        "precision": launch.precision,
+        "arch": f"sm_{arch}",
+        "num_warps": launch.num_warps,
+        "tiles": " ".join(f"{k}={v}" for k, v in launch.constexprs if k.startswith("B")),
+        "uses_dot": launch.uses_dot,
+    }
     try:
-        k = triton.compile(ASTSource(fn, signature(fn, launch), constexprs=dict(launch.constexprs)),
-                           target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
+        k = triton.compile(
+            ASTSource(fn, signature(fn, launch), constexprs=dict(launch.constexprs)),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": launch.num_warps},
+        )
     except Exception as e:  # a configuration that does not compile is a row, not a crash
         return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     ptx = k.asm["ptx"]
@@ -183,15 +236,21 @@ def spills(row: Dict) -> bool:
 
 
 def markdown(rows: List[Dict]) -> str:
-    head = "| kernel | precision | arch | warps | tiles | shared (B) | limit (B) | registers | stack (B) | tensor cores |"
+    head = (
+        "| kernel | precision | arch | warps | tiles | shared (B) | limit (B) | registers | stack (B) | tensor cores |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['precision']} | {r['arch']} | {r['num_warps']} | {r['tiles']} | "
-                         f"error: {r['error']} | | | | |")
+            lines.append(
+                f"| {r['kernel']} | {r['precision']} | {r['arch']} | {r['num_warps']} | {r['tiles']} | "
+                f"error: {r['error']} | | | | |"
+            )
             continue
-        lines.append(f"| {r['kernel']} | {r['precision']} | {r['arch']} | {r['num_warps']} | {r['tiles']} | "
-                     f"{r['shared']} | {r['shared_limit']} | {r['registers']} | {r['stack']} | {r['tensor_cores']} |")
+        lines.append(
+            f"| {r['kernel']} | {r['precision']} | {r['arch']} | {r['num_warps']} | {r['tiles']} | "
+            f"{r['shared']} | {r['shared_limit']} | {r['registers']} | {r['stack']} | {r['tensor_cores']} |"
+        )
     return "\n".join(lines)
 
 
@@ -203,8 +262,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("fastssl.kernels.compiled: unset TRITON_INTERPRET (the interpreter cannot compile kernels)",
-              file=sys.stderr)
+        print(
+            "fastssl.kernels.compiled: unset TRITON_INTERPRET (the interpreter cannot compile kernels)", file=sys.stderr
+        )
         return 2
     rows = table(tuple(a.arch), a.workers, progress=True)
     if a.json:
@@ -213,8 +273,11 @@ def main(argv=None) -> int:
     print(markdown(rows) if a.markdown else "\n".join(json.dumps(r) for r in rows))
     for r in rows:
         if spills(r):
-            print(f"fastssl.kernels.compiled: note: {r['kernel']} {r['precision']} {r['arch']} spills "
-                  f"({r['stack']} B stack frame)", file=sys.stderr)
+            print(
+                f"fastssl.kernels.compiled: note: {r['kernel']} {r['precision']} {r['arch']} spills "
+                f"({r['stack']} B stack frame)",
+                file=sys.stderr,
+            )
     bad = [(r, why) for r in rows for why in problems(r)]
     for r, why in bad:
         print(f"fastssl.kernels.compiled: {r['kernel']} {r['precision']} {r['arch']}: {why}", file=sys.stderr)

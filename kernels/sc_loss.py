@@ -17,6 +17,7 @@ storing them; the output dimensions are tiled along a third grid axis (any D fit
 memory) and the column blocks split as in the forward; the partial sums are added on the
 host.  Memory: O(SPLIT * B * D) besides the inputs.  ``sc_loss_eager`` is the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device,
-                      no_autocast, upcast)
+from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device, no_autocast, upcast
 
 
 @no_autocast
@@ -37,9 +37,24 @@ def sc_loss_eager(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _dist_tile(a_ptr, b_ptr, r0, c0, B, D, stride_a, stride_b, a_sq, b_sq, dpos,
-               BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
+def _dist_tile(
+    a_ptr,
+    b_ptr,
+    r0,
+    c0,
+    B,
+    D,
+    stride_a,
+    stride_b,
+    a_sq,
+    b_sq,
+    dpos,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """(BM, BN) Euclidean distances of a-rows r0.. x b-rows c0.., exact positives on the diagonal."""
     acc = dot_tile(a_ptr, b_ptr, r0, c0, B, B, D, stride_a, stride_b, BM, BN, BLOCK_D, PREC, UPCAST)
     rows = r0 + tl.arange(0, BM)
@@ -50,9 +65,25 @@ def _dist_tile(a_ptr, b_ptr, r0, c0, B, D, stride_a, stride_b, a_sq, b_sq, dpos,
 
 
 @triton.jit
-def _sc_fwd(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, dpos_ptr, pm_ptr, ps_ptr, B, D, stride_a, stride_b, SPLIT,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _sc_fwd(
+    a_ptr,
+    b_ptr,
+    a_sq_ptr,
+    b_sq_ptr,
+    dpos_ptr,
+    pm_ptr,
+    ps_ptr,
+    B,
+    D,
+    stride_a,
+    stride_b,
+    SPLIT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Rows of block program_id(0) against every SPLIT-th column block from program_id(1):
     the partial (max, sum exp) of the row's logits, combined on the host."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,8 +95,24 @@ def _sc_fwd(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, dpos_ptr, pm_ptr, ps_ptr, B, D, st
     for n0 in range(tl.program_id(1) * BLOCK_N, B, SPLIT * BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         b_sq = tl.load(b_sq_ptr + cols, mask=cols < B, other=0.0)
-        logits = -_dist_tile(a_ptr, b_ptr, tl.program_id(0) * BLOCK_M, n0, B, D, stride_a, stride_b, a_sq, b_sq, dpos,
-                             BLOCK_M, BLOCK_N, BLOCK_D, PREC, UPCAST)
+        logits = -_dist_tile(
+            a_ptr,
+            b_ptr,
+            tl.program_id(0) * BLOCK_M,
+            n0,
+            B,
+            D,
+            stride_a,
+            stride_b,
+            a_sq,
+            b_sq,
+            dpos,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            PREC,
+            UPCAST,
+        )
         logits = tl.where(cols[None, :] < B, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
@@ -76,10 +123,28 @@ def _sc_fwd(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, dpos_ptr, pm_ptr, ps_ptr, B, D, st
 
 
 @triton.jit
-def _sc_bwd(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, dpos_ptr, lse_ptr, part_ptr, B, D, stride_x, stride_y, SPLIT,
-            ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-            HALF_DOT: tl.constexpr):
+def _sc_bwd(
+    x_ptr,
+    y_ptr,
+    x_sq_ptr,
+    y_sq_ptr,
+    dpos_ptr,
+    lse_ptr,
+    part_ptr,
+    B,
+    D,
+    stride_x,
+    stride_y,
+    SPLIT,
+    ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    HALF_DOT: tl.constexpr,
+):
     """B x gradient for the rows of x (= f1 when ROWS, else f2) against every SPLIT-th column
     block of y from program_id(1), output dimensions [program_id(2) * BLOCK_DO, + BLOCK_DO);
     the distances always use all D (in BLOCK_D chunks).  Partial sums, added on the host.
@@ -103,8 +168,24 @@ def _sc_bwd(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, dpos_ptr, lse_ptr, part_ptr, B, D,
         ymask = yj < B
         y_sq = tl.load(y_sq_ptr + yj, mask=ymask, other=0.0)
         # distances d(x_i, y_j); the exact diagonal is the same vector either way round
-        d = _dist_tile(x_ptr, y_ptr, tl.program_id(0) * BLOCK_M, n0, B, D, stride_x, stride_y, x_sq, y_sq, dpos_x,
-                       BLOCK_M, BLOCK_N, BLOCK_D, PREC, UPCAST)
+        d = _dist_tile(
+            x_ptr,
+            y_ptr,
+            tl.program_id(0) * BLOCK_M,
+            n0,
+            B,
+            D,
+            stride_x,
+            stride_y,
+            x_sq,
+            y_sq,
+            dpos_x,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            PREC,
+            UPCAST,
+        )
         if ROWS:
             p = tl.exp(-d - lse_x[:, None])
         else:
@@ -113,14 +194,16 @@ def _sc_bwd(x_ptr, y_ptr, x_sq_ptr, y_sq_ptr, dpos_ptr, lse_ptr, part_ptr, B, D,
         g = p - tl.where(xi[:, None] == yj[None, :], 1.0, 0.0)  # (the 1/B scale is applied on the host)
         w = tl.where((d > 0.0) & xmask[:, None] & ymask[None, :], g / tl.where(d > 0.0, d, 1.0), 0.0)
         wsum += tl.sum(w, 1)
-        y = tl.load(y_ptr + yj.to(tl.int64)[:, None] * stride_y + dd[None, :], mask=ymask[:, None] & dmask[None, :],
-                    other=0.0)
+        y = tl.load(
+            y_ptr + yj.to(tl.int64)[:, None] * stride_y + dd[None, :], mask=ymask[:, None] & dmask[None, :], other=0.0
+        )
         if HALF_DOT:
             wy += tl.dot(w.to(y.dtype), y)
         else:
             wy += tl.dot(w, y.to(tl.float32), input_precision=PREC)
-    x = tl.load(x_ptr + xi.to(tl.int64)[:, None] * stride_x + dd[None, :], mask=xmask[:, None] & dmask[None, :],
-                other=0.0)
+    x = tl.load(
+        x_ptr + xi.to(tl.int64)[:, None] * stride_x + dd[None, :], mask=xmask[:, None] & dmask[None, :], other=0.0
+    )
     grad = -(wsum[:, None] * x.to(tl.float32) - wy)
     at = (tl.program_id(1) * B + xi.to(tl.int64))[:, None] * D + dd[None, :]
     tl.store(part_ptr + at, grad, mask=xmask[:, None] & dmask[None, :])
@@ -147,8 +230,10 @@ def splits(B: int, D: int, cfg) -> tuple:
     forward and backward, so that about TARGET_PROGRAMS run even for a batch of 256."""
     col_blocks = triton.cdiv(B, cfg["fwd"]["BLOCK_N"])
     rows = triton.cdiv(B, cfg["fwd"]["BLOCK_M"])
-    return (grid_split(rows, TARGET_PROGRAMS, col_blocks),
-            grid_split(rows * triton.cdiv(D, cfg["bwd"]["BLOCK_DO"]), TARGET_PROGRAMS, col_blocks))
+    return (
+        grid_split(rows, TARGET_PROGRAMS, col_blocks),
+        grid_split(rows * triton.cdiv(D, cfg["bwd"]["BLOCK_DO"]), TARGET_PROGRAMS, col_blocks),
+    )
 
 
 class SCLossFused(torch.autograd.Function):
@@ -166,8 +251,9 @@ class SCLossFused(torch.autograd.Function):
         pm = torch.empty(split, B, device=f1.device, dtype=torch.float32)
         ps = torch.empty_like(pm)
         with launch_device(f1):
-            _sc_fwd[(triton.cdiv(B, cfg["fwd"]["BLOCK_M"]), split)](f1, f2, a_sq, b_sq, dpos, pm, ps, B, D,
-                                                                     f1.stride(0), f2.stride(0), split, **cfg["fwd"])
+            _sc_fwd[(triton.cdiv(B, cfg["fwd"]["BLOCK_M"]), split)](
+                f1, f2, a_sq, b_sq, dpos, pm, ps, B, D, f1.stride(0), f2.stride(0), split, **cfg["fwd"]
+            )
         m = pm.max(0).values
         lse = m + (ps * torch.exp(pm - m)).sum(0).log()
         ctx.save_for_backward(f1, f2, a_sq, b_sq, dpos, lse)
@@ -186,8 +272,9 @@ class SCLossFused(torch.autograd.Function):
         with launch_device(f1):
             for rows, (x, y, x_sq, y_sq) in ((True, (f1, f2, a_sq, b_sq)), (False, (f2, f1, b_sq, a_sq))):
                 part = torch.empty(split, B, D, device=f1.device, dtype=torch.float32)
-                _sc_bwd[grid](x, y, x_sq, y_sq, dpos, lse, part, B, D, x.stride(0), y.stride(0), split, ROWS=rows,
-                              **bwd)
+                _sc_bwd[grid](
+                    x, y, x_sq, y_sq, dpos, lse, part, B, D, x.stride(0), y.stride(0), split, ROWS=rows, **bwd
+                )
                 parts.append(part.sum(0))
         scale = gout / B
         return (parts[0] * scale).to(f1.dtype), (parts[1] * scale).to(f2.dtype), None

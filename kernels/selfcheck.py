@@ -9,6 +9,7 @@ twin.  ``FASTSSL_FAULT_KERNEL=<name>|all`` makes the check fail (fault injection
 tensors under the Triton interpreter only when ``FASTSSL_AUTO_INTERPRETED=1`` (so the whole
 path can be exercised without a GPU; the interpreter is slow).
 """
+
 from __future__ import annotations
 
 import os
@@ -123,6 +124,10 @@ def resolve(impl: str, name: str, t: torch.Tensor) -> str:
         _SAID.add(name)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank == 0:
-            print(f"fastssl: loss: the fused {name} kernel is not used ({why}); training on its eager twin "
-                  f"(set loss.impl=eager to skip the check)", file=sys.stderr, flush=True)
+            print(
+                f"fastssl: loss: the fused {name} kernel is not used ({why}); training on its eager twin "
+                f"(set loss.impl=eager to skip the check)",
+                file=sys.stderr,
+                flush=True,
+            )
     return "eager"

@@ -14,41 +14,122 @@ PY = sys.executable
 TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 
 # A tiny run: 512 images of 32 px, 16-wide convnet, batch 32.
-TINY = ["data.builtin.num_train=512", "data.builtin.num_test=256", "data.batch_size=32", "model.width=16",
-        "train.progress=false", "train.log_every_steps=1", "data.num_workers=1"]
+TINY = [
+    "data.builtin.num_train=512",
+    "data.builtin.num_test=256",
+    "data.batch_size=32",
+    "model.width=16",
+    "train.progress=false",
+    "train.log_every_steps=1",
+    "data.num_workers=1",
+]
 
 
 # The slow tier: tests that train, benchmark or compile in subprocesses, each over ~5 s of one
 # worker on the 2-core CPU (measured with --durations; a new test that slow goes here too).
 # Fast tier, for the edit loop (about 1 minute on 2 workers): pytest -n 2 -m "not slow" tests
 SLOW = {
-    "test_benchmarks.py": {"test_entry_point_tiny_writes_report", "test_exemplar_benchmark_tiny", "test_kernel_benchmark_tiny", "test_lab_benchmark_tiny", "test_pipeline_benchmark_tiny"},
+    "test_bank.py": {"test_two_ranks_apply_every_ranks_batch_and_agree"},
+    "test_benchmarks.py": {
+        "test_entry_point_tiny_writes_report",
+        "test_exemplar_benchmark_tiny",
+        "test_kernel_benchmark_tiny",
+        "test_lab_benchmark_tiny",
+        "test_pipeline_benchmark_tiny",
+    },
     "test_cli.py": {"test_doctor", "test_report", "test_train_eval_export"},
-    "test_doctor.py": {"test_a_failing_component_gives_exit_1_and_the_others_still_run", "test_quick_json_every_component_on_cpu", "test_training_row_and_unknown_names"},
+    "test_doctor.py": {
+        "test_a_failing_component_gives_exit_1_and_the_others_still_run",
+        "test_quick_json_every_component_on_cpu",
+        "test_training_row_and_unknown_names",
+    },
     "test_eval.py": {"test_eval_cli_writes_json", "test_random_init_and_bad_checkpoint"},
-    "test_exemplar.py": {"test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init", "test_materialise_then_train_from_the_file", "test_processes_do_not_import_torchvision_unless_a_resnet_is_built", "test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering"},
-    "test_gpu_acceptance.py": {"test_acceptance_tiny_writes_every_section_and_the_readme_renders_it", "test_train_step_failure_row_has_the_stderr_and_knn_impls"},
-    "test_gpu_ready.py": {"test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent", "test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits", "test_training_continues_on_eager_when_the_kernel_check_fails"},
-    "test_invp.py": {"test_ablations_run", "test_bank_and_graph_survive_kill_and_resume", "test_bank_consistent_under_two_process_ddp", "test_builtin_learn_run_beats_random_init", "test_graph_with_approximate_index_runs"},
+    "test_exemplar.py": {
+        "test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init",
+        "test_resume_from_the_checkpoint_written_as_the_second_stage_began",
+        "test_materialise_then_train_from_the_file",
+        "test_processes_do_not_import_torchvision_unless_a_resnet_is_built",
+        "test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering",
+    },
+    "test_gpu_acceptance.py": {
+        "test_acceptance_tiny_writes_every_section_and_the_readme_renders_it",
+        "test_train_step_failure_row_has_the_stderr_and_knn_impls",
+    },
+    "test_gpu_ready.py": {
+        "test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent",
+        "test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits",
+        "test_training_continues_on_eager_when_the_kernel_check_fails",
+    },
+    "test_invp_authors.py": {"test_each_authors_mode_trains"},
+    "test_invp.py": {
+        "test_ablations_run",
+        "test_bank_and_graph_survive_kill_and_resume",
+        "test_bank_consistent_under_two_process_ddp",
+        "test_builtin_learn_run_beats_random_init",
+        "test_graph_with_approximate_index_runs",
+    },
     "test_kernels.py": {"test_training_loss_fused_matches_eager"},
-    "test_layerwise.py": {"test_sigkill_in_second_stage_then_resume_equals_uninterrupted", "test_transferred_first_layer_beats_random_init", "test_two_stages_freeze_the_first_and_write_filters"},
+    "test_layerwise_authors.py": {"test_short_run_per_mode"},
+    "test_layerwise.py": {
+        "test_sigkill_in_second_stage_then_resume_equals_uninterrupted",
+        "test_transferred_first_layer_beats_random_init",
+        "test_two_stages_freeze_the_first_and_write_filters",
+    },
     "test_monitor.py": {"test_monitor_changes_nothing_in_training", "test_monitor_logged_for_every_method"},
     "test_multinode.py": {"test_two_nodes_one_process_each"},
-    "test_reliability.py": {"test_evaluation_preempted_then_resumed", "test_failed_checkpoint_write_keeps_the_previous_one", "test_invalid_config_values_are_refused_naming_the_key", "test_nan_loss_is_skipped_and_counted", "test_nan_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint", "test_nan_skip_under_two_process_ddp", "test_splitbrain_sigkill_then_resume_equals_uninterrupted_run", "test_training_skips_bad_files_and_runs_whole_epochs", "test_truncated_checkpoint_is_reported_on_resume"},
+    "test_reliability.py": {
+        "test_evaluation_preempted_then_resumed",
+        "test_failed_checkpoint_write_keeps_the_previous_one",
+        "test_invalid_config_values_are_refused_naming_the_key",
+        "test_nan_loss_is_skipped_and_counted",
+        "test_nan_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint",
+        "test_nan_skip_under_two_process_ddp",
+        "test_splitbrain_sigkill_then_resume_equals_uninterrupted_run",
+        "test_training_skips_bad_files_and_runs_whole_epochs",
+        "test_truncated_checkpoint_is_reported_on_resume",
+    },
     "test_report.py": {"test_report_of_a_layerwise_run", "test_report_of_a_real_run"},
     "test_splitbrain.py": {"test_short_run_beats_random_init"},
-    "test_train.py": {"test_resume_without_checkpoint_starts_fresh_and_bad_checkpoint_is_reported", "test_sc_beats_random_init_under_the_linear_probe", "test_sigkill_then_resume_equals_uninterrupted_run", "test_sigterm_checkpoints_and_exits_zero_then_resumes", "test_sigusr1_to_one_rank_stops_both", "test_torch_pipeline_trains_too", "test_two_process_gloo_ddp_writes_the_run_files"},
+    "test_train.py": {
+        "test_resume_without_checkpoint_starts_fresh_and_bad_checkpoint_is_reported",
+        "test_sc_beats_random_init_under_the_linear_probe",
+        "test_sigkill_then_resume_equals_uninterrupted_run",
+        "test_sigterm_checkpoints_and_exits_zero_then_resumes",
+        "test_sigusr1_to_one_rank_stops_both",
+        "test_torch_pipeline_trains_too",
+        "test_two_process_gloo_ddp_writes_the_run_files",
+    },
 }
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains, benchmarks or compiles in subprocesses (see conftest.SLOW)")
+# Tests that start several processes (torchrun, torch.distributed with gloo): `-m ddp` runs them alone.
+DDP = {
+    "test_bank.py": {"test_two_ranks_apply_every_ranks_batch_and_agree"},
+    "test_cli.py": {"test_train_nproc_runs_torchrun"},
+    "test_folder.py": {"test_two_rank_run_checks_the_folder_once"},
+    "test_gpu_ready.py": {"test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent"},
+    "test_invp.py": {"test_bank_consistent_under_two_process_ddp"},
+    "test_multinode.py": {"test_two_nodes_one_process_each"},
+    "test_reliability.py": {"test_nan_skip_under_two_process_ddp"},
+    "test_train.py": {"test_two_process_gloo_ddp_writes_the_run_files", "test_sigusr1_to_one_rank_stops_both"},
+}
+# Tests that train a method and check that its features beat a random-init network's: `-m learning`.
+LEARNING = {
+    "test_exemplar.py": {"test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init"},
+    "test_invp.py": {"test_builtin_learn_run_beats_random_init"},
+    "test_layerwise.py": {"test_transferred_first_layer_beats_random_init"},
+    "test_splitbrain.py": {"test_short_run_beats_random_init"},
+    "test_train.py": {"test_sc_beats_random_init_under_the_linear_probe"},
+}
+MARKS = {"slow": SLOW, "ddp": DDP, "learning": LEARNING}  # (the markers are declared in pyproject.toml)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.originalname in SLOW.get(item.path.name, ()) or item.name in SLOW.get(item.path.name, ()):
-            item.add_marker(pytest.mark.slow)
+        for mark, tests in MARKS.items():
+            names = tests.get(item.path.name, ())
+            if item.originalname in names or item.name in names:
+                item.add_marker(getattr(pytest.mark, mark))
 
 
 def env():
@@ -82,8 +163,19 @@ def eval_trained_and_random(run_dir, protocol, *overrides):
 
     res = []
     for flag in ([], ["--random-init"]):
-        run([PY, "-m", "fastssl.eval", "--checkpoint", str(os.path.join(run_dir, "checkpoints", "last.pt")),
-             "--protocol", protocol, *flag, *overrides])
+        run(
+            [
+                PY,
+                "-m",
+                "fastssl.eval",
+                "--checkpoint",
+                str(os.path.join(run_dir, "checkpoints", "last.pt")),
+                "--protocol",
+                protocol,
+                *flag,
+                *overrides,
+            ]
+        )
         with open(os.path.join(run_dir, f"eval_{protocol}{'_random' if flag else ''}.json")) as f:
             res.append(json.load(f))
     return tuple(res)

@@ -1,4 +1,5 @@
 """Writers of tiny datasets in the official on-disk formats (used by several tests)."""
+
 import os
 import pickle
 
@@ -41,8 +42,9 @@ def write_cifar(root, kind="cifar10", n_per_batch=7, seed=0):
         x = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
         y = rng.integers(0, ncls, n_per_batch).tolist()
         with open(os.path.join(d, name), "wb") as f:
-            pickle.dump({b"data": x.transpose(0, 3, 1, 2).reshape(n_per_batch, -1), key: y,
-                         b"batch_label": name.encode()}, f)
+            pickle.dump(
+                {b"data": x.transpose(0, 3, 1, 2).reshape(n_per_batch, -1), key: y, b"batch_label": name.encode()}, f
+            )
         out[name] = (x, np.array(y))
     return d, out
 

@@ -1,12 +1,30 @@
 """The pipeline benchmark runs end to end in a tiny mode and writes its report."""
+
 import json
 
 from conftest import PY, run
 
 
 def test_pipeline_benchmark_tiny(tmp_path):
-    run([PY, "-m", "benchmarks.pipelines", "--sizes", "32", "--images", "512", "--batch", "64", "--repeats", "1",
-         "--workers", "1", "--out", str(tmp_path)])
+    run(
+        [
+            PY,
+            "-m",
+            "benchmarks.pipelines",
+            "--sizes",
+            "32",
+            "--images",
+            "512",
+            "--batch",
+            "64",
+            "--repeats",
+            "1",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     res = json.loads((tmp_path / "pipelines-sc.json").read_text())
     ex = {r["executor"]: r for r in res["rows"]}
     assert {"torch-dataloader", "dali-cpu"} <= set(ex)
@@ -34,8 +52,12 @@ def test_entry_point_tiny_writes_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## knn" in report and "## train_step" in report and "faiss-flat" in report
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
-    assert {(r["method"], r["pipeline"]) for r in rows} >= {("sc", "torch"), ("sc", "dali-cpu"), ("invp", "dali-cpu"),
-                                                           ("layerwise", "torch")}
+    assert {(r["method"], r["pipeline"]) for r in rows} >= {
+        ("sc", "torch"),
+        ("sc", "dali-cpu"),
+        ("invp", "dali-cpu"),
+        ("layerwise", "torch"),
+    }
     assert all(0 <= r["data_stall"] <= 1 and r["images_per_s"] > 0 for r in rows)
     assert json.loads((tmp_path / "environment.json").read_text())["torch"]
     assert (tmp_path / "knn.png").stat().st_size > 1000 and (tmp_path / "train_step.png").stat().st_size > 1000
@@ -47,8 +69,23 @@ def test_readme_benchmark_section_is_in_sync():
 
 
 def test_lab_benchmark_tiny(tmp_path):
-    run([PY, "-m", "benchmarks.lab", "--images", "128", "--batch", "64", "--repeats", "1", "--workers", "1",
-         "--out", str(tmp_path)])
+    run(
+        [
+            PY,
+            "-m",
+            "benchmarks.lab",
+            "--images",
+            "128",
+            "--batch",
+            "64",
+            "--repeats",
+            "1",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = json.loads((tmp_path / "lab.json").read_text())["rows"]
     assert {r["impl"].split(" (")[0] for r in rows} >= {"scikit-image + numpy", "dali-cpu"}
     assert all(r["images_per_s"]["median"] > 0 for r in rows) and rows[0]["ratio_vs_skimage"] == 1.0
@@ -56,8 +93,25 @@ def test_lab_benchmark_tiny(tmp_path):
 
 
 def test_exemplar_benchmark_tiny(tmp_path):
-    run([PY, "-m", "benchmarks.exemplar", "--images", "64", "--per-class", "4", "--batch", "64", "--repeats", "1",
-         "--workers", "1", "--out", str(tmp_path)])
+    run(
+        [
+            PY,
+            "-m",
+            "benchmarks.exemplar",
+            "--images",
+            "64",
+            "--per-class",
+            "4",
+            "--batch",
+            "64",
+            "--repeats",
+            "1",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = json.loads((tmp_path / "exemplar.json").read_text())["rows"]
     names = [r["executor"].split(" (")[0] for r in rows]
     assert names[:2] == ["torch-dataloader", "dali-cpu"] and names[-1] == "materialised"

@@ -1,5 +1,6 @@
 """The ``fastssl`` command (fastssl/cli.py): every sub-command's --help, one real invocation
 of each at tiny sizes (as ``python -m fastssl ...``), and the installed console script."""
+
 import importlib.util
 import json
 import os
@@ -7,13 +8,21 @@ import sys
 
 import pytest
 import torch
+
 from conftest import PY, ROOT, TINY, run
 
 FASTSSL = [PY, "-m", "fastssl"]
 SCRIPT = os.path.join(os.path.dirname(PY), "fastssl")
 # an option each tool's own --help lists (so the tool's options are shown, not only ours)
-TOOL_OPTION = {"train": "--resume", "eval": "--protocol", "export": "--format", "check": "--no-cache",
-               "report": "--gallery", "bench": "--suites", "doctor": "--quick"}
+TOOL_OPTION = {
+    "train": "--resume",
+    "eval": "--protocol",
+    "export": "--format",
+    "check": "--no-cache",
+    "report": "--gallery",
+    "bench": "--suites",
+    "doctor": "--quick",
+}
 
 
 def _one_line(text):
@@ -46,8 +55,19 @@ def test_usage_and_unknown_command():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    run(FASTSSL + ["train", "--config", "configs/sc/builtin.yaml", *TINY, "train.max_steps=2", "data.pipeline=torch",
-                   "train.tensorboard=false", f"out_dir={out}"])
+    run(
+        FASTSSL
+        + [
+            "train",
+            "--config",
+            "configs/sc/builtin.yaml",
+            *TINY,
+            "train.max_steps=2",
+            "data.pipeline=torch",
+            "train.tensorboard=false",
+            f"out_dir={out}",
+        ]
+    )
     return out
 
 
@@ -89,8 +109,9 @@ def test_missing_tool_is_one_line(monkeypatch, capsys):
     from fastssl import cli
 
     c = cli.COMMANDS["report"]
-    monkeypatch.setitem(cli.COMMANDS, "report",
-                        c._replace(run=lambda argv: cli._module("fastssl.no_such_report", "report").main(argv)))
+    monkeypatch.setitem(
+        cli.COMMANDS, "report", c._replace(run=lambda argv: cli._module("fastssl.no_such_report", "report").main(argv))
+    )
     assert cli.main(["report", "runs/x"]) == 2
     assert "fastssl/no_such_report.py is missing" in _one_line(capsys.readouterr().err)
 
@@ -103,8 +124,11 @@ def test_check_folder(tmp_path):
     for i in range(2):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / f"ok{i}.png")
     (data / "broken.jpg").write_bytes(b"not a jpeg")
-    p = run(FASTSSL + ["check", str(data), "--source", "folder"], check=False,
-            env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")})
+    p = run(
+        FASTSSL + ["check", str(data), "--source", "folder"],
+        check=False,
+        env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")},
+    )
     assert p.returncode == 1, p.stderr  # some files are bad
     assert "2 usable images" in p.stdout and "broken.jpg" in p.stdout
 
@@ -123,7 +147,10 @@ def test_bench_passes_arguments_through(monkeypatch, capsys):
 def test_train_nproc_runs_torchrun(capsys):
     from fastssl import cli
 
-    assert cli.split_nproc(["--config", "c.yaml", "--nproc", "2", "out_dir=x"]) == (2, ["--config", "c.yaml", "out_dir=x"])
+    assert cli.split_nproc(["--config", "c.yaml", "--nproc", "2", "out_dir=x"]) == (
+        2,
+        ["--config", "c.yaml", "out_dir=x"],
+    )
     assert cli.split_nproc(["--nproc=4", "--resume"]) == (4, ["--resume"])
     assert cli.split_nproc(["--config", "c.yaml"]) == (None, ["--config", "c.yaml"])
     argv = cli.torchrun_argv(2, ["--config", "c.yaml"])

@@ -1,4 +1,5 @@
 """Every bad value is refused before anything is built, with one line naming the key."""
+
 import os
 
 import pytest
@@ -9,21 +10,24 @@ from fastssl.config import ConfigError, load_config
 CFG = os.path.join(ROOT, "configs/sc/builtin.yaml")
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.epoch=3", "train.epoch"),  # unknown key (typo)
-    ("train.epochs=abc", "train.epochs"),  # wrong type
-    ("train.epochs=0", "train.epochs"),
-    ("data.source=imagenet", "data.source"),
-    ("data.pipeline=dali", "data.pipeline"),
-    ("method.patch_size=40", "method.patch_size"),  # patch larger than the 32 px image
-    ("method.layers=[block9]", "method.layers[0]"),
-    ("model.arch=vgg", "model.arch"),
-    ("optim.lr=-1", "optim.lr"),
-    ("data.batch_size=100000", "data.batch_size"),  # more than the data
-    ("method.name=nope", "method.name"),
-    ("method.color.hue=500", "method.color.hue"),
-    ("eval.layer=layer4", "eval.layer"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epoch=3", "train.epoch"),  # unknown key (typo)
+        ("train.epochs=abc", "train.epochs"),  # wrong type
+        ("train.epochs=0", "train.epochs"),
+        ("data.source=imagenet", "data.source"),
+        ("data.pipeline=dali", "data.pipeline"),
+        ("method.patch_size=40", "method.patch_size"),  # patch larger than the 32 px image
+        ("method.layers=[block9]", "method.layers[0]"),
+        ("model.arch=vgg", "model.arch"),
+        ("optim.lr=-1", "optim.lr"),
+        ("data.batch_size=100000", "data.batch_size"),  # more than the data
+        ("method.name=nope", "method.name"),
+        ("method.color.hue=500", "method.color.hue"),
+        ("eval.layer=layer4", "eval.layer"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(CFG, [override])
@@ -61,12 +65,18 @@ def test_cli_error_is_one_line_and_nothing_is_written(tmp_path):
     p = run([PY, "fastssl/train.py", "--config", CFG, f"out_dir={out}", "method.patch_size=99"], check=False)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert lines == ["fastssl: config error: method.patch_size: 99 px is impossible for 32x32 images (need 4 <= patch <= 32)"]
+    assert lines == [
+        "fastssl: config error: method.patch_size: 99 px is impossible for 32x32 images (need 4 <= patch <= 32)"
+    ]
     assert not out.exists()
 
 
-SHIPPED = sorted(os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "configs"))
-                 for f in fs if f.endswith(".yaml"))
+SHIPPED = sorted(
+    os.path.relpath(os.path.join(d, f), ROOT)
+    for d, _, fs in os.walk(os.path.join(ROOT, "configs"))
+    for f in fs
+    if f.endswith(".yaml")
+)
 
 
 @pytest.mark.parametrize("path", SHIPPED)

@@ -1,5 +1,6 @@
 """The Dockerfile and the docker docs only reference files that exist (no Docker daemon here), and the
 Dockerfile's base image and GPU packages are ones fastssl works with."""
+
 import os
 import re
 
@@ -80,5 +81,7 @@ def test_cuda_suffix_major():
 def test_docker_docs_name_existing_files():
     for doc in ("docker/README.md", "docker/slurm.sbatch", "docker/Dockerfile"):
         text = open(os.path.join(ROOT, doc)).read()
-        for ref in set(re.findall(r"(?:configs|docker|fastssl|tests)/[\w./-]+\.(?:yaml|py|sbatch|md)|docker/Dockerfile", text)):
+        for ref in set(
+            re.findall(r"(?:configs|docker|fastssl|tests)/[\w./-]+\.(?:yaml|py|sbatch|md)|docker/Dockerfile", text)
+        ):
             assert os.path.exists(os.path.join(ROOT, ref)), f"{doc} names missing {ref}"

@@ -1,6 +1,7 @@
 """python -m fastssl.doctor: every component checked against its reference, one row each, exit 1
 only when something present fails (on this CPU machine: interpreted kernels, DALI CPU vs the
 torch DataLoader, FAISS CPU vs torch, gloo)."""
+
 import json
 import os
 import sys
@@ -10,8 +11,19 @@ import torch
 
 from conftest import PY, ROOT, run
 
-GROUP_IDS = {"kernel:sc_loss", "kernel:triplet", "kernel:bank_loss", "pipeline:sc", "pipeline:layerwise",
-             "pipeline:invp", "pipeline:splitbrain", "pipeline:exemplar", "faiss", "faiss-gpu", "collectives"}
+GROUP_IDS = {
+    "kernel:sc_loss",
+    "kernel:triplet",
+    "kernel:bank_loss",
+    "pipeline:sc",
+    "pipeline:layerwise",
+    "pipeline:invp",
+    "pipeline:splitbrain",
+    "pipeline:exemplar",
+    "faiss",
+    "faiss-gpu",
+    "collectives",
+}
 
 
 def doctor(*args, env_extra=None, check=False, timeout=600):
@@ -45,8 +57,14 @@ def test_quick_json_every_component_on_cpu(tmp_path):
 def test_a_failing_component_gives_exit_1_and_the_others_still_run(tmp_path):
     """The selfcheck's fault injection fails sc_loss; a crashing worker (FASTSSL_FAULT_DOCTOR) fails
     faiss; triplet still passes; one line of why each."""
-    p = doctor("--quick", "--only", "kernel:sc_loss,kernel:triplet,faiss", "--json", str(tmp_path / "d.json"),
-               env_extra={"FASTSSL_FAULT_KERNEL": "sc_loss", "FASTSSL_FAULT_DOCTOR": "faiss"})
+    p = doctor(
+        "--quick",
+        "--only",
+        "kernel:sc_loss,kernel:triplet,faiss",
+        "--json",
+        str(tmp_path / "d.json"),
+        env_extra={"FASTSSL_FAULT_KERNEL": "sc_loss", "FASTSSL_FAULT_DOCTOR": "faiss"},
+    )
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     data, rows = rows_of(tmp_path / "d.json")
     assert set(rows) == {"kernel:sc_loss", "kernel:triplet", "faiss", "faiss-gpu"} and not data["ok"]

@@ -1,4 +1,5 @@
 """Evaluation protocols: FAISS kNN equals brute force, the probes learn, the CLI writes JSON."""
+
 import json
 
 import numpy as np
@@ -58,8 +59,23 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("protocol", ["linear", "knn", "finetune"])
 def test_eval_cli_writes_json(checkpoint, protocol, tmp_path):
     out = tmp_path / f"{protocol}.json"
-    p = run([PY, "-m", "fastssl.eval", "--checkpoint", str(checkpoint), "--protocol", protocol, "--out", str(out),
-             "eval.linear_epochs=3", "eval.linear_seeds=2", "eval.finetune_epochs=1", "eval.finetune_labels=100"])
+    p = run(
+        [
+            PY,
+            "-m",
+            "fastssl.eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--protocol",
+            protocol,
+            "--out",
+            str(out),
+            "eval.linear_epochs=3",
+            "eval.linear_seeds=2",
+            "eval.finetune_epochs=1",
+            "eval.finetune_labels=100",
+        ]
+    )
     res = json.loads(out.read_text())
     assert res["protocol"] == protocol and 0 <= res["accuracy"] <= 100 and not res["random_init"]
     assert f"{protocol} accuracy" in p.stdout
@@ -71,7 +87,20 @@ def test_eval_cli_writes_json(checkpoint, protocol, tmp_path):
 
 def test_random_init_and_bad_checkpoint(checkpoint, tmp_path):
     out = tmp_path / "r.json"
-    run([PY, "-m", "fastssl.eval", "--checkpoint", str(checkpoint), "--protocol", "knn", "--random-init", "--out", str(out)])
+    run(
+        [
+            PY,
+            "-m",
+            "fastssl.eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--protocol",
+            "knn",
+            "--random-init",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text())["random_init"] is True
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
@@ -92,8 +121,9 @@ def test_balanced_subset_is_balanced():
 def test_approximate_indices_find_most_true_neighbours(kind):
     g = torch.Generator().manual_seed(3)
     centers = torch.randn(20, 32, generator=g)
-    db = torch.nn.functional.normalize(centers[torch.randint(0, 20, (2000,), generator=g)] +
-                                       0.3 * torch.randn(2000, 32, generator=g), dim=1)
+    db = torch.nn.functional.normalize(
+        centers[torch.randint(0, 20, (2000,), generator=g)] + 0.3 * torch.randn(2000, 32, generator=g), dim=1
+    )
     q = db[:100]
     _, approx = KNNIndex(db, "ip", kind=kind).search(q, 10)
     _, exact = KNNIndex(db, "ip").search(q, 10)

@@ -1,6 +1,7 @@
 """Exemplar-CNN: Sobel-weighted anchors, the six transformation families (DALI graph and its
 torch twin), surrogate labels, the seed's optimiser groups, clustering on planted clusters,
 the fold-SVM protocol on STL-10's fold_indices.txt, materialised sets, and a short run."""
+
 import colorsys
 import json
 import os
@@ -13,16 +14,22 @@ from scipy import stats
 from conftest import PY, ROOT, TINY, run, train_cmd
 from fastssl.config import ConfigError, load_config
 from fastssl.data import surrogate as ex
-from fastssl.data.executors.dali import build_dali_pipeline
 from fastssl.data.decode import to_chw
+from fastssl.data.executors.dali import build_dali_pipeline
 
 CFG = "configs/exemplar/builtin.yaml"
-SMALL = ["model.width=8", "method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=2",
-         "data.batch_size=32"]
+SMALL = [
+    "model.width=8",
+    "method.num_classes=64",
+    "method.patches_per_class=8",
+    "method.val_patches_per_class=2",
+    "data.batch_size=32",
+]
 
 
 def run_dali(images, params, patch=32):
     """The DALI graph (CPU backend) on explicit parameters: (n, P, P, 3) uint8."""
+
     class Src:
         def __iter__(self):
             self.done = False
@@ -32,10 +39,18 @@ def run_dali(images, params, patch=32):
             if self.done:
                 raise StopIteration
             self.done = True
-            return [[np.ascontiguousarray(i) for i in images], [np.array([k]) for k in range(len(images))],
-                    list(params.affine), list(params.cmat), list(params.coff), list(params.hsv)]
+            return [
+                [np.ascontiguousarray(i) for i in images],
+                [np.array([k]) for k in range(len(images))],
+                list(params.affine),
+                list(params.cmat),
+                list(params.coff),
+                list(params.hsv),
+            ]
 
-    pipe = build_dali_pipeline(Src(), ex.patch_recipe(patch), "cpu", len(images), 1, None, images[0].shape[0], False, (0.5,) * 3, (0.25,) * 3)
+    pipe = build_dali_pipeline(
+        Src(), ex.patch_recipe(patch), "cpu", len(images), 1, None, images[0].shape[0], False, (0.5,) * 3, (0.25,) * 3
+    )
     pipe.build()
     out, _ = pipe.run()
     return np.stack([np.asarray(out[i]) for i in range(len(images))])
@@ -52,9 +67,17 @@ def both(images, params, patch=32):
 
 def params(n, anchors=None, shift=None, scale=1.0, angle=0.0, pca=1.0, hsv=None, size=64, pca_basis=None):
     anchors = np.full((n, 2), size / 2) if anchors is None else anchors
-    return ex.make_params(anchors, np.zeros((n, 2)) if shift is None else shift, np.full(n, scale), np.full(n, angle),
-                          np.full((n, 3), pca), np.tile(ex.IDENTITY_HSV if hsv is None else hsv, (n, 1)), 32, size,
-                          pca_basis)
+    return ex.make_params(
+        anchors,
+        np.zeros((n, 2)) if shift is None else shift,
+        np.full(n, scale),
+        np.full(n, angle),
+        np.full((n, 3), pca),
+        np.tile(ex.IDENTITY_HSV if hsv is None else hsv, (n, 1)),
+        32,
+        size,
+        pca_basis,
+    )
 
 
 def ramp(size=64, axis=1, slope=2.0, base=40.0):
@@ -92,8 +115,16 @@ def test_anchors_follow_the_edge_map():
 def test_dali_and_torch_agree_on_random_transformations():
     rng = np.random.default_rng(0)
     imgs = [np.clip(rng.normal(128, 60, (48, 48, 3)), 0, 255).astype(np.uint8) for _ in range(16)]
-    imgs = [np.asarray(torch.nn.functional.avg_pool2d(torch.from_numpy(i).permute(2, 0, 1)[None].float(), 5, 1, 2)[0]
-                       .permute(1, 2, 0)).round().astype(np.uint8) for i in imgs]
+    imgs = [
+        np.asarray(
+            torch.nn.functional.avg_pool2d(torch.from_numpy(i).permute(2, 0, 1)[None].float(), 5, 1, 2)[0].permute(
+                1, 2, 0
+            )
+        )
+        .round()
+        .astype(np.uint8)
+        for i in imgs
+    ]
     basis = ex.pca_basis(to_chw(imgs))
     anchors = rng.uniform(0, 48, (16, 2))
     p = ex.draw_params(rng, anchors, ex.SurrogateAug(), 32, 48, basis)
@@ -133,7 +164,9 @@ def test_pca_contrast_scales_the_pixel_spread():
         assert abs(out.std() / base.std() - f) < 0.05 * f
         assert abs(out.mean() - base.mean()) < 1.5  # around the set's mean
     one = np.array([2.0, 1.0, 1.0])  # only the smallest component: the leading one's spread is kept
-    p = ex.make_params(np.full((1, 2), 32.0), np.zeros((1, 2)), [1.0], [0.0], one[None], ex.IDENTITY_HSV[None], 32, 64, basis)
+    p = ex.make_params(
+        np.full((1, 2), 32.0), np.zeros((1, 2)), [1.0], [0.0], one[None], ex.IDENTITY_HSV[None], 32, 64, basis
+    )
     proj = lambda x: (x.reshape(-1, 3) / 255.0 - basis[0]) @ basis[1]  # noqa: E731
     pb, po = proj(base), proj(both([img], p)[0])
     assert abs(po[:, 0].std() / pb[:, 0].std() - 2.0) < 0.1 and abs(po[:, 2].std() / pb[:, 2].std() - 1.0) < 0.05
@@ -212,10 +245,12 @@ def test_exemplar_cnn_is_he_initialised():
 
 def test_processes_do_not_import_torchvision_unless_a_resnet_is_built():
     """torchvision (and the torch._dynamo it pulls in) costs ~1.2 s per train/eval process."""
-    code = ("import sys; import fastssl.train, fastssl.eval.__main__, fastssl.methods.exemplar; "
-            "from fastssl.models import exemplar_cnn, convnet; exemplar_cnn(8); convnet(8); "
-            "assert 'torchvision' not in sys.modules; "
-            "from fastssl.models import resnet; resnet('resnet18', True); assert 'torchvision' in sys.modules")
+    code = (
+        "import sys; import fastssl.train, fastssl.eval.__main__, fastssl.methods.exemplar; "
+        "from fastssl.models import exemplar_cnn, convnet; exemplar_cnn(8); convnet(8); "
+        "assert 'torchvision' not in sys.modules; "
+        "from fastssl.models import resnet; resnet('resnet18', True); assert 'torchvision' in sys.modules"
+    )
     run([PY, "-c", code])
 
 
@@ -225,13 +260,17 @@ def test_optimiser_groups_and_schedule_carry_the_seed_values():
     from fastssl.methods.exemplar import ExemplarCNN
     from fastssl.models import build_backbone
 
-    cfg = load_config(os.path.join(ROOT, "configs/exemplar/stl10.yaml"),
-                      ["data.source=builtin", "data.path=null", "method.num_classes=100", "model.width=8"])
+    cfg = load_config(
+        os.path.join(ROOT, "configs/exemplar/stl10.yaml"),
+        ["data.source=builtin", "data.path=null", "method.num_classes=100", "model.width=8"],
+    )
     src = build_source(cfg)
     m = ExemplarCNN(cfg, build_backbone(cfg.model, src.image_size), src.image_size, len(src.pretrain))
     opt, _ = build_optimizer(cfg, m, 128, torch.device("cpu"))
     g = {x["name"]: x for x in opt.param_groups}
-    assert (g["weights"]["lr"], g["biases"]["lr"], g["fc1"]["lr"], g["fc2"]["lr"]) == pytest.approx((0.1, 0.2, 0.1, 0.025))
+    assert (g["weights"]["lr"], g["biases"]["lr"], g["fc1"]["lr"], g["fc2"]["lr"]) == pytest.approx(
+        (0.1, 0.2, 0.1, 0.025)
+    )
     assert (g["weights"]["weight_decay"], g["biases"]["weight_decay"]) == (0.0, 0.0)
     assert (g["fc1"]["weight_decay"], g["fc2"]["weight_decay"]) == pytest.approx((0.004, 0.016))
     assert g["fc2"]["params"][0] is m.classifier.weight and g["fc1"]["params"][0].shape == (16 * 8, 8 * 8 * 49)
@@ -244,12 +283,19 @@ def test_optimiser_groups_and_schedule_carry_the_seed_values():
     assert cfg.train.epochs == 110
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.arch=convnet", "model.arch"), ("method.num_classes=100000", "method.num_classes"),
-    ("method.aug.scale=[0,2]", "method.aug.scale"), ("method.aug.hue=0.7", "method.aug.hue"),
-    ("method.cluster.fraction=1.0", "method.cluster.fraction"), ("method.cluster.max_size=1", "method.cluster.max_size"),
-    ("optim.gammas=[0.5]", "optim.gammas"),
-    ("method.surrogate_dir=/nonexistent", "method.surrogate_dir")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.arch=convnet", "model.arch"),
+        ("method.num_classes=100000", "method.num_classes"),
+        ("method.aug.scale=[0,2]", "method.aug.scale"),
+        ("method.aug.hue=0.7", "method.aug.hue"),
+        ("method.cluster.fraction=1.0", "method.cluster.fraction"),
+        ("method.cluster.max_size=1", "method.cluster.max_size"),
+        ("optim.gammas=[0.5]", "optim.gammas"),
+        ("method.surrogate_dir=/nonexistent", "method.surrogate_dir"),
+    ],
+)
 def test_bad_settings_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(os.path.join(ROOT, CFG), [override, "method.cluster.enabled=false"])
@@ -328,11 +374,10 @@ def test_tree_cut_equals_scikit_learn_and_the_size_cap_splits_a_loose_cut():
 
 
 def test_svm_folds_reads_the_stl10_fold_file(tmp_path):
-    from formats import write_stl10
-
     from fastssl.data.sources import build_source
     from fastssl.eval.__main__ import evaluate
     from fastssl.eval.svm import eval_folds
+    from formats import write_stl10
 
     root = tmp_path / "stl10_binary"
     ref = write_stl10(str(root), n_unl=4, n_train=40, n_test=12, seed=3)
@@ -340,8 +385,17 @@ def test_svm_folds_reads_the_stl10_fold_file(tmp_path):
         folds = [np.random.default_rng(k).permutation(40)[:20] for k in range(10)]
         for fo in folds:
             f.write(" ".join(map(str, fo)) + " \n")
-    cfg = load_config(os.path.join(ROOT, CFG), ["data.source=stl10", f"data.path={root}", "method.num_classes=8",
-                                                "method.cluster.enabled=false", "data.batch_size=8", "model.width=4"])
+    cfg = load_config(
+        os.path.join(ROOT, CFG),
+        [
+            "data.source=stl10",
+            f"data.path={root}",
+            "method.num_classes=8",
+            "method.cluster.enabled=false",
+            "data.batch_size=8",
+            "model.width=4",
+        ],
+    )
     src = build_source(cfg)
     got = eval_folds(src, 3, 5)
     assert len(got) == 10 and all(np.array_equal(g, w) for g, w in zip(got, folds))
@@ -373,8 +427,16 @@ def test_materialise_then_train_from_the_file(tmp_path):
     cfg = load_config(os.path.join(ROOT, CFG), [*TINY, *SMALL])
     _, basis = seed_surrogate_set(cfg, build_source(cfg))  # the basis the patches were made with is stored
     assert np.allclose(st["pca_mean"].numpy(), basis[0]) and np.allclose(st["pca_vecs"].numpy(), basis[1])
-    run(train_cmd(tmp_path / "run", *SMALL, "method.cluster.enabled=false", f"method.surrogate_dir={out}",
-                  "train.epochs=1", config=CFG))
+    run(
+        train_cmd(
+            tmp_path / "run",
+            *SMALL,
+            "method.cluster.enabled=false",
+            f"method.surrogate_dir={out}",
+            "train.epochs=1",
+            config=CFG,
+        )
+    )
     log = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert any("val_acc" in r for r in log) and log[0]["loss"] == pytest.approx(np.log(64), abs=0.3)
 
@@ -384,8 +446,14 @@ def test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering(tmp_
     SIGKILLed in stage 2 and resumed ends with the reference's weights and surrogate set."""
     from conftest import kill_and_resume
 
-    common = [*SMALL, "method.cluster.enabled=true", "method.cluster.threshold=0.6", "train.epochs=1",
-              "train.ckpt_every_steps=4", "data.pipeline=dali-cpu"]
+    common = [
+        *SMALL,
+        "method.cluster.enabled=true",
+        "method.cluster.threshold=0.6",
+        "train.epochs=1",
+        "train.ckpt_every_steps=4",
+        "data.pipeline=dali-cpu",
+    ]
     ref, crashed, resumed, kill_at = kill_and_resume(tmp_path, common, CFG, (19, 30))
     assert ref["step"] == resumed["step"] == 32 and crashed["step"] < kill_at
     for k, v in ref["model"].items():
@@ -395,6 +463,27 @@ def test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering(tmp_
     assert s_ref["clustered"] and s_res["clustered"]
     assert all(torch.equal(s_ref["sset"][k], s_res["sset"][k]) for k in ("members", "labels", "anchors"))
     assert len(s_ref["sset"]["members"]) > 64 // 2  # the merged classes hold clustered and held-out images
+
+
+def test_resume_from_the_checkpoint_written_as_the_second_stage_began(tmp_path):
+    """Killed after the checkpoint written at stage 2's start (step 16) and before the next one
+    (step 20), the resumed run restores the RNG before stage 2 re-initialises the network, as the
+    uninterrupted run drew it (it restored it after, so the weights differed)."""
+    from conftest import kill_and_resume
+
+    common = [
+        *SMALL,
+        "method.cluster.enabled=true",
+        "method.cluster.threshold=0.6",
+        "train.epochs=1",
+        "train.ckpt_every_steps=4",
+        "data.pipeline=torch",
+    ]
+    ref, crashed, resumed, kill_at = kill_and_resume(tmp_path, common, CFG, (18, 19))
+    assert kill_at == 18 and crashed["step"] == 16 and "optimizer" not in crashed
+    for k, v in ref["model"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, resumed["model"][k]), k
 
 
 def test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init(tmp_path):

@@ -6,20 +6,33 @@ pooled last-stage output (fastssl's ``Backbone.features``; the torchvision model
 ``fc = nn.Identity()``).  The runs are made in-process (``fastssl.train.main``, the function
 ``fastssl train`` calls) to keep this file to a few seconds; test_cli.py runs the commands.
 """
+
 import glob
 import os
 
 import pytest
 import torch
-from conftest import ROOT, TINY
 from torch import nn
+
+from conftest import ROOT, TINY
 
 
 def _train(out_dir, *overrides):
     from fastssl.train import main
 
-    rc = main(["--config", os.path.join(ROOT, "configs/sc/builtin.yaml"), *TINY, "train.max_steps=1",
-               "train.tensorboard=false", "data.pipeline=torch", "data.num_workers=0", f"out_dir={out_dir}", *overrides])
+    rc = main(
+        [
+            "--config",
+            os.path.join(ROOT, "configs/sc/builtin.yaml"),
+            *TINY,
+            "train.max_steps=1",
+            "train.tensorboard=false",
+            "data.pipeline=torch",
+            "data.num_workers=0",
+            f"out_dir={out_dir}",
+            *overrides,
+        ]
+    )
     assert rc == 0
     return os.path.join(out_dir, "checkpoints", "last.pt")
 
@@ -30,7 +43,7 @@ def _fastssl_backbone(ck_path):
 
     state = torch.load(ck_path, map_location="cpu", weights_only=False)
     net = build_backbone(state["config"].model, 32)
-    net.load_state_dict({k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")})
+    net.load_state_dict({k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")})
     return net.eval()
 
 
@@ -42,7 +55,11 @@ def _images(n=6):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("export")
-    return {"resnet18": _train(d / "r18", "model.arch=resnet18", "data.batch_size=8"), "convnet": _train(d / "conv"), "dir": d}
+    return {
+        "resnet18": _train(d / "r18", "model.arch=resnet18", "data.batch_size=8"),
+        "convnet": _train(d / "conv"),
+        "dir": d,
+    }
 
 
 def test_resnet18_torchvision_round_trip(runs, capsys):

@@ -1,14 +1,15 @@
 """Folders at scale: crops over each whole image (ROI decoding), files read by worker processes
 in the plan's order, exact resume, and one data check per run (cached, shared by ranks)."""
+
 import os
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run, train_cmd
 from PIL import Image
 
+from conftest import ROOT, run, train_cmd
 from fastssl.config import load_config
 from fastssl.data import check
 from fastssl.data.executors.dali import DaliExecutor, FileReader
@@ -39,9 +40,18 @@ def write_sized_folder(root, n_per_class=10, seed=0, ext="png", marker=False):
 
 
 def method_loader(name, root, pipeline, *overrides):
-    cfg = load_config(f"{ROOT}/configs/{name}/builtin.yaml", [
-        "data.source=folder", f"data.path={root}", "data.image_size=48", "data.batch_size=4",
-        f"data.pipeline={pipeline}", "data.num_workers=1", *overrides])
+    cfg = load_config(
+        f"{ROOT}/configs/{name}/builtin.yaml",
+        [
+            "data.source=folder",
+            f"data.path={root}",
+            "data.image_size=48",
+            "data.batch_size=4",
+            f"data.pipeline={pipeline}",
+            "data.num_workers=1",
+            *overrides,
+        ],
+    )
     src = build_source(cfg)
     m = get_method(name)(cfg, build_backbone(cfg.model, src.image_size), src.image_size, len(src.pretrain))
     m.begin_stage(0, src)
@@ -56,8 +66,9 @@ def cache(tmp_path, monkeypatch):
 def test_frames_image_boxes_and_regions():
     sizes = np.array([[60, 120], [300, 200], [48, 48]])
     np.testing.assert_array_equal(frame_shapes(sizes, 48), [[48, 96], [72, 48], [48, 48]])
-    box = np.array([[[0, 48, 48, 48], [0, 0, 24, 24]], [[24, 0, 48, 48], [0, 0, 72, 48]],
-                    [[10, 10, 20, 20], [0, 0, 48, 48]]])
+    box = np.array(
+        [[[0, 48, 48, 48], [0, 0, 24, 24]], [[24, 0, 48, 48], [0, 0, 72, 48]], [[10, 10, 20, 20], [0, 0, 48, 48]]]
+    )
     img = to_image_boxes(box, sizes, 48)
     # 1.25 image px per frame px; the right half of a 2:1 image is its right half
     np.testing.assert_array_equal(img[0], [[0, 60, 60, 60], [0, 0, 30, 30]])
@@ -85,7 +96,7 @@ def test_reader_follows_the_plan_order_across_epochs_and_resume(tmp_path):
         for e_idx, first in ((0, 1), (1, 0)):  # the first pass starts at the resume step
             take = epoch_order(13, 3, 7, 4 + e_idx, rank, 2)[1]
             got = [int(r(Info(e_idx, k - first, j))[0]) for k in range(first, 2) for j in range(3)]
-            assert got == list(take[first * 3:])
+            assert got == list(take[first * 3 :])
             with pytest.raises(StopIteration):
                 r(Info(e_idx, 2 - first, 0))
 
@@ -95,8 +106,16 @@ def test_crops_cover_the_whole_image_a_corner_marker_is_seen(tmp_path, pipeline)
     """A red marker in each image's top-right corner (outside the centre square of every
     landscape image) appears in exactly the crops whose boxes cover it."""
     root = write_sized_folder(tmp_path / "data", n_per_class=30, marker=True)
-    loader, src = method_loader("invp", root, pipeline, "method.grayscale=0", "method.crop_scale=[0.02,0.06]",
-                                 "method.color.hue=0", "method.color.saturation=[1,1]", "method.color.value=[1,1]")
+    loader, src = method_loader(
+        "invp",
+        root,
+        pipeline,
+        "method.grayscale=0",
+        "method.crop_scale=[0.02,0.06]",
+        "method.color.hue=0",
+        "method.color.saturation=[1,1]",
+        "method.color.value=[1,1]",
+    )
     assert loader.whole
     seen = covered = outside_centre = 0
     for epoch in range(8):
@@ -189,13 +208,23 @@ def test_a_waiting_rank_reads_rank_zeros_verdicts(tmp_path, monkeypatch):
     """Local rank 1 decodes nothing: it waits for local rank 0's cache of exactly these files."""
     root = write_sized_folder(tmp_path / "data", n_per_class=3)
     files = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
-    code = ("import sys; from fastssl.data.check import check_files; "
-            f"v = check_files({files!r}, {str(root)!r}); print('decoded', v.decoded, v.hw.tolist())")
+    code = (
+        "import sys; from fastssl.data.check import check_files; "
+        f"v = check_files({files!r}, {str(root)!r}); print('decoded', v.decoded, v.hw.tolist())"
+    )
     env = {"FASTSSL_CACHE": str(tmp_path / "cache"), "LOCAL_WORLD_SIZE": "2"}
     import subprocess
+
     from conftest import env as base_env
-    waiting = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**base_env(), **env, "LOCAL_RANK": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    waiting = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**base_env(), **env, "LOCAL_RANK": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = run([sys.executable, "-c", code], env_extra={**env, "LOCAL_RANK": "0"})
     out, _ = waiting.communicate(timeout=120)
     assert first.stdout.startswith("decoded 6 ")
@@ -205,9 +234,19 @@ def test_a_waiting_rank_reads_rank_zeros_verdicts(tmp_path, monkeypatch):
 def test_two_rank_run_checks_the_folder_once(tmp_path):
     """torchrun with 2 processes on a folder: validation, training and both ranks share one check."""
     root = write_sized_folder(tmp_path / "data", n_per_class=12, ext="jpg")
-    p = run(train_cmd(tmp_path / "run", "data.source=folder", f"data.path={root}", "data.image_size=32",
-                      "data.batch_size=4", "train.epochs=1", "data.split=train", nproc=2),
-            env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")})
+    p = run(
+        train_cmd(
+            tmp_path / "run",
+            "data.source=folder",
+            f"data.path={root}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "train.epochs=1",
+            "data.split=train",
+            nproc=2,
+        ),
+        env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")},
+    )
     log = p.stdout + p.stderr
     assert log.count("fastssl: data check:") == 1 and "decoded 24 of 24 images" in log, log[-3000:]
     assert len(list((tmp_path / "cache").glob("check-*.npz"))) == 1

@@ -1,5 +1,6 @@
 """The image-folder benchmark: its generated folder (real JPEGs of 300-500 px, deterministic,
 reused) and a tiny run end to end (every CPU pipeline timed, the data check timed)."""
+
 import json
 import os
 
@@ -47,8 +48,9 @@ def test_make_folder_refuses_a_folder_it_did_not_make(tmp_path):
 def test_folder_benchmark_tiny(tmp_path):
     root, out = tmp_path / "folder", tmp_path / "out"
     make_folder(str(root), 64, seed=0, classes=10, progress=False)
-    p = run([PY, "-m", "benchmarks.folder", "--tiny", "--workers", "2", "--root", str(root), "--out", str(out)],
-            timeout=300)
+    p = run(
+        [PY, "-m", "benchmarks.folder", "--tiny", "--workers", "2", "--root", str(root), "--out", str(out)], timeout=300
+    )
     assert "make_folder: reusing 64 images" in p.stdout
     res = json.loads((out / "folder.json").read_text())
     assert res["environment"]["torch"]

@@ -1,6 +1,7 @@
 """benchmarks/gpu_acceptance.sh --tiny on this CPU machine writes every section's file (at most 8)
 and benchmarks.readme renders them; the benchmark suites' new options (sizes, implementation
 choice, pipeline choice) and their per-implementation / per-run error capture."""
+
 import argparse
 import json
 import os
@@ -11,8 +12,16 @@ import torch
 
 from conftest import PY, ROOT, run
 
-FILES = {"doctor.json", "kernels.json", "compiled.md", "pipelines.json", "train_losses.json", "train_step.json",
-         "knn.json", "acceptance.log"}
+FILES = {
+    "doctor.json",
+    "kernels.json",
+    "compiled.md",
+    "pipelines.json",
+    "train_losses.json",
+    "train_step.json",
+    "knn.json",
+    "acceptance.log",
+}
 GPU_SECTIONS = ("kernels", "pipelines", "train_losses", "train_step", "knn")
 
 sys.path.insert(0, ROOT)
@@ -20,8 +29,9 @@ sys.path.insert(0, ROOT)
 
 def test_acceptance_tiny_writes_every_section_and_the_readme_renders_it(tmp_path):
     out = tmp_path / "acc"
-    p = run(["bash", "benchmarks/gpu_acceptance.sh", "--tiny", str(out)], timeout=900, check=False,
-            env_extra={"PYTHON": PY})
+    p = run(
+        ["bash", "benchmarks/gpu_acceptance.sh", "--tiny", str(out)], timeout=900, check=False, env_extra={"PYTHON": PY}
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert set(os.listdir(out)) == FILES
     doc = json.loads((out / "doctor.json").read_text())
@@ -47,13 +57,20 @@ def test_acceptance_tiny_writes_every_section_and_the_readme_renders_it(tmp_path
     r = run([PY, "-m", "benchmarks.readme", "--acceptance", str(out), "--print-acceptance"])
     md = r.stdout
     assert md.startswith("### GPU acceptance on ") and "| section | status | seconds | limit |" in md
-    for heading in ("#### Doctor", "#### Fused loss kernels", "#### Compiled kernel", "#### Data pipelines",
-                    "#### Training losses", "#### Training images/s", "#### kNN graph"):
+    for heading in (
+        "#### Doctor",
+        "#### Fused loss kernels",
+        "#### Compiled kernel",
+        "#### Data pipelines",
+        "#### Training losses",
+        "#### Training images/s",
+        "#### kNN graph",
+    ):
         assert heading in md
     assert "| kernel sc_loss" in md and "| sc_fwd | fp32 | sm_90 |" in md and "| invp | fp32 | 2 |" in md
     from benchmarks import readme
 
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(readme.TARGET).read()
     new = readme.render(text, str(out))
     assert new.count(readme.ACC_BEGIN) == 1 and new.index(readme.END) < new.index(readme.ACC_BEGIN)
     assert readme.render(new, str(out)) == new  # idempotent once the markers are in
@@ -63,26 +80,65 @@ def test_acceptance_tiny_writes_every_section_and_the_readme_renders_it(tmp_path
 def test_readme_acceptance_section_from_files(tmp_path):
     from benchmarks import readme
 
-    (tmp_path / "doctor.json").write_text(json.dumps({
-        "section": "doctor", "status": "failed", "why": "1 of 2 components failed", "seconds": 3, "limit_s": 75,
-        "device": "NVIDIA-H200", "versions": {"torch": "2.x", "gpus": ["NVIDIA H200 (sm_90, 140 GiB)"]},
-        "components": [{"id": "faiss", "component": "faiss cpu vs torch", "status": "ok", "why": "", "detail": "a|b",
-                        "seconds": 1.0},
-                       {"id": "collectives", "component": "collectives (nccl)", "status": "failed",
-                        "why": "timed out after 60 s", "detail": "", "seconds": 60.0}],
-        "stderr_tail": "Traceback\nRuntimeError: boom"}))
-    (tmp_path / "knn.json").write_text(json.dumps({"section": "knn", "status": "timed out", "why": "timed out after 45 s",
-                                                   "seconds": 45, "limit_s": 45, "markdown": "", "rows": [],
-                                                   "stderr_tail": "last words"}))
+    (tmp_path / "doctor.json").write_text(
+        json.dumps(
+            {
+                "section": "doctor",
+                "status": "failed",
+                "why": "1 of 2 components failed",
+                "seconds": 3,
+                "limit_s": 75,
+                "device": "NVIDIA-H200",
+                "versions": {"torch": "2.x", "gpus": ["NVIDIA H200 (sm_90, 140 GiB)"]},
+                "components": [
+                    {
+                        "id": "faiss",
+                        "component": "faiss cpu vs torch",
+                        "status": "ok",
+                        "why": "",
+                        "detail": "a|b",
+                        "seconds": 1.0,
+                    },
+                    {
+                        "id": "collectives",
+                        "component": "collectives (nccl)",
+                        "status": "failed",
+                        "why": "timed out after 60 s",
+                        "detail": "",
+                        "seconds": 60.0,
+                    },
+                ],
+                "stderr_tail": "Traceback\nRuntimeError: boom",
+            }
+        )
+    )
+    (tmp_path / "knn.json").write_text(
+        json.dumps(
+            {
+                "section": "knn",
+                "status": "timed out",
+                "why": "timed out after 45 s",
+                "seconds": 45,
+                "limit_s": 45,
+                "markdown": "",
+                "rows": [],
+                "stderr_tail": "last words",
+            }
+        )
+    )
     md = readme.acceptance_section(str(tmp_path))
     assert md.startswith("### GPU acceptance on NVIDIA-H200")
-    assert "| doctor | failed: 1 of 2 components failed | 3 | 75 |" in md and "| kernels | missing: no kernels.json" in md
+    assert (
+        "| doctor | failed: 1 of 2 components failed | 3 | 75 |" in md and "| kernels | missing: no kernels.json" in md
+    )
     assert "| faiss cpu vs torch | ok | a\\|b | 1.0 |" in md and "timed out after 60 s" in md
     assert "NVIDIA H200 (sm_90, 140 GiB)" in md and "RuntimeError: boom" in md and "last words" in md
     assert readme.acceptance_section(str(tmp_path / "none")) is None
     base = f"intro\n{readme.BEGIN}\nold\n{readme.END}\ntail\n"
     out = readme.render(base, str(tmp_path))
-    assert f"{readme.END}\n\n{readme.ACC_BEGIN}\n### GPU acceptance" in out and out.endswith(f"{readme.ACC_END}\ntail\n")
+    assert f"{readme.END}\n\n{readme.ACC_BEGIN}\n### GPU acceptance" in out and out.endswith(
+        f"{readme.ACC_END}\ntail\n"
+    )
     gone = readme.render(out, str(tmp_path / "none"))  # markers kept, placeholder text
     assert readme.ACC_BEGIN in gone and "No GPU acceptance run yet" in gone
 
@@ -103,23 +159,57 @@ def test_kernel_benchmark_sizes_and_error_rows(tmp_path, monkeypatch):
     monkeypatch.setitem(K.LOSSES["sc"], "fused", boom)
     assert K.main(["--tiny", "--losses", "sc", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    assert [r["fused"]["error"] for r in rows] == ["RuntimeError: no compiler here", "not run: failed at B=64 D=32 float32"]
+    assert [r["fused"]["error"] for r in rows] == [
+        "RuntimeError: no compiler here",
+        "not run: failed at B=64 D=32 float32",
+    ]
     assert all(r["eager"]["median_ms"] > 0 for r in rows)
     md = (tmp_path / "kernels.md").read_text()
     assert "| sc | B=64 D=32 | float32 | error |" in md and "* fused at sc B=64 D=32 float32: RuntimeError" in md
 
 
 def test_train_step_failure_row_has_the_stderr_and_knn_impls(tmp_path):
-    p = run([PY, "-m", "benchmarks.train_step", "--methods", "sc", "--pipelines", "torch", "--steps", "2",
-             "--out", str(tmp_path), "model.width=0"], check=False)
+    p = run(
+        [
+            PY,
+            "-m",
+            "benchmarks.train_step",
+            "--methods",
+            "sc",
+            "--pipelines",
+            "torch",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+            "model.width=0",
+        ],
+        check=False,
+    )
     assert p.returncode == 1
     assert "config error: model.width" in p.stderr  # the training process's own stderr
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
     assert rows[0]["pipeline"] == "torch" and "exited 2" in rows[0]["error"]
     assert "| sc | torch | failed:" in (tmp_path / "train_step.md").read_text()
 
-    run([PY, "-m", "benchmarks.knn", "--n", "500", "--impls", "torch", "faiss-flat", "--repeats", "1", "--warmup", "0",
-         "--out", str(tmp_path)])
+    run(
+        [
+            PY,
+            "-m",
+            "benchmarks.knn",
+            "--n",
+            "500",
+            "--impls",
+            "torch",
+            "faiss-flat",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = json.loads((tmp_path / "knn.json").read_text())["rows"]
     assert [r["impl"].split(" (")[0] for r in rows] == ["torch brute force", "faiss-flat"]
     assert rows[0]["speedup_vs_torch"] == 1.0 and "no warm-up run" in (tmp_path / "knn.md").read_text()

@@ -5,6 +5,7 @@ part that needs a GPU, is never called here): that is where DALI refuses misplac
 GPU tensor as a named argument).  Each test builds one graph as the project configures it and
 checks that it builds and that its heavy operators run on the GPU (the decoder: 'mixed').
 """
+
 import dataclasses
 import time
 
@@ -13,11 +14,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
+from fastssl.data.dali_check import (
+    PipelineBuildError,
+    check_gpu_graph,
+    crop_pipeline,
+    graph_ops,
+    op_name,
+    surrogate_pipeline,
+)
 from fastssl.data.lab import ColorSplit
 from fastssl.data.ops import HSV, Op
 from fastssl.data.recipe import Recipe
-from fastssl.data.dali_check import (PipelineBuildError, check_gpu_graph, crop_pipeline, graph_ops, op_name,
-                                     surrogate_pipeline)
 from fastssl.data.sources import Split, build_source
 
 pytest.importorskip("nvidia.dali")  # (the modules above import DALI only when a graph is built)
@@ -25,8 +32,12 @@ pytest.importorskip("nvidia.dali")  # (the modules above import DALI only when a
 # Operators allowed on the CPU: the inputs, and the per-sample scalars picked out of them for
 # named arguments (which DALI wants on the CPU).
 CPU_OK = {"fn.external_source", "fn.constant", "fn._tensor_subscript"}
-EXEMPLAR = ["method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=0",
-            "method.surrogate_dir=null"]
+EXEMPLAR = [
+    "method.num_classes=64",
+    "method.patches_per_class=8",
+    "method.val_patches_per_class=0",
+    "method.surrogate_dir=null",
+]
 
 
 def assert_on_gpu(ops, heavy):
@@ -76,8 +87,9 @@ def as_folder(src):
     """``src`` with its pre-training split as encoded files of 200 x 300 px (a folder source; the
     files are never read)."""
     n = len(src.pretrain)
-    return dataclasses.replace(src, pretrain=Split(files=[f"img{i}.png" for i in range(n)],
-                                                   sizes=np.tile(np.int32([200, 300]), (n, 1))))
+    return dataclasses.replace(
+        src, pretrain=Split(files=[f"img{i}.png" for i in range(n)], sizes=np.tile(np.int32([200, 300]), (n, 1)))
+    )
 
 
 def method_and_source(tiny_cfg, name, *overrides, encoded=False):
@@ -95,8 +107,15 @@ def method_and_source(tiny_cfg, name, *overrides, encoded=False):
 
 def splitbrain_ops(rescale):
     """The ColorSplit operators of one view (Lab space)."""
-    ops = {"fn.lookup_table": 1, "fn.coord_transform": 2, "fn.transpose": 1, "fn.reshape": 1,
-           "fn.reductions.mean": 1, "fn.cast": 2, "math.cbrt": 1}
+    ops = {
+        "fn.lookup_table": 1,
+        "fn.coord_transform": 2,
+        "fn.transpose": 1,
+        "fn.reshape": 1,
+        "fn.reductions.mean": 1,
+        "fn.cast": 2,
+        "math.cbrt": 1,
+    }
     return {**ops, "fn.reductions.min": 1, "fn.reductions.max": 1} if rescale else ops
 
 
@@ -104,17 +123,39 @@ def splitbrain_ops(rescale):
 RECIPES = {
     "sc": ("sc", [], {"fn.slice": 2, "fn.hsv": 2, "fn.crop_mirror_normalize": 2, "fn.resize": 0}),
     "layerwise": ("layerwise", [], {"fn.slice": 3, "fn.hsv": 3, "fn.crop_mirror_normalize": 3}),
-    "invp": ("invp", ["method.grayscale=0.2"], {"fn.slice": 1, "fn.resize": 1, "fn.hsv": 1,
-                                                "fn.crop_mirror_normalize": 1}),
-    "invp-grey-blur": ("invp", ["method.grayscale=0.2", "method.blur=0.5", "method.flip=true"],
-                       {"fn.slice": 1, "fn.resize": 1, "fn.flip": 0, "fn.hsv": 1, "fn.coord_transform": 1,
-                        "fn.gaussian_blur": 1, "fn.crop_mirror_normalize": 1}),
-    "splitbrain-lab": ("splitbrain", [], {"fn.slice": 1, "fn.flip": 1, "fn.crop_mirror_normalize": 0,
-                                          **splitbrain_ops(False)}),
-    "splitbrain-rescaled": ("splitbrain", ["method.rescale=true"], {"fn.slice": 1, "fn.flip": 1,
-                                                                    **splitbrain_ops(True)}),
-    "splitbrain-rgb": ("splitbrain", ["method.space=rgb"], {"fn.slice": 1, "fn.flip": 1, "fn.lookup_table": 0,
-                                                            "fn.cast": 3, "fn.reductions.mean": 1}),
+    "invp": (
+        "invp",
+        ["method.grayscale=0.2"],
+        {"fn.slice": 1, "fn.resize": 1, "fn.hsv": 1, "fn.crop_mirror_normalize": 1},
+    ),
+    "invp-grey-blur": (
+        "invp",
+        ["method.grayscale=0.2", "method.blur=0.5", "method.flip=true"],
+        {
+            "fn.slice": 1,
+            "fn.resize": 1,
+            "fn.flip": 0,
+            "fn.hsv": 1,
+            "fn.coord_transform": 1,
+            "fn.gaussian_blur": 1,
+            "fn.crop_mirror_normalize": 1,
+        },
+    ),
+    "splitbrain-lab": (
+        "splitbrain",
+        [],
+        {"fn.slice": 1, "fn.flip": 1, "fn.crop_mirror_normalize": 0, **splitbrain_ops(False)},
+    ),
+    "splitbrain-rescaled": (
+        "splitbrain",
+        ["method.rescale=true"],
+        {"fn.slice": 1, "fn.flip": 1, **splitbrain_ops(True)},
+    ),
+    "splitbrain-rgb": (
+        "splitbrain",
+        ["method.space=rgb"],
+        {"fn.slice": 1, "fn.flip": 1, "fn.lookup_table": 0, "fn.cast": 3, "fn.reductions.mean": 1},
+    ),
 }
 
 
@@ -132,7 +173,9 @@ def test_every_method_crop_graph_builds_on_the_gpu(tiny_cfg, loader_graphs, reci
     assert isinstance(loader, DaliExecutor)
     ops = loader_graphs(loader)
     assert_on_gpu(ops, heavy)
-    assert ops == graph_ops(crop_pipeline(m.recipe(), src, src.pretrain, cfg.data.batch_size))  # the check sees this graph
+    assert ops == graph_ops(
+        crop_pipeline(m.recipe(), src, src.pretrain, cfg.data.batch_size)
+    )  # the check sees this graph
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["main-thread", "reader-workers"])
@@ -141,14 +184,17 @@ def test_folder_crop_graph_decodes_regions_on_the_gpu(tiny_cfg, loader_graphs, n
     """Encoded files of known sizes: the mixed ROI decoder (hardware share as configured) over the
     region the views cover, then each view sliced and resized on the GPU; the files' bytes from
     the parallel reader source or the main one; no whole-image decode, no centre crop."""
-    cfg, src, m = method_and_source(tiny_cfg, name, f"data.reader_workers={workers}", "data.hw_decoder_load=0.4",
-                                    encoded=True)
+    cfg, src, m = method_and_source(
+        tiny_cfg, name, f"data.reader_workers={workers}", "data.hw_decoder_load=0.4", encoded=True
+    )
     loader = m.loader(cfg, src, device_id=0)
     assert loader.whole and loader.parallel == (workers > 0)
     ops = loader_graphs(loader)
     r = m.recipe()
-    assert_on_gpu(ops, {"fn.decoders.image_slice": 1, "fn.decoders.image": 0, "fn.crop": 0, "fn.slice": r.views,
-                        "fn.resize": r.views})
+    assert_on_gpu(
+        ops,
+        {"fn.decoders.image_slice": 1, "fn.decoders.image": 0, "fn.crop": 0, "fn.slice": r.views, "fn.resize": r.views},
+    )
     pipe = crop_pipeline(r, src, src.pretrain, cfg.data.batch_size, workers, 0.4)
     assert graph_ops(pipe) == ops  # the check sees this graph
     (dec,) = [o for o in pipe._ops if op_name(o) == "fn.decoders.image_slice"]
@@ -218,9 +264,11 @@ def misplaced(op: str):
 def test_check_gpu_graph_turns_a_refusal_into_one_line():
     with pytest.raises(PipelineBuildError) as e:
         check_gpu_graph(misplaced("warp_affine"), "the exemplar surrogate graph")
-    assert str(e.value) == ("data.pipeline=dali-gpu: the exemplar surrogate graph cannot be built: "
-                            "fn.warp_affine: Named arguments must be on CPU (matrix); "
-                            "use data.pipeline=dali-cpu or data.pipeline=torch")
+    assert str(e.value) == (
+        "data.pipeline=dali-gpu: the exemplar surrogate graph cannot be built: "
+        "fn.warp_affine: Named arguments must be on CPU (matrix); "
+        "use data.pipeline=dali-cpu or data.pipeline=torch"
+    )
     with pytest.raises(PipelineBuildError, match=r"the test graph cannot be built: fn\.flip: .*incompatible dev") as e:
         check_gpu_graph(misplaced("flip"), "the test graph")
     assert "\n" not in str(e.value) and str(e.value).endswith("use data.pipeline=dali-cpu or data.pipeline=torch")
@@ -229,7 +277,9 @@ def test_check_gpu_graph_turns_a_refusal_into_one_line():
 
 def test_check_gpu_graph_is_cheap_and_silent_on_a_good_graph(tiny_cfg):
     _, src, m = method_and_source(tiny_cfg, "sc")
-    check_gpu_graph(lambda: crop_pipeline(m.recipe(), src, src.pretrain, 32), "the sc crop graph")  # warm: DALI imported
+    check_gpu_graph(
+        lambda: crop_pipeline(m.recipe(), src, src.pretrain, 32), "the sc crop graph"
+    )  # warm: DALI imported
     t = time.perf_counter()
     check_gpu_graph(lambda: crop_pipeline(m.recipe(), src, src.pretrain, 32), "the sc crop graph")
     assert time.perf_counter() - t < 0.5
@@ -250,6 +300,9 @@ def test_build_loader_refuses_a_broken_gpu_graph_before_training(tiny_cfg):
     cfg, src, m = method_and_source(tiny_cfg, "sc")
     r = m.recipe()
     m.recipe = lambda: Recipe(r.draw, r.ops[:-1] + [_GpuArgument()], r.views, r.size, r.name)
-    with pytest.raises(PipelineBuildError, match=r"^data\.pipeline=dali-gpu: the sc crop graph cannot be built: "
-                                                 r"fn\.rotate: Named arguments must be on CPU \(angle\); use "):
+    with pytest.raises(
+        PipelineBuildError,
+        match=r"^data\.pipeline=dali-gpu: the sc crop graph cannot be built: "
+        r"fn\.rotate: Named arguments must be on CPU \(angle\); use ",
+    ):
         m.loader(cfg, src, device_id=0)

@@ -2,6 +2,7 @@
 64-bit offsets, the eager twins' precision under autocast, the fused kernels' one-time check
 and the fallback to eager, deterministic cuBLAS, the CUDA device index, and DDP leaving the
 method state it keeps consistent itself alone."""
+
 import json
 import os
 
@@ -16,8 +17,11 @@ from conftest import PY, ROOT, run, train_cmd
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "rows.json"
-    p = run([PY, "-m", "fastssl.kernels.compiled", "--arch", "90", "80", "--json", str(out), "--workers", "2"],
-            check=False, env_extra={"TRITON_INTERPRET": "0"})
+    p = run(
+        [PY, "-m", "fastssl.kernels.compiled", "--arch", "90", "80", "--json", str(out), "--workers", "2"],
+        check=False,
+        env_extra={"TRITON_INTERPRET": "0"},
+    )
     return p, json.loads(out.read_text())
 
 
@@ -31,9 +35,17 @@ def test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits(compiled
     p, rows = compiled
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(rows) == 2 * len(launches())
-    assert {r["kernel"] for r in rows} >= {"sc_fwd", "sc_bwd_f1", "sc_bwd_f2", "triplet_hardest_euclidean",
-                                           "triplet_hardest_cosine", "bank_scan_topk", "bank_scan_full",
-                                           "bank_grad_full", "bank_grad_topk"}
+    assert {r["kernel"] for r in rows} >= {
+        "sc_fwd",
+        "sc_bwd_f1",
+        "sc_bwd_f2",
+        "triplet_hardest_euclidean",
+        "triplet_hardest_cosine",
+        "bank_scan_topk",
+        "bank_scan_full",
+        "bank_grad_full",
+        "bank_grad_topk",
+    }
     for r in rows:
         assert not problems(r), (r, problems(r))
         assert r["shared"] <= {"sm_90": 232448, "sm_80": 166912}[r["arch"]]
@@ -83,11 +95,13 @@ def test_eager_twins_compute_in_fp32_under_autocast():
     bank = torch.nn.functional.normalize(torch.randn(300, 40, generator=torch.Generator().manual_seed(1)), dim=1)
     fa = torch.nn.functional.normalize(a, dim=1)
     index, pos = torch.arange(33), torch.randint(0, 300, (33, 4), generator=torch.Generator().manual_seed(2))
-    calls = [lambda: sc_loss_eager(a, p),
-             lambda: triplet_loss_eager(a, p, n, distance="cosine", hardest=True),
-             lambda: hardest_negatives_eager(a, p, n, distance="cosine")[0],
-             lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, 0.07, 16, 2)),
-             lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, 0.07, 0, 0))]
+    calls = [
+        lambda: sc_loss_eager(a, p),
+        lambda: triplet_loss_eager(a, p, n, distance="cosine", hardest=True),
+        lambda: hardest_negatives_eager(a, p, n, distance="cosine")[0],
+        lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, 0.07, 16, 2)),
+        lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, 0.07, 0, 0)),
+    ]
     for call in calls:
         ref = call()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -136,8 +150,10 @@ def test_auto_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     assert selfcheck.resolve("auto", "bank_loss", t) == "eager"
     assert selfcheck.resolve("fused", "bank_loss", t) == "fused"  # asked for explicitly
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fastssl: loss: the fused bank_loss kernel is not used (fault injected (FASTSSL_FAULT_KERNEL)); "
-                   "training on its eager twin (set loss.impl=eager to skip the check)"]
+    assert err == [
+        "fastssl: loss: the fused bank_loss kernel is not used (fault injected (FASTSSL_FAULT_KERNEL)); "
+        "training on its eager twin (set loss.impl=eager to skip the check)"
+    ]
 
 
 def test_training_continues_on_eager_when_the_kernel_check_fails(tmp_path):
@@ -145,8 +161,10 @@ def test_training_continues_on_eager_when_the_kernel_check_fails(tmp_path):
     and its losses are the eager run's."""
     losses = {}
     for name, impl, extra in (("eager", "eager", {}), ("auto", "auto", {"FASTSSL_FAULT_KERNEL": "sc_loss"})):
-        p = run(train_cmd(tmp_path / name, "train.max_steps=3", f"loss.impl={impl}", "data.batch_size=16"),
-                env_extra={"TRITON_INTERPRET": "1", "FASTSSL_AUTO_INTERPRETED": "1", **extra})
+        p = run(
+            train_cmd(tmp_path / name, "train.max_steps=3", f"loss.impl={impl}", "data.batch_size=16"),
+            env_extra={"TRITON_INTERPRET": "1", "FASTSSL_AUTO_INTERPRETED": "1", **extra},
+        )
         losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         if name == "auto":
             lines = [x for x in p.stderr.splitlines() if "fused sc_loss kernel is not used" in x]
@@ -158,8 +176,14 @@ def test_training_continues_on_eager_when_the_kernel_check_fails(tmp_path):
 
 
 def test_deterministic_mode_sets_the_cublas_workspace():
-    p = run([PY, "-c", "import os; from fastssl.engine import dist; dist.deterministic(); "
-                       "import torch; print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.are_deterministic_algorithms_enabled())"])
+    p = run(
+        [
+            PY,
+            "-c",
+            "import os; from fastssl.engine import dist; dist.deterministic(); "
+            "import torch; print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.are_deterministic_algorithms_enabled())",
+        ]
+    )
     assert p.stdout.split() == [":4096:8", "True"]
 
 

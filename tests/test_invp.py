@@ -1,5 +1,6 @@
 """Invariance Propagation: graph, propagation, hard sampling and losses against direct
 computations; bank and graph through checkpoints and 2-process DDP."""
+
 import json
 from collections import deque
 
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import load
 
 from conftest import ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
 from fastssl.kernels.bank_loss import hardest_positives, invp_losses
 from fastssl.methods.invp import knn_graph, propagate
-from test_train import load
 
 CFG = "configs/invp/builtin.yaml"
 
@@ -134,7 +135,12 @@ def test_ablations_run(tmp_path, ablation):
 
 
 def test_bank_and_graph_survive_kill_and_resume(tmp_path):
-    common = ["train.epochs=3", "train.ckpt_every_steps=3", "data.batch_size=64", "method.rampup_epoch=1"]  # 8 steps/epoch
+    common = [
+        "train.epochs=3",
+        "train.ckpt_every_steps=3",
+        "data.batch_size=64",
+        "method.rampup_epoch=1",
+    ]  # 8 steps/epoch
     ref, _, resumed, _ = kill_and_resume(tmp_path, common, CFG, (10, 23))
     a, b = ref["model"], resumed["model"]
     assert {"bank", "graph"} <= set(a)
@@ -167,6 +173,7 @@ def test_fingerprint_sees_rows_moved_in_a_normalised_bank():
 
 def _check_bank(rank, store, out):
     import torch.distributed as dist
+
     from fastssl.engine.dist import same_on_all_ranks
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -193,19 +200,32 @@ def test_same_on_all_ranks_under_two_process_gloo(tmp_path):
 
 def test_graph_with_approximate_index_runs(tmp_path):
     out = tmp_path / "hnsw"
-    run(train_cmd(out, "method.graph_index=hnsw", "train.max_steps=9", "data.batch_size=64", "method.rampup_epoch=0",
-                  config=CFG))
+    run(
+        train_cmd(
+            out,
+            "method.graph_index=hnsw",
+            "train.max_steps=9",
+            "data.batch_size=64",
+            "method.rampup_epoch=0",
+            config=CFG,
+        )
+    )
     g = load(out / "checkpoints" / "last.pt")["model"]["graph"]
     assert (g >= 0).all() and not (g == torch.arange(len(g))[:, None]).any()
 
 
-@pytest.mark.parametrize("override, key", [("method.color.value=[0.5]", "method.color.value"),
-                                           ("method.color.hue=200", "method.color.hue"),
-                                           ("method.graph_index=lsh", "method.graph_index"),
-                                           ("method.background=-1", "method.background"),
-                                           ("method.blur=1.5", "method.blur"),
-                                           ("method.blur_sigma=[0,1]", "method.blur_sigma"),
-                                           ("method.blur_kernel=4", "method.blur_kernel")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("method.color.value=[0.5]", "method.color.value"),
+        ("method.color.hue=200", "method.color.hue"),
+        ("method.graph_index=lsh", "method.graph_index"),
+        ("method.background=-1", "method.background"),
+        ("method.blur=1.5", "method.blur"),
+        ("method.blur_sigma=[0,1]", "method.blur_sigma"),
+        ("method.blur_kernel=4", "method.blur_kernel"),
+    ],
+)
 def test_bad_settings_are_refused(tiny_cfg, override, key):
     from fastssl.config import ConfigError
 
@@ -230,7 +250,10 @@ def test_blur_is_in_the_recipe_only_when_on_and_its_window_is_the_odd_side_neare
     assert sigma.shape == (4000, 1) and 0.45 < (sigma > 0).mean() < 0.55 and sigma[sigma > 0].min() >= 0.1
     assert [op.kernel for op in recipe("method.blur=0.5", "method.blur_kernel=5").ops if isinstance(op, Blur)] == [5]
     # drawn last: the other fields keep their streams
-    off, with_blur = recipe().draw(np.random.default_rng(1), 64), recipe("method.blur=0.5").draw(np.random.default_rng(1), 64)
+    off, with_blur = (
+        recipe().draw(np.random.default_rng(1), 64),
+        recipe("method.blur=0.5").draw(np.random.default_rng(1), 64),
+    )
     assert all(np.array_equal(off[k], with_blur[k]) for k in off)
 
 
@@ -248,8 +271,14 @@ def random_init_monitor(config):
     src = build_source(cfg)
     model = get_method("invp")(cfg, build_backbone(cfg.model, src.image_size), src.image_size, len(src.pretrain)).eval()
     with torch.no_grad():
-        model.bank.copy_(torch.cat([model.embed(x) for x in image_batches(
-            src.pretrain, src.image_size, model.eval_input(cfg, src), 256, "cpu")]))
+        model.bank.copy_(
+            torch.cat(
+                [
+                    model.embed(x)
+                    for x in image_batches(src.pretrain, src.image_size, model.eval_input(cfg, src), 256, "cpu")
+                ]
+            )
+        )
     return model.knn_monitor(src)
 
 
@@ -259,8 +288,11 @@ def test_builtin_learn_run_beats_random_init(tmp_path):
     cfg = f"{ROOT}/configs/invp/builtin-learn.yaml"
     out = tmp_path / "learn"
     run(train_cmd(out, config=cfg, tiny=False), timeout=1200)
-    knn = [r["knn_accuracy"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-           if "knn_accuracy" in r]
+    knn = [
+        r["knn_accuracy"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "knn_accuracy" in r
+    ]
     assert len(knn) == 100
     base = random_init_monitor(cfg)
     assert np.mean(knn[-10:]) >= base + 5, (knn[-10:], base)

@@ -1,5 +1,6 @@
 """Each fused kernel against its eager twin: values, gradients and indices, odd sizes, dtypes.
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py)."""
+
 import json
 
 import pytest
@@ -8,8 +9,13 @@ import torch
 from conftest import PY, run, train_cmd
 from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused, bank_lse, last_fallback_rows
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
-from fastssl.kernels.triplet import (hardest_negatives_eager, hardest_negatives_fused, pair_distance,
-                                     triplet_loss_eager, triplet_loss_fused)
+from fastssl.kernels.triplet import (
+    hardest_negatives_eager,
+    hardest_negatives_fused,
+    pair_distance,
+    triplet_loss_eager,
+    triplet_loss_fused,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -110,13 +116,24 @@ def assert_topk_sets_agree(idx, logits, k):
     assert (idx.sort(1).values.diff(dim=1) > 0).all()  # no entry twice
 
 
-BANK = [(1, 17, 3, 5, None), (7, 300, 20, 50, None), (37, 2001, 33, 100, None), (37, 2001, 33, 100, 7),
-        (16, 500, 130, 499, None), (5, 200, 16, 0, None), (9, 301, 64, 301, None),
-        (3, 40, 600, 0, None), (3, 40, 600, 10, None)]  # D > 512: the backward's D is split in chunks
+BANK = [
+    (1, 17, 3, 5, None),
+    (7, 300, 20, 50, None),
+    (37, 2001, 33, 100, None),
+    (37, 2001, 33, 100, 7),
+    (16, 500, 130, 499, None),
+    (5, 200, 16, 0, None),
+    (9, 301, 64, 301, None),
+    (3, 40, 600, 0, None),
+    (3, 40, 600, 10, None),
+]  # D > 512: the backward's D is split in chunks
 
 
-@pytest.mark.parametrize("B,N,D,K,stride,dtype", [(*s, torch.float32) for s in BANK] + [
-    (*s, dt) for s in (BANK[3], BANK[5]) for dt in (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "B,N,D,K,stride,dtype",
+    [(*s, torch.float32) for s in BANK]
+    + [(*s, dt) for s in (BANK[3], BANK[5]) for dt in (torch.bfloat16, torch.float16)],
+)
 def test_bank_lse_fused_equals_eager(B, N, D, K, stride, dtype):
     """Top-K (or whole-bank) log-sum-exp of f @ bank.T / tau: value, indices and gradient."""
     g = torch.Generator().manual_seed(B * N + D)
@@ -192,6 +209,9 @@ def test_fused_refused_without_gpu_or_interpreter():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    p = run([PY, "fastssl/train.py", "--config", "configs/sc/builtin.yaml", "loss.impl=fused"], check=False,
-            env_extra={"TRITON_INTERPRET": "0"})
+    p = run(
+        [PY, "fastssl/train.py", "--config", "configs/sc/builtin.yaml", "loss.impl=fused"],
+        check=False,
+        env_extra={"TRITON_INTERPRET": "0"},
+    )
     assert p.returncode == 2 and "loss.impl: fused kernels need a CUDA GPU" in p.stderr

@@ -1,4 +1,5 @@
 """FAISS GPU placement and k-limit decisions, exercised on the CPU with the real faiss package."""
+
 import types
 
 import pytest
@@ -19,15 +20,18 @@ def test_gpu_max_k_is_faiss_gpu_selection_limit():
     assert GPU_MAX_K == 2048
 
 
-@pytest.mark.parametrize("cuda, gpus, requested, use_gpu, noted", [
-    (False, 0, None, False, False),  # CPU machine: CPU index, nothing to say
-    (False, 0, True, False, True),   # GPU asked for without CUDA
-    (True, 0, None, False, True),    # CPU-only faiss on a CUDA machine
-    (True, 0, True, False, True),
-    (True, 2, None, True, False),
-    (True, 2, True, True, False),
-    (True, 2, False, False, False),  # use_gpu=False always stays on the CPU
-])
+@pytest.mark.parametrize(
+    "cuda, gpus, requested, use_gpu, noted",
+    [
+        (False, 0, None, False, False),  # CPU machine: CPU index, nothing to say
+        (False, 0, True, False, True),  # GPU asked for without CUDA
+        (True, 0, None, False, True),  # CPU-only faiss on a CUDA machine
+        (True, 0, True, False, True),
+        (True, 2, None, True, False),
+        (True, 2, True, True, False),
+        (True, 2, False, False, False),  # use_gpu=False always stays on the CPU
+    ],
+)
 def test_placement_every_branch(cuda, gpus, requested, use_gpu, noted):
     got, note = placement(cuda, gpus, requested)
     assert got is use_gpu
@@ -41,12 +45,15 @@ def test_placement_names_cpu_only_faiss():
     assert "faiss has no GPU support" in note
 
 
-@pytest.mark.parametrize("k, on_gpu, gpu, noted", [
-    (10, True, True, False),
-    (GPU_MAX_K, True, True, False),
-    (GPU_MAX_K + 1, True, False, True),  # over the limit: the CPU copy searches
-    (10 * GPU_MAX_K, False, False, False),  # a CPU index has no such limit
-])
+@pytest.mark.parametrize(
+    "k, on_gpu, gpu, noted",
+    [
+        (10, True, True, False),
+        (GPU_MAX_K, True, True, False),
+        (GPU_MAX_K + 1, True, False, True),  # over the limit: the CPU copy searches
+        (10 * GPU_MAX_K, False, False, False),  # a CPU index has no such limit
+    ],
+)
 def test_gpu_plan_every_branch(k, on_gpu, gpu, noted):
     got, note = gpu_plan(k, on_gpu)
     assert got is gpu

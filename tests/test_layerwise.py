@@ -1,13 +1,14 @@
 """Layer-wise contrastive: adjacent overlapping patches, stage-by-stage training, transfer."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from test_train import load
 
 from conftest import ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
 from fastssl.config import ConfigError
-from test_train import load
 
 CFG = "configs/layerwise/builtin.yaml"
 
@@ -52,7 +53,7 @@ def test_pipeline_patches_come_from_the_right_images(tiny_cfg):
     for j in range(16):
         for v in range(3):
             y, xx, h, w = boxes[j, v]
-            want = x[idx[j], y:y + h, xx:xx + w].transpose(2, 0, 1).astype(np.float32)
+            want = x[idx[j], y : y + h, xx : xx + w].transpose(2, 0, 1).astype(np.float32)
             np.testing.assert_allclose(batch["views"][v][j].numpy(), want, atol=1e-3)
 
 
@@ -69,14 +70,17 @@ def test_negative_comes_from_another_image(tiny_cfg, monkeypatch):
     assert torch.equal(seen["a"], m.embed(views[0])) and torch.equal(seen["p"], m.embed(views[1]))
 
 
-@pytest.mark.parametrize("overrides, key, msg", [
-    (["method.patch_sizes=[5]"], "method.patch_sizes[0]", "5 px is smaller than the 7 px receptive field"),
-    (["method.layers=2", "method.patch_sizes=[7,12]"], "method.patch_sizes[1]", "12 px is smaller than the 19 px"),
-    (["method.max_shift=7"], "method.max_shift", "so that 7 px patches overlap"),
-    (["model.arch=convnet"], "model.arch", "layerwise trains the 'shallow' net"),
-    (["method.distance=l1"], "method.distance", "is not one of"),
-    (["method.color.saturation=[1.5,0.5]"], "method.color.saturation", "must be a range [lo, hi]"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, msg",
+    [
+        (["method.patch_sizes=[5]"], "method.patch_sizes[0]", "5 px is smaller than the 7 px receptive field"),
+        (["method.layers=2", "method.patch_sizes=[7,12]"], "method.patch_sizes[1]", "12 px is smaller than the 19 px"),
+        (["method.max_shift=7"], "method.max_shift", "so that 7 px patches overlap"),
+        (["model.arch=convnet"], "model.arch", "layerwise trains the 'shallow' net"),
+        (["method.distance=l1"], "method.distance", "is not one of"),
+        (["method.color.saturation=[1.5,0.5]"], "method.color.saturation", "must be a range [lo, hi]"),
+    ],
+)
 def test_bad_patches_are_refused(tiny_cfg, overrides, key, msg):
     with pytest.raises(ConfigError) as e:
         tiny_cfg(*overrides, config=f"{ROOT}/{CFG}")
@@ -105,10 +109,10 @@ def test_two_stages_freeze_the_first_and_write_filters(tmp_path):
 
 
 def make_init_layer2():
+    from conftest import TINY
     from fastssl.config import load_config
     from fastssl.methods import get_method
     from fastssl.models import build_backbone
-    from conftest import TINY
 
     cfg = load_config(f"{ROOT}/{CFG}", [*TINY, "method.layers=2", "data.batch_size=64"])
     torch.manual_seed(cfg.seed)

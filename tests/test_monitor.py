@@ -1,4 +1,5 @@
 """The online kNN monitor: logged for every method with labels, bounded, and read-only."""
+
 import json
 
 import numpy as np
@@ -18,8 +19,18 @@ def epoch_records(out):
 @pytest.mark.parametrize("method", CONFIGS)
 def test_monitor_logged_for_every_method(tmp_path, method):
     out = tmp_path / "run"
-    run(train_cmd(out, "train.epochs=2", "train.monitor_bank=100", "train.monitor_test=50", "data.batch_size=64",
-                  "train.tensorboard=true", *CONFIGS[method], config=f"configs/{method}/builtin.yaml"))
+    run(
+        train_cmd(
+            out,
+            "train.epochs=2",
+            "train.monitor_bank=100",
+            "train.monitor_test=50",
+            "data.batch_size=64",
+            "train.tensorboard=true",
+            *CONFIGS[method],
+            config=f"configs/{method}/builtin.yaml",
+        )
+    )
     recs = epoch_records(out)
     assert len(recs) >= 2 and all(0 <= r["knn_monitor"] <= 100 and r["monitor_s"] > 0 for r in recs)
     assert any(p.name.startswith("events") for p in (out / "tb").iterdir())  # and in TensorBoard

@@ -1,6 +1,7 @@
 """Every augmentation op on every executor present here: the executor's pixels equal the op's
 torch face on the same plan (DALI CPU within the stated tolerance of its own kernels; the
 DataLoader and tensor executors run the torch faces, so exactly)."""
+
 import numpy as np
 import pytest
 import torch
@@ -26,11 +27,14 @@ def draw(side=13, ragged=False, views=2):
             h = w = np.full((n, views), side)
         y = (rng.random((n, views)) * (SIZE - h + 1)).astype(np.int64)
         x = (rng.random((n, views)) * (SIZE - w + 1)).astype(np.int64)
-        return {"box": np.stack([y, x, h, w], 2).astype(np.int32),
-                "flip": rng.integers(0, 2, (n, views), dtype=np.uint8),
-                "hsv": draw_hsv(rng, n, views, ColorJitter(hue=180, saturation=[0.0, 1.5], value=[0.6, 1.4])),
-                "grey": (rng.random((n, views)) < 0.5).astype(np.uint8),
-                "blur": draw_blur(rng, n, views, 0.7, [0.3, 2.0])}
+        return {
+            "box": np.stack([y, x, h, w], 2).astype(np.int32),
+            "flip": rng.integers(0, 2, (n, views), dtype=np.uint8),
+            "hsv": draw_hsv(rng, n, views, ColorJitter(hue=180, saturation=[0.0, 1.5], value=[0.6, 1.4])),
+            "grey": (rng.random((n, views)) < 0.5).astype(np.uint8),
+            "blur": draw_blur(rng, n, views, 0.7, [0.3, 2.0]),
+        }
+
     return f
 
 
@@ -58,15 +62,18 @@ def images():
 
 def recipe(name):
     ops, ragged, _ = RECIPES[name]
-    return Recipe(draw(16 if "targets" in name else 13, ragged), ops, views=2, size=16 if "targets" in name else 13,
-                  name=name)
+    return Recipe(
+        draw(16 if "targets" in name else 13, ragged), ops, views=2, size=16 if "targets" in name else 13, name=name
+    )
 
 
 def executors(split, r, batch=16):
     common = dict(split=split, recipe=r, batch_size=batch, seed=3, rank=0, world=1, mean=MEAN, std=STD)
-    return {"dali-cpu": DaliExecutor(**common, device="cpu", base_size=SIZE, num_threads=1),
-            "torch": TorchExecutor(**common, base_size=SIZE, num_workers=0),
-            "tensor": TensorExecutor(**common, device="cpu")}
+    return {
+        "dali-cpu": DaliExecutor(**common, device="cpu", base_size=SIZE, num_threads=1),
+        "torch": TorchExecutor(**common, base_size=SIZE, num_workers=0),
+        "tensor": TensorExecutor(**common, device="cpu"),
+    }
 
 
 def reference(images, r, epoch, batch=16):
@@ -106,7 +113,7 @@ def test_grey_is_the_luma_in_every_channel_and_leaves_the_others(images):
     x = torch.from_numpy(images[:8]).permute(0, 3, 1, 2)
     g = torch.tensor([1, 0] * 4, dtype=torch.uint8)
     out = Grey().torch(x, {"grey": g}, ViewContext(SIZE))
-    luma = (0.299 * x[:, 0].double() + 0.587 * x[:, 1].double() + 0.114 * x[:, 2].double())
+    luma = 0.299 * x[:, 0].double() + 0.587 * x[:, 1].double() + 0.114 * x[:, 2].double()
     for j in range(8):
         if g[j]:
             for c in range(3):
@@ -169,8 +176,14 @@ def test_exemplar_surrogate_recipe_on_every_executor(images):
     """The surrogate recipe (WarpAffine, ColourMatrix, HSVPower) on its own per-step plan: the
     DataLoader and tensor executors equal the torch faces bit for bit, DALI CPU to one grey level."""
     from fastssl.data.decode import to_chw
-    from fastssl.data.surrogate import (PatchParams, SurrogateAug, generate_torch, make_surrogate_set, pca_basis,
-                                        surrogate_recipe)
+    from fastssl.data.surrogate import (
+        PatchParams,
+        SurrogateAug,
+        generate_torch,
+        make_surrogate_set,
+        pca_basis,
+        surrogate_recipe,
+    )
 
     split = Split(images=images)
     sset = make_surrogate_set(split, SIZE, np.arange(16), np.arange(16), 16, seed=0)

@@ -1,4 +1,5 @@
 """The DALI executor (CPU backend here) cuts exactly what the torchvision baseline cuts."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +17,25 @@ def plan_fn(p=13, size=24, jitter=ColorJitter()):
         yx = rng.integers(0, size - p + 1, size=(n, 2, 2), dtype=np.int32)
         boxes = np.concatenate([yx, np.full((n, 2, 2), p, np.int32)], 2)
         return {"box": boxes, "flip": rng.integers(0, 2, (n, 2), dtype=np.uint8), "hsv": draw_hsv(rng, n, 2, jitter)}
+
     return f
 
 
 def loaders(split, fn, color=False, batch_size=16, rank=0, world=1, num_views=2, resize=False, out_size=13):
-    recipe = Recipe(fn, [Crop()] + [Resize()] * resize + [Flip()] + [HSV()] * color + [Normalise()], num_views, out_size)
-    common = dict(split=split, recipe=recipe, batch_size=batch_size, seed=7, rank=rank, world=world,
-                  base_size=24, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    recipe = Recipe(
+        fn, [Crop()] + [Resize()] * resize + [Flip()] + [HSV()] * color + [Normalise()], num_views, out_size
+    )
+    common = dict(
+        split=split,
+        recipe=recipe,
+        batch_size=batch_size,
+        seed=7,
+        rank=rank,
+        world=world,
+        base_size=24,
+        mean=(0.4, 0.5, 0.6),
+        std=(0.2, 0.25, 0.3),
+    )
     return DaliExecutor(**common, device="cpu", num_threads=1), TorchExecutor(**common, num_workers=0)
 
 
@@ -61,7 +74,7 @@ def test_crops_are_the_planned_pixels(images):
     for j in (0, 5, 15):
         for v in range(2):
             y, x, h, w = boxes[j, v]
-            crop = images[idx[j], y:y + h, x:x + w].astype(np.float64) / 255
+            crop = images[idx[j], y : y + h, x : x + w].astype(np.float64) / 255
             if flips[j, v]:
                 crop = crop[:, ::-1]
             want = ((crop - mean) / std).transpose(2, 0, 1)
@@ -120,13 +133,18 @@ def test_folder_jpegs_through_dali_decoder(tmp_path):
 
 def test_resized_non_square_crops_match_torchvision(images):
     """Random-resized-crop recipes: non-square boxes resized to the view size (DALI vs torchvision)."""
+
     def fn(rng, n):
         h = rng.integers(6, 24, (n, 1))
         w = rng.integers(6, 24, (n, 1))
         y = (rng.random((n, 1)) * (24 - h + 1)).astype(np.int64)
         x = (rng.random((n, 1)) * (24 - w + 1)).astype(np.int64)
         boxes = np.stack([y, x, h, w], 2).astype(np.int32)
-        return {"box": boxes, "flip": rng.integers(0, 2, (n, 1), dtype=np.uint8), "hsv": draw_hsv(rng, n, 1, ColorJitter())}
+        return {
+            "box": boxes,
+            "flip": rng.integers(0, 2, (n, 1), dtype=np.uint8),
+            "hsv": draw_hsv(rng, n, 1, ColorJitter()),
+        }
 
     dali, tv = loaders(Split(images=images), fn, num_views=1, resize=True, out_size=16)
     dali.set_epoch(0)

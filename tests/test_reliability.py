@@ -4,6 +4,7 @@ losses, failing checkpoint writes, and property-based config fuzzing.
 Crash-resume of the other methods lives beside them: SC in test_train.py, layer-wise (across a
 stage boundary) in test_layerwise.py, InvP (bank and graph) in test_invp.py; Split-Brain here.
 """
+
 import json
 import os
 import pickle
@@ -16,10 +17,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_train import load, records
 
 from conftest import PY, ROOT, TINY, env, kill_and_resume, run, train_cmd
 from fastssl.config import ConfigError, load_config
-from test_train import load, records
 
 # --------------------------------------------------------------------------- crash resume
 
@@ -30,6 +31,7 @@ def test_splitbrain_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert a["step"] == b["step"] == 24
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after a kill at step {kill_at}"
+
 
 # --------------------------------------------------------------------------- non-finite losses
 
@@ -47,8 +49,11 @@ def test_nan_loss_is_skipped_and_counted(tmp_path):
 
 def test_nan_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path):
     out = tmp_path / "nan3"
-    p = run(train_cmd(out, "train.max_steps=12", "train.ckpt_every_steps=2", "train.max_bad_steps=3"), check=False,
-            env_extra={"FASTSSL_NAN_AT_STEPS": "5,6,7"})
+    p = run(
+        train_cmd(out, "train.max_steps=12", "train.ckpt_every_steps=2", "train.max_bad_steps=3"),
+        check=False,
+        env_extra={"FASTSSL_NAN_AT_STEPS": "5,6,7"},
+    )
     assert p.returncode == 3
     assert "3 non-finite losses in a row" in p.stdout + p.stderr
     ck = load(out / "checkpoints/last.pt")
@@ -67,13 +72,17 @@ def test_nan_skip_under_two_process_ddp(tmp_path):
     recs = [r for r in records(out) if "loss" in r]
     assert recs[-1]["skipped_steps"] == 1 and [r["ranks_agree"] for r in records(out) if "ranks_agree" in r] == [1.0]
 
+
 # --------------------------------------------------------------------------- storage faults
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
     out = tmp_path / "disk"
-    p = run(train_cmd(out, "train.max_steps=10", "train.ckpt_every_steps=3"), check=False,
-            env_extra={"FASTSSL_FAIL_CKPT_AT_STEP": "6"})
+    p = run(
+        train_cmd(out, "train.max_steps=10", "train.ckpt_every_steps=3"),
+        check=False,
+        env_extra={"FASTSSL_FAIL_CKPT_AT_STEP": "6"},
+    )
     assert p.returncode == 3
     assert "No space left on device" in p.stdout + p.stderr and "is intact" in p.stdout + p.stderr
     assert load(out / "checkpoints/last.pt")["step"] == 3
@@ -101,6 +110,7 @@ def test_truncated_checkpoint_is_reported_on_resume(tmp_path):
     p = run(train_cmd(out, "train.max_steps=4") + ["--resume"], check=False)
     assert p.returncode == 2 and "corrupt" in p.stderr and str(f) in p.stderr
 
+
 # --------------------------------------------------------------------------- pre-emption of evaluation
 
 
@@ -108,8 +118,21 @@ def test_truncated_checkpoint_is_reported_on_resume(tmp_path):
 def test_evaluation_preempted_then_resumed(tmp_path, sig):
     cfg = os.path.join(ROOT, "configs/sc/builtin.yaml")
     res = tmp_path / "lin.json"
-    cmd = [PY, "-m", "fastssl.eval", "--config", cfg, "--random-init", "--protocol", "linear", "--out", str(res),
-           *TINY, "eval.linear_epochs=400", "eval.linear_seeds=3"]
+    cmd = [
+        PY,
+        "-m",
+        "fastssl.eval",
+        "--config",
+        cfg,
+        "--random-init",
+        "--protocol",
+        "linear",
+        "--out",
+        str(res),
+        *TINY,
+        "eval.linear_epochs=400",
+        "eval.linear_seeds=3",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     partial = tmp_path / "lin.json.partial.json"
     t0 = time.time()
@@ -127,6 +150,7 @@ def test_evaluation_preempted_then_resumed(tmp_path, sig):
     assert "already done" in p.stdout
     out = json.loads(res.read_text())
     assert len(out["runs"]) == 3 and out["runs"][0] == done["0"] and not partial.exists()
+
 
 # --------------------------------------------------------------------------- bad data
 
@@ -165,11 +189,18 @@ def _bad_folder(tmp_path):
 def test_data_check_names_each_bad_file(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSSL_CACHE", str(tmp_path / "cache"))
     root = _bad_folder(tmp_path)
-    p = run([PY, "-m", "fastssl.data.check", str(root)], check=False, env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")})
+    p = run(
+        [PY, "-m", "fastssl.data.check", str(root)], check=False, env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")}
+    )
     assert p.returncode == 1
-    bad = {ln.strip()[len("bad: "):].split(": ", 1)[0]: ln for ln in p.stdout.splitlines() if ln.strip().startswith("bad:")}
-    assert set(bad) == {str(root / f) for f in ("train/a/truncated.jpg", "train/b/cut.png", "train/b/notes.jpg",
-                                                 "train/b/empty.png")}
+    bad = {
+        ln.strip()[len("bad: ") :].split(": ", 1)[0]: ln
+        for ln in p.stdout.splitlines()
+        if ln.strip().startswith("bad:")
+    }
+    assert set(bad) == {
+        str(root / f) for f in ("train/a/truncated.jpg", "train/b/cut.png", "train/b/notes.jpg", "train/b/empty.png")
+    }
     assert "truncated" in bad[str(root / "train/a/truncated.jpg")]
     assert "not an image" in bad[str(root / "train/b/notes.jpg")] and "empty" in bad[str(root / "train/b/empty.png")]
     assert "1 other files ignored" in p.stdout
@@ -180,9 +211,24 @@ def test_data_check_names_each_bad_file(tmp_path, monkeypatch):
 def test_training_skips_bad_files_and_runs_whole_epochs(tmp_path):
     root = _bad_folder(tmp_path)
     out = tmp_path / "run"
-    p = run([PY, "fastssl/train.py", "--config", "configs/sc/builtin.yaml", f"out_dir={out}", "data.source=folder",
-             f"data.path={root}", "data.image_size=32", "data.batch_size=16", "train.epochs=2", "model.width=8",
-             "train.progress=false", "data.split=train"], env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")})
+    p = run(
+        [
+            PY,
+            "fastssl/train.py",
+            "--config",
+            "configs/sc/builtin.yaml",
+            f"out_dir={out}",
+            "data.source=folder",
+            f"data.path={root}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "train.epochs=2",
+            "model.width=8",
+            "train.progress=false",
+            "data.split=train",
+        ],
+        env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")},
+    )
     assert "4 unreadable image files left out" in p.stderr
     ck = load(out / "checkpoints/last.pt")
     assert ck["epoch"] == 2 and ck["step"] == 2 * (51 // 16)  # 51 usable train images (2 of them converted)
@@ -220,6 +266,7 @@ def test_data_check_on_array_formats(tmp_path):
     p = run([PY, "-m", "fastssl.data.check", str(tmp_path / "cifar")], check=False)
     assert p.returncode == 2 and "data_batch_2" in p.stderr and "(10, 3000)" in p.stderr
 
+
 # --------------------------------------------------------------------------- config fuzzing
 
 # key -> (strategy of invalid values); every one must be refused with a message naming the key
@@ -232,8 +279,10 @@ INVALID = {
     "model.arch": st.sampled_from(["resnet", "vgg", "alexnet", "resnet34"]),
     "model.width": st.integers(max_value=0),
     "optim.lr": st.one_of(st.floats(max_value=0.0, allow_nan=False), st.just(float("nan")), st.just(float("inf"))),
-    "optim.momentum": st.one_of(st.floats(min_value=1.0, allow_nan=False, allow_infinity=False),
-                                st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False)),
+    "optim.momentum": st.one_of(
+        st.floats(min_value=1.0, allow_nan=False, allow_infinity=False),
+        st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False),
+    ),
     "optim.weight_decay": st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False),
     "optim.name": st.sampled_from(["adam", "lamb", "SGD"]),
     "train.epochs": st.integers(max_value=0),
@@ -243,8 +292,12 @@ INVALID = {
     "train.precision": st.sampled_from(["fp8", "half", "float16", "fp16"]),  # fp16 needs a GPU
     "eval.knn_k": st.integers(max_value=0),
     "eval.knn_temperature": st.floats(max_value=0.0, allow_nan=False),
-    "method.patch_fraction": st.one_of(st.floats(max_value=0.0, allow_nan=False), st.floats(min_value=1.001, allow_nan=False)),
-    "method.color.hue": st.one_of(st.floats(max_value=-1e-6, allow_nan=False), st.floats(min_value=180.001, allow_nan=False)),
+    "method.patch_fraction": st.one_of(
+        st.floats(max_value=0.0, allow_nan=False), st.floats(min_value=1.001, allow_nan=False)
+    ),
+    "method.color.hue": st.one_of(
+        st.floats(max_value=-1e-6, allow_nan=False), st.floats(min_value=180.001, allow_nan=False)
+    ),
 }
 
 
@@ -260,8 +313,10 @@ def test_invalid_config_values_are_refused_naming_the_key(data):
     torch.nn.Module.__init__ = lambda self, *a, **k: built.append(type(self)) or orig(self, *a, **k)
     try:
         with pytest.raises(ConfigError) as e:
-            load_config(os.path.join(ROOT, "configs/sc/builtin.yaml"), [f"{key}={value!r}" if isinstance(value, str)
-                                                                         else f"{key}={value}"])
+            load_config(
+                os.path.join(ROOT, "configs/sc/builtin.yaml"),
+                [f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"],
+            )
     finally:
         torch.nn.Module.__init__ = orig
     assert str(e.value).startswith(key), (key, value, str(e.value))
@@ -283,10 +338,24 @@ def test_several_invalid_values_name_one_of_their_keys(keys, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(batch=st.integers(2, 512), lr=st.floats(1e-5, 1.0), epochs=st.integers(1, 50),
-       frac=st.floats(0.2, 1.0), hue=st.floats(0, 180), wd=st.floats(0, 0.1))
+@given(
+    batch=st.integers(2, 512),
+    lr=st.floats(1e-5, 1.0),
+    epochs=st.integers(1, 50),
+    frac=st.floats(0.2, 1.0),
+    hue=st.floats(0, 180),
+    wd=st.floats(0, 0.1),
+)
 def test_valid_config_values_are_accepted(batch, lr, epochs, frac, hue, wd):
-    cfg = load_config(os.path.join(ROOT, "configs/sc/builtin.yaml"),
-                      [f"data.batch_size={batch}", f"optim.lr={lr}", f"train.epochs={epochs}",
-                       f"method.patch_fraction={frac}", f"method.color.hue={hue}", f"optim.weight_decay={wd}"])
+    cfg = load_config(
+        os.path.join(ROOT, "configs/sc/builtin.yaml"),
+        [
+            f"data.batch_size={batch}",
+            f"optim.lr={lr}",
+            f"train.epochs={epochs}",
+            f"method.patch_fraction={frac}",
+            f"method.color.hue={hue}",
+            f"optim.weight_decay={wd}",
+        ],
+    )
     assert cfg.data.batch_size == batch and cfg.train.epochs == epochs

@@ -1,4 +1,5 @@
 """``python -m fastssl.report RUN_DIR``: report.md and its pictures from a real (tiny) run."""
+
 import json
 import os
 import re
@@ -70,13 +71,21 @@ def test_report_of_a_real_run(sc_run, capsys):
     # the evaluation table: trained next to random init, with the files' own numbers
     res = {f: json.loads((sc_run / f).read_text()) for f in ("eval_knn.json", "eval_knn_random.json")}
     row = next(line for line in md.splitlines() if line.startswith("| knn |"))
-    assert f"{res['eval_knn.json']['accuracy']:.2f}%" in row and f"{res['eval_knn_random.json']['accuracy']:.2f}%" in row
+    assert (
+        f"{res['eval_knn.json']['accuracy']:.2f}%" in row and f"{res['eval_knn_random.json']['accuracy']:.2f}%" in row
+    )
     assert "Neighbours with the query's label, over 256 test images" in md
     assert "CPU, " in md and "`checkpoints/last.pt`: step 16" in md  # the machine and the checkpoint
     assert "<details><summary>config.yaml" in md and "name: sc" in md
     # it only reads: nothing but report.md and report/ changed
-    changed = {p for p, t in before.items() if p.exists() and p.stat().st_mtime_ns != t
-               and p.name != "report.md" and "report" not in p.relative_to(sc_run).parts}
+    changed = {
+        p
+        for p, t in before.items()
+        if p.exists()
+        and p.stat().st_mtime_ns != t
+        and p.name != "report.md"
+        and "report" not in p.relative_to(sc_run).parts
+    }
     assert not changed
 
 
@@ -97,8 +106,16 @@ def test_report_of_a_layerwise_run(tmp_path, capsys):
     """Another backbone (the shallow net) and two stages: the features of the last trained
     stage, the 6x6 first layer, and the run's own filters/layer1.png linked too."""
     out = tmp_path / "lw"
-    run(train_cmd(out, "method.layers=2", "train.epochs=1", "eval.layer=layer2", "train.tensorboard=false",
-                  config="configs/layerwise/builtin.yaml"))
+    run(
+        train_cmd(
+            out,
+            "method.layers=2",
+            "train.epochs=1",
+            "eval.layer=layer2",
+            "train.tensorboard=false",
+            config="configs/layerwise/builtin.yaml",
+        )
+    )
     rc, _, err = report(out, capsys)
     assert rc == 0, err
     md, linked = check_pictures(out)

@@ -1,4 +1,5 @@
 """The SC loss is the paper's equation (2), at one or several layers."""
+
 import numpy as np
 import torch
 

@@ -1,11 +1,12 @@
 """Sources read the official formats: tiny files written here in those exact formats."""
+
 import os
 
 import numpy as np
 import pytest
 
-from formats import write_cifar, write_folder, write_stl10
 from fastssl.config import ConfigError
+from formats import write_cifar, write_folder, write_stl10
 
 
 def test_stl10_binaries_roundtrip(tmp_path, tiny_cfg):
@@ -69,8 +70,15 @@ def test_folder_with_classes(tmp_path, tiny_cfg):
     from fastssl.data.sources import build_source
 
     files = write_folder(tmp_path / "imgs")
-    src = build_source(tiny_cfg("data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.batch_size=2",
-                                "data.image_size=24", "method.patch_size=16"))
+    src = build_source(
+        tiny_cfg(
+            "data.source=folder",
+            f"data.path={tmp_path / 'imgs'}",
+            "data.batch_size=2",
+            "data.image_size=24",
+            "method.patch_size=16",
+        )
+    )
     assert src.image_size == 24 and src.num_classes == 2
     assert sorted(src.train.files) == sorted(p for p, _ in files)
     assert list(src.train.labels) == [0, 0, 0, 1, 1, 1]
@@ -84,8 +92,11 @@ def test_folder_flat_is_unlabeled_and_empty_is_refused(tmp_path, tiny_cfg):
     flat.mkdir()
     for p in (tmp_path / "imgs" / "cat").iterdir():
         os.rename(p, flat / p.name)
-    src = build_source(tiny_cfg("data.source=folder", f"data.path={flat}", "data.batch_size=2", "data.image_size=24",
-                                "method.patch_size=16"))
+    src = build_source(
+        tiny_cfg(
+            "data.source=folder", f"data.path={flat}", "data.batch_size=2", "data.image_size=24", "method.patch_size=16"
+        )
+    )
     assert src.train.labels is None and len(src.pretrain) == 3
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -20,7 +20,7 @@ def real_images(side=96):
     out = []
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
         im = getattr(skdata, name)()
-        out.append(np.ascontiguousarray(im[100:100 + side, 150:150 + side]))
+        out.append(np.ascontiguousarray(im[100 : 100 + side, 150 : 150 + side]))
     return out
 
 
@@ -28,7 +28,7 @@ def random_images(n=4, side=96, seed=0):
     rng = np.random.default_rng(seed)
     ims = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(n)]
     ims[0][:, : side // 2] = 0  # pure black and white regions (the linear branches of sRGB and f)
-    ims[0][:, side // 2:] = 255
+    ims[0][:, side // 2 :] = 255
     return ims
 
 
@@ -75,7 +75,7 @@ def test_dali_targets_equal_numpy_bin_for_bin(space, rescale):
         np.testing.assert_array_equal(got[sure], ref[sure])
         sure_total.append(sure.mean())
     assert np.mean(sure_total[1:]) > 0.95  # image 0 (black | white) is all bin edges
-    assert t1.max() < split.bins1 and t2.max() < split.bins2 ** 2 and min(t1.min(), t2.min()) >= 0
+    assert t1.max() < split.bins1 and t2.max() < split.bins2**2 and min(t1.min(), t2.min()) >= 0
 
 
 def test_torch_executor_matches_dali():
@@ -105,8 +105,10 @@ def test_bin_centres_map_back_to_their_bins():
     rgb_ab = lab2rgb(lab_ab[None])[0]
     in_gamut = np.abs(rgb2lab(rgb_ab[None])[0] - lab_ab).max(1) < 1.0
     assert in_gamut.sum() >= 20
-    for lab, want, which, keep in ((lab_l, np.arange(100), 1, np.abs(l_centres - 50) < 49),
-                                   (lab_ab, np.arange(100), 2, in_gamut)):
+    for lab, want, which, keep in (
+        (lab_l, np.arange(100), 1, np.abs(l_centres - 50) < 49),
+        (lab_ab, np.arange(100), 2, in_gamut),
+    ):
         rgb = np.round(lab2rgb(lab[keep][None])[0] * 255).astype(np.uint8)
         im, side = blocks_image(rgb)
         out = run_dali([im], lambda x: split.dali(x, im.shape[0]))[which][0].reshape(-1)
@@ -141,8 +143,13 @@ def test_loader_delivers_lab_input_and_targets(tiny_cfg, arch):
     m = get_method("splitbrain")(cfg, build_backbone(cfg.model, 32), 32)
     batches = []
     for kind in ("dali-cpu", "torch"):
-        c = tiny_cfg(f"model.arch={arch}", "method.rescale=true", "eval.layer=null", f"data.pipeline={kind}",
-                     config=f"{ROOT}/{CFG}")
+        c = tiny_cfg(
+            f"model.arch={arch}",
+            "method.rescale=true",
+            "eval.layer=null",
+            f"data.pipeline={kind}",
+            config=f"{ROOT}/{CFG}",
+        )
         loader = m.loader(c, src)
         loader.set_epoch(0)
         batches.append(next(iter(loader)))
@@ -155,14 +162,17 @@ def test_loader_delivers_lab_input_and_targets(tiny_cfg, arch):
     out["loss"].backward()
 
 
-@pytest.mark.parametrize("override, key", [
-    (["model.arch=convnet", "eval.layer=null"], "model.arch"),
-    (["method.space=hsv"], "method.space"),
-    (["method.target_size=5"], "method.target_size"),
-    (["method.crop_size=40"], "method.crop_size"),
-    (["method.bins_ab=1"], "method.bins_l/bins_ab"),
-    (["method.ab_range=[10,-10]"], "method.ab_range"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["model.arch=convnet", "eval.layer=null"], "model.arch"),
+        (["method.space=hsv"], "method.space"),
+        (["method.target_size=5"], "method.target_size"),
+        (["method.crop_size=40"], "method.crop_size"),
+        (["method.bins_ab=1"], "method.bins_l/bins_ab"),
+        (["method.ab_range=[10,-10]"], "method.ab_range"),
+    ],
+)
 def test_bad_settings_are_refused(tiny_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace("/", ".")):
         tiny_cfg(*override, config=f"{ROOT}/{CFG}")
@@ -170,7 +180,16 @@ def test_bad_settings_are_refused(tiny_cfg, override, key):
 
 def test_short_run_beats_random_init(tmp_path):
     out = tmp_path / "sb"
-    run(train_cmd(str(out), "data.builtin.num_train=2048", "data.batch_size=64", "model.width=64", "train.epochs=5",
-                  config=CFG), timeout=900)
+    run(
+        train_cmd(
+            str(out),
+            "data.builtin.num_train=2048",
+            "data.batch_size=64",
+            "model.width=64",
+            "train.epochs=5",
+            config=CFG,
+        ),
+        timeout=900,
+    )
     trained, random = eval_trained_and_random(out, "linear", "eval.linear_epochs=30", "eval.linear_seeds=2")
     assert trained["accuracy"] >= random["accuracy"] + 3, (trained, random)

@@ -1,4 +1,5 @@
 """End-to-end runs of fastssl/train.py: files written, DDP, crash-resume, signals, learning."""
+
 import json
 import os
 import signal
@@ -109,6 +110,7 @@ def test_sc_beats_random_init_under_the_linear_probe(tmp_path):
     """A short SC run on the built-in set must beat the same network untrained by a clear margin."""
     out = tmp_path / "learn"
     run(train_cmd(out, "train.epochs=4", "data.builtin.num_train=2048", "data.batch_size=64", tiny=False))
-    sc, random = eval_trained_and_random(out, "linear", "eval.linear_epochs=30", "eval.linear_seeds=1",
-                                         "data.builtin.num_train=2048")
+    sc, random = eval_trained_and_random(
+        out, "linear", "eval.linear_epochs=30", "eval.linear_seeds=1", "data.builtin.num_train=2048"
+    )
     assert sc["accuracy"] >= random["accuracy"] + 5.0, (sc, random)

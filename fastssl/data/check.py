@@ -20,6 +20,7 @@ folder (file names, sizes and modification times, as compact arrays) in ``~/.cac
 only decodes new or changed files.  Exit status: 0 when every image is usable, 1 when some are bad,
 2 when nothing usable is left or the path is not a dataset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,20 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from fastssl.data.sources import _CIFAR, IMAGE_EXTS
+from fastssl.log import get_logger
 
-CONVERTED = {"L": "grayscale", "LA": "grayscale + alpha", "CMYK": "CMYK", "P": "palette", "RGBA": "RGB + alpha",
-             "I;16": "16-bit grayscale", "I": "32-bit grayscale", "1": "1-bit"}
+log = get_logger(__name__)
+
+CONVERTED = {
+    "L": "grayscale",
+    "LA": "grayscale + alpha",
+    "CMYK": "CMYK",
+    "P": "palette",
+    "RGBA": "RGB + alpha",
+    "I;16": "16-bit grayscale",
+    "I": "32-bit grayscale",
+    "1": "1-bit",
+}
 
 
 def check_image(path: str) -> Tuple[str, str, int, int]:
@@ -74,8 +86,10 @@ class Report:
         return len(self.ok) + len(self.converted)
 
     def lines(self, limit: int = 50) -> List[str]:
-        out = [f"{self.root}: {self.usable} usable images ({len(self.converted)} converted to RGB), "
-               f"{len(self.bad)} bad, {len(self.ignored)} other files ignored"]
+        out = [
+            f"{self.root}: {self.usable} usable images ({len(self.converted)} converted to RGB), "
+            f"{len(self.bad)} bad, {len(self.ignored)} other files ignored"
+        ]
         for f, why in list(self.bad.items())[:limit]:
             out.append(f"  bad: {f}: {why}")
         if len(self.bad) > limit:
@@ -126,8 +140,14 @@ def _stamps(files: List[str], progress: bool) -> Tuple[np.ndarray, Dict[int, str
 
     out = np.full((len(files), 2), -1, np.int64)
     unreadable = {}
-    it = tqdm(files, desc="listing images", unit="file", disable=not (progress and len(files) > 100_000),
-              file=sys.stderr, mininterval=1.0)
+    it = tqdm(
+        files,
+        desc="listing images",
+        unit="file",
+        disable=not (progress and len(files) > 100_000),
+        file=sys.stderr,
+        mininterval=1.0,
+    )
     for i, f in enumerate(it):
         try:
             st = os.stat(f)
@@ -146,8 +166,13 @@ def _read_cache(path: str):
     """(names, stamps, code, hw, why) of a cache file, or None when absent or unreadable."""
     try:
         with np.load(path) as z:
-            return (z["names"], z["stamps"], z["code"], z["hw"],
-                    {int(k): v for k, v in json.loads(bytes(z["why"]).decode()).items()})
+            return (
+                z["names"],
+                z["stamps"],
+                z["code"],
+                z["hw"],
+                {int(k): v for k, v in json.loads(bytes(z["why"]).decode()).items()},
+            )
     except (OSError, ValueError, KeyError):
         return None
 
@@ -178,11 +203,16 @@ def _wait_for_cache(path: str, names, stamps, root: str):
             return c
         if time.monotonic() - last > 30:
             last = time.monotonic()
-            print(f"fastssl: data check: waiting for local rank 0's check of {root} ({last - t0:.0f} s)",
-                  file=sys.stderr, flush=True)
+            log.info(
+                f"fastssl: data check: waiting for local rank 0's check of {root} ({last - t0:.0f} s)",
+                extra={"every_rank": True},
+            )
         time.sleep(0.2)
-    print(f"fastssl: data check: no verdicts from local rank 0 after {wait:.0f} s (FASTSSL_CHECK_WAIT); "
-          f"checking {root} here", file=sys.stderr)
+    log.warning(
+        f"fastssl: data check: no verdicts from local rank 0 after {wait:.0f} s (FASTSSL_CHECK_WAIT); "
+        f"checking {root} here",
+        extra={"every_rank": True},
+    )
     return None
 
 
@@ -229,8 +259,14 @@ def check_files(files: List[str], root: str, use_cache: bool = True, progress: b
 
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
             results = pool.map(check_image, [files[i] for i in idx])
-            it = tqdm(results, total=len(idx), desc=f"checking {len(idx)} images", unit="img",
-                      disable=not (progress and len(idx) > 200), file=sys.stderr)
+            it = tqdm(
+                results,
+                total=len(idx),
+                desc=f"checking {len(idx)} images",
+                unit="img",
+                disable=not (progress and len(idx) > 200),
+                file=sys.stderr,
+            )
             for i, (verdict, reason, h, w) in zip(idx, it):
                 code[i], hw[i] = CODES.index(verdict), (h, w)
                 if reason:
@@ -239,8 +275,11 @@ def check_files(files: List[str], root: str, use_cache: bool = True, progress: b
     if use_cache and (len(idx) or cache is None) and rank == 0:
         _write_cache(path, names, stamps, v)
     if len(idx) and progress:
-        print(f"fastssl: data check: {root}: decoded {len(idx)} of {n} images in {v.seconds:.1f} s "
-              f"({int((v.code == 2).sum())} bad); verdicts cached in {path}", file=sys.stderr, flush=True)
+        log.info(
+            f"fastssl: data check: {root}: decoded {len(idx)} of {n} images in {v.seconds:.1f} s "
+            f"({int((v.code == 2).sum())} bad); verdicts cached in {path}",
+            extra={"every_rank": True},
+        )
     if use_cache:
         _MEMO[key] = v
     return v
@@ -272,14 +311,17 @@ def detect_source(path: str) -> str:
         if os.path.isfile(os.path.join(d, "train_X.bin")):
             return "stl10"
     for name, (sub, train_files, *_rest) in _CIFAR.items():
-        if os.path.isfile(os.path.join(path, train_files[0])) or os.path.isfile(os.path.join(path, sub, train_files[0])):
+        if os.path.isfile(os.path.join(path, train_files[0])) or os.path.isfile(
+            os.path.join(path, sub, train_files[0])
+        ):
             return name
     return "folder"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastssl.data.check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.data.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("path")
     p.add_argument("--source", default="auto", choices=("auto", "folder", "stl10", "cifar10", "cifar100"))
     p.add_argument("--no-cache", action="store_true", help="decode every file again")
@@ -291,17 +333,20 @@ def main(argv=None) -> int:
     if src != "folder":
         from omegaconf import OmegaConf
 
-        from fastssl.config import ConfigError
         from fastssl.data.sources import build_source
+        from fastssl.errors import ConfigError
 
         try:
-            s = build_source(OmegaConf.create({"data": {"source": src, "path": a.path, "split": "pretrain",
-                                                        "image_size": None}}))
+            s = build_source(
+                OmegaConf.create({"data": {"source": src, "path": a.path, "split": "pretrain", "image_size": None}})
+            )
         except ConfigError as e:
             print(f"fastssl.data.check: {src}: {e}", file=sys.stderr)
             return 2
-        print(f"{a.path}: {src}: {len(s.pretrain)} pre-training, {len(s.train)} train, {len(s.test)} test images; "
-              f"files, shapes and labels valid")
+        print(
+            f"{a.path}: {src}: {len(s.pretrain)} pre-training, {len(s.train)} train, {len(s.test)} test images; "
+            f"files, shapes and labels valid"
+        )
         return 0
     rep = check_folder(a.path, use_cache=not a.no_cache)
     print("\n".join(rep.lines()))

@@ -7,6 +7,7 @@ comes later.  ``check_gpu_graph`` turns such a refusal into one line naming the 
 ``data.pipeline=dali-gpu`` fails at once, not at the first batch; ``graph_ops`` lists where each
 operator runs (the tests check that the heavy ones are on the GPU).
 """
+
 from __future__ import annotations
 
 import re
@@ -35,8 +36,9 @@ def graph_ops(pipe) -> List[Tuple[str, str]]:
 def describe(e: Exception) -> str:
     """DALI's refusal as 'fn.op: reason' on one line."""
     msg = (str(e).strip() or type(e).__name__).splitlines()[0]
-    named = re.search(r"argument '(\w+)' of operator '(?:nvidia\.dali\.)?([\w.]+)'\. (Named arguments must be on \w+)",
-                      msg)
+    named = re.search(
+        r"argument '(\w+)' of operator '(?:nvidia\.dali\.)?([\w.]+)'\. (Named arguments must be on \w+)", msg
+    )
     if named:
         return f"{named[2]}: {named[3]} ({named[1]})"
     msg = re.sub(r'^Assert on ".*?" failed: ', "", msg)  # the C++ condition says nothing to a user
@@ -61,11 +63,25 @@ def crop_pipeline(recipe, source, split, batch_size: int, reader_workers: int = 
     from fastssl.data.executors.dali import FileReader, build_dali_pipeline, reads_in_workers
 
     whole = whole_image(split, recipe)
-    reader = FileReader(split.files, batch_size, 0, 0, 1, 0, 0) if reads_in_workers(split, recipe, reader_workers) \
-        else None
-    return build_dali_pipeline([], over_whole_images(recipe) if whole else recipe, "gpu", batch_size, 1, 0,
-                               source.image_size, split.encoded, source.mean, source.std, whole=whole, reader=reader,
-                               reader_workers=reader_workers, hw_decoder_load=hw_decoder_load)
+    reader = (
+        FileReader(split.files, batch_size, 0, 0, 1, 0, 0) if reads_in_workers(split, recipe, reader_workers) else None
+    )
+    return build_dali_pipeline(
+        [],
+        over_whole_images(recipe) if whole else recipe,
+        "gpu",
+        batch_size,
+        1,
+        0,
+        source.image_size,
+        split.encoded,
+        source.mean,
+        source.std,
+        whole=whole,
+        reader=reader,
+        reader_workers=reader_workers,
+        hw_decoder_load=hw_decoder_load,
+    )
 
 
 def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: int):
@@ -74,4 +90,6 @@ def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: i
     from fastssl.data.executors.dali import build_dali_pipeline
     from fastssl.data.surrogate import patch_recipe
 
-    return build_dali_pipeline([], patch_recipe(patch), "gpu", batch_size, 1, 0, image_size, encoded, (0.5,) * 3, (0.25,) * 3)
+    return build_dali_pipeline(
+        [], patch_recipe(patch), "gpu", batch_size, 1, 0, image_size, encoded, (0.5,) * 3, (0.25,) * 3
+    )

@@ -1,5 +1,6 @@
 """Whole images of a split as uint8 tensors (PIL decoding for folders): what the torch executor
 and the evaluation protocols read."""
+
 from __future__ import annotations
 
 import numpy as np

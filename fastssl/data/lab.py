@@ -24,7 +24,22 @@ before quantising: each target cell is the bin of the *mean colour of its block*
 requires); the mean colour is what a prediction at that coarse resolution can be asked for, and
 the per-image range is taken at full resolution so that rescaled bins span the image's real
 extremes.
+
+ab classes (``ab_bins``).  ``seed100`` (the default) is the joint ``bins2 x bins2`` grid above, as
+the Split-Brain paper's text has it; only 63 of its 100 classes are reached by any sRGB colour
+(measured over all 256^3 colours, tests/test_splitbrain_authors.py).  ``grid313`` is the class
+set of the colourisation code of Zhang, Isola & Efros (github.com/richzhang/colorization,
+``resources/pts_in_hull.npy``, loaded by ``NNEncode`` in ``resources/caffe_traininglayers.py``):
+the 313 centres of a 10-unit ab grid that lie in the gamut (``GRID313``, below, transcribed as
+the per-a range of b values; its order is theirs).  In that mode the pipeline does *not*
+quantise ab: the ab targets are the block-mean a and b themselves, a (2, h, w) float32 map, and
+the soft encoding (``soft_encode``) and the class rebalancing (``prior_factor``) run in the
+method's loss on the training device (``fastssl/methods/splitbrain.py``).  The pipeline stays one
+block mean for both modes, its DALI and torch faces stay one formula each, and the 313-way
+nearest-neighbour search (313 distances per target cell) is a small batched GPU op instead of a
+DALI graph.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,15 +49,49 @@ import numpy as np
 import torch
 
 # sRGB (linear) -> XYZ, D65 reference white: as skimage.color
-_RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423],
-                        [0.212671, 0.715160, 0.072169],
-                        [0.019334, 0.119193, 0.950227]])
+_RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
 _WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 _XYZ_NORM = _RGB_TO_XYZ / _WHITE_D65[:, None]  # XYZ already divided by the white point
 _F_TO_LAB = np.array([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]])
 _F_TO_LAB_T = np.array([-16.0, 0.0, 0.0])
 _EPS_GAMMA, _EPS_F = 0.04045, 0.008856
 SPACES = ("lab", "rgb")
+AB_BINS = ("seed100", "grid313")
+
+# The 313 in-gamut ab bin centres of the colourisation code (Zhang, Isola, Efros, "Colorful Image
+# Colorization", ECCV 2016): github.com/richzhang/colorization, resources/pts_in_hull.npy, 313 x 2
+# int64 (a, b) sorted by a then b.  Written here as a -> (lowest b, highest b),
+# every b between them on the 10-unit grid; the expansion equals their file value for value (as
+# also listed by OpenCV's samples/dnn/colorization.cpp, ``hull_pts``).
+_GRID313_B_RANGES = {
+    -90: (50, 90),
+    -80: (20, 90),
+    -70: (0, 90),
+    -60: (-20, 90),
+    -50: (-30, 100),
+    -40: (-40, 100),
+    -30: (-50, 100),
+    -20: (-50, 100),
+    -10: (-60, 100),
+    0: (-70, 100),
+    10: (-80, 90),
+    20: (-80, 90),
+    30: (-90, 90),
+    40: (-100, 90),
+    50: (-100, 80),
+    60: (-110, 80),
+    70: (-110, 80),
+    80: (-110, 70),
+    90: (-110, 70),
+    100: (-90, 0),
+}
+GRID313 = np.array(
+    [(a, b) for a, (lo, hi) in _GRID313_B_RANGES.items() for b in range(lo, hi + 1, 10)], dtype=np.float64
+)  # (313, 2)
+assert GRID313.shape == (313, 2)
+SOFT_NEIGHBOURS, SOFT_SIGMA = 10, 5.0  # NNEncLayer: self.NN = 10., self.sigma = 5.
+PRIOR_LAMBDA, PRIOR_ALPHA = 0.5, 1.0  # PriorBoostLayer: self.gamma = .5 (the paper's lambda), self.alpha = 1.
+NONGRAY_THRESHOLD = 5.0  # NonGrayMaskLayer: self.thresh = 5
 
 
 @dataclass(frozen=True)
@@ -60,12 +109,18 @@ class ColorSplit:
     rescale: bool = False
     factor: int = 8
     ab_range: Tuple[float, float] = (-110.0, 110.0)
+    ab_bins: str = "seed100"  # seed100: bins2 x bins2 joint bins | grid313: targets 2 = block-mean (a, b)
 
     num_outputs = 3  # per view: input, targets of group 1, targets of group 2
 
     @property
+    def soft_ab(self) -> bool:
+        """Targets of group 2 are the continuous block-mean ab (grid313), soft-encoded in the loss."""
+        return self.ab_bins == "grid313"
+
+    @property
     def classes(self) -> Tuple[int, int]:
-        return self.bins1, self.bins2 ** 2
+        return self.bins1, (len(GRID313) if self.soft_ab else self.bins2**2)
 
     def fixed_range(self) -> Tuple[np.ndarray, np.ndarray]:
         """(lo, hi) per channel of the space's fixed range."""
@@ -82,7 +137,7 @@ class ColorSplit:
 
     def dali(self, x, side: int):
         """DALI graph: HWC uint8 view of ``side`` px -> [CHW float input, (h, w) int32 targets 1,
-        targets 2]."""
+        targets 2 ((h, w) int32; grid313: (2, h, w) float32 block-mean a, b)]."""
         return self.dali_targets(dali_colour(x, self.space), side)
 
     def dali_targets(self, c, side: int):
@@ -103,6 +158,8 @@ class ColorSplit:
         n = np.array([self.bins1, self.bins2, self.bins2], np.float32)
         q = dmath.min(dmath.max(dmath.floor((small - lo) * inv * n), np.float32(0)), n - 1)
         t1 = fn.cast(q[:, :, 0], dtype=types.INT32)
+        if self.soft_ab:
+            return [inp, t1, fn.transpose(small[:, :, 1:3], perm=[2, 0, 1])]
         t2 = fn.cast(q[:, :, 1] * self.bins2 + q[:, :, 2], dtype=types.INT32)
         return [inp, t1, t2]
 
@@ -122,10 +179,14 @@ class ColorSplit:
             inv = 1.0 / (c.amax(dim=(2, 3), keepdim=True) - lo + 1e-6)
         else:
             lo, hi = self.fixed_range()
-            lo, inv = (torch.tensor(v, dtype=torch.float32, device=c.device).view(1, 3, 1, 1) for v in (lo, 1.0 / (hi - lo)))
+            lo, inv = (
+                torch.tensor(v, dtype=torch.float32, device=c.device).view(1, 3, 1, 1) for v in (lo, 1.0 / (hi - lo))
+            )
         small = torch.nn.functional.avg_pool2d(c, self.factor)  # block means
         n = torch.tensor([self.bins1, self.bins2, self.bins2], dtype=torch.float32, device=c.device).view(1, 3, 1, 1)
         q = torch.minimum(torch.floor((small - lo) * inv * n).clamp_min(0), n - 1).long()
+        if self.soft_ab:
+            return [inp, q[:, 0].int(), small[:, 1:3].contiguous()]
         t1, t2 = q[:, 0], q[:, 1] * self.bins2 + q[:, 2]
         return [inp, t1.int(), t2.int()]
 
@@ -137,12 +198,16 @@ class ColorSplit:
 
     def bin_centres(self) -> Tuple[np.ndarray, np.ndarray]:
         """Colour values at the centre of each class of the two groups over the fixed range:
-        (bins1,) values of channel 0 and (bins2 ** 2, 2) values of channels 1, 2."""
+        (bins1,) values of channel 0 and (bins2 ** 2, 2) values of channels 1, 2 (grid313: the
+        (313, 2) ``GRID313``)."""
         lo, hi = self.fixed_range()
         c0 = lo[0] + (np.arange(self.bins1) + 0.5) * (hi[0] - lo[0]) / self.bins1
-        i, j = np.divmod(np.arange(self.bins2 ** 2), self.bins2)
-        c12 = np.stack([lo[1] + (i + 0.5) * (hi[1] - lo[1]) / self.bins2,
-                        lo[2] + (j + 0.5) * (hi[2] - lo[2]) / self.bins2], 1)
+        if self.soft_ab:
+            return c0, GRID313.copy()
+        i, j = np.divmod(np.arange(self.bins2**2), self.bins2)
+        c12 = np.stack(
+            [lo[1] + (i + 0.5) * (hi[1] - lo[1]) / self.bins2, lo[2] + (j + 0.5) * (hi[2] - lo[2]) / self.bins2], 1
+        )
         return c0, c12
 
 
@@ -161,8 +226,9 @@ def dali_colour(x, space: str):
 
     if space == "rgb":
         return fn.cast(x, dtype=types.FLOAT)
-    lin = fn.lookup_table(x, keys=list(range(256)), values=srgb_linear_table().astype(np.float32).tolist(),
-                          dtype=types.FLOAT)
+    lin = fn.lookup_table(
+        x, keys=list(range(256)), values=srgb_linear_table().astype(np.float32).tolist(), dtype=types.FLOAT
+    )
     xyz = fn.coord_transform(lin, M=_XYZ_NORM.astype(np.float32).ravel().tolist())
     cube = xyz > np.float32(_EPS_F)
     f = cube * dmath.cbrt(xyz) + (1 - cube) * (xyz * np.float32(7.787) + np.float32(16 / 116))
@@ -186,3 +252,58 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     m2 = torch.tensor(_F_TO_LAB, dtype=rgb.dtype, device=rgb.device)
     t = torch.tensor(_F_TO_LAB_T, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     return torch.einsum("ij,bjhw->bihw", m2, f) + t
+
+
+# ---------------------------------------------------------------------- grid313: the loss's maths
+# The colourisation code's training layers (github.com/richzhang/colorization,
+# resources/caffe_traininglayers.py; wired in models/colorization_train_val_v2.prototxt):
+#   NNEncode      each target ab -> its 10 nearest of the 313 centres, Gaussian weights
+#                 exp(-d^2 / (2 sigma^2)), sigma 5, normalised to sum 1 (the soft target);
+#   PriorFactor   w = ((1 - lambda) p + lambda u) ** -alpha, lambda 0.5, alpha 1, u uniform over the
+#                 bins of p > 0, renormalised so that sum(p * w) = 1 (expected weight 1);
+#   PriorBoost    a cell's weight is w of the argmax of its soft target (its nearest bin),
+#   NonGrayMask   times 0 for an image with no |a| or |b| above 5 (a grey image);
+#   ClassRebalanceMult  the weight scales the gradient of that cell's softmax cross-entropy.
+
+
+def soft_encode(ab: torch.Tensor, centres: torch.Tensor, k: int = SOFT_NEIGHBOURS, sigma: float = SOFT_SIGMA):
+    """(N, 2) ab -> (weights (N, k), bin indices (N, k)): the ``k`` nearest ``centres`` (Q, 2) of
+    each point, nearest first, with normalised Gaussian weights of their distance (NNEncode).  The
+    dense soft target is ``zeros(N, Q).scatter_(1, index, weights)``.  Squared distances are
+    taken per channel ((a - a_j)^2 + (b - b_j)^2: two (N, Q) temporaries) and shifted by the
+    nearest one before the exponential (the same weights after normalising, no underflow)."""
+    c = centres.to(ab.dtype)
+    d2 = (ab[:, :1] - c[:, 0]).square() + (ab[:, 1:] - c[:, 1]).square()
+    d2k, idx = torch.topk(d2, k, dim=1, largest=False, sorted=True)
+    w = torch.exp(-(d2k - d2k[:, :1]) / (2 * sigma**2))
+    return w / w.sum(1, keepdim=True), idx
+
+
+def prior_factor(prior: torch.Tensor, lam: float = PRIOR_LAMBDA, alpha: float = PRIOR_ALPHA) -> torch.Tensor:
+    """Class-rebalancing weight per bin from the prior ``p`` (Q,) (PriorFactor).  A bin of prior 0
+    (never seen; their prior has none, and their formula gives it an infinite weight and NaN
+    normalisation) gets the weight of the limit p -> 0, ``(lambda u) ** -alpha``."""
+    p = prior.double() / prior.double().sum()
+    seen = p > 0
+    uni = seen.double() / seen.sum()
+    mix = (1 - lam) * p + lam * uni
+    w = torch.where(seen, mix, lam / seen.sum().double()) ** -alpha
+    return w / (p * w).sum()
+
+
+def nongray_mask(ab: torch.Tensor, thresh: float = NONGRAY_THRESHOLD) -> torch.Tensor:
+    """(B, 2, h, w) ab -> (B,) 1.0 where an image has some |a| or |b| above ``thresh`` (NonGrayMask)."""
+    return (ab.abs() > thresh).flatten(1).any(1).to(ab.dtype)
+
+
+def empirical_prior(ab_batches, centres: torch.Tensor, k: int = SOFT_NEIGHBOURS, sigma: float = SOFT_SIGMA):
+    """The prior p (Q,) float64 of ab points (an iterable of (N, 2) tensors): the mean of their
+    soft encodings, i.e. the empirical ab distribution smoothed with the Gaussian kernel of
+    sigma 5 (the paper's p~, Sec. 2.2; their prior file holds ImageNet's and is not shipped here)."""
+    total = torch.zeros(len(centres), dtype=torch.float64)
+    n = 0
+    for ab in ab_batches:
+        w, idx = soft_encode(ab.float(), centres)
+        total.index_add_(0, idx.reshape(-1).cpu(), w.reshape(-1).double().cpu())
+        n += len(ab)
+    return total / max(n, 1)

@@ -10,6 +10,7 @@ from ``(seed, epoch)`` only, so
 * DDP ranks agree on the permutation and take disjoint shards of it (a rank's crops do not
   depend on the world size: fields are drawn for all n images).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,8 +59,12 @@ class ViewPlan:
 
     def step(self, k: int) -> "ViewPlan":
         s = slice(k * self.batch_size, (k + 1) * self.batch_size)
-        return ViewPlan(self.index[s], {n: a[s] for n, a in self.fields.items()}, self.batch_size,
-                        None if self.images is None else self.images[s])
+        return ViewPlan(
+            self.index[s],
+            {n: a[s] for n, a in self.fields.items()},
+            self.batch_size,
+            None if self.images is None else self.images[s],
+        )
 
 
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
@@ -70,8 +75,16 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, w
     return rng, global_batches(perm, batch_size, world)[:, rank].reshape(-1).astype(np.int64)
 
 
-def make_epoch_plan(n: int, batch_size: int, draw: DrawFn, seed: int, epoch: int,
-                    rank: int = 0, world: int = 1, shapes: Optional[np.ndarray] = None) -> ViewPlan:
+def make_epoch_plan(
+    n: int,
+    batch_size: int,
+    draw: DrawFn,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    shapes: Optional[np.ndarray] = None,
+) -> ViewPlan:
     """Shuffle, draw every image's views, and keep this rank's shard (whole batches only).
     ``shapes``: (n, 2) frame height, width of each image when they differ (folders; the draw
     gets them as ``draw(rng, n, shapes)``), None when every image is the recipe's square."""
@@ -120,8 +133,10 @@ def check_fields(fields: Fields, n: int, views: int, needed, who: str = "the rec
     """Every field an op reads is there with shape (n, views, ...); the error names the field."""
     for name in needed:
         if name not in fields:
-            raise ValueError(f"{who}: its ops read plan field {name!r}, which its draw does not make "
-                             f"(it makes {', '.join(sorted(fields)) or 'nothing'})")
+            raise ValueError(
+                f"{who}: its ops read plan field {name!r}, which its draw does not make "
+                f"(it makes {', '.join(sorted(fields)) or 'nothing'})"
+            )
         if fields[name].shape[:2] != (n, views):
             raise ValueError(f"{who}: plan field {name!r} has shape {fields[name].shape}, expected ({n}, {views}, ...)")
 
@@ -135,8 +150,15 @@ def positions(rng: np.random.Generator, span: np.ndarray, shape) -> np.ndarray:
     return np.floor(rng.random(shape) * np.broadcast_to(span, shape)).astype(np.int64)
 
 
-def square_crops(rng: np.random.Generator, n: int, views: int, side: int, image_size: int, flip: bool,
-                 shapes: Optional[np.ndarray] = None):
+def square_crops(
+    rng: np.random.Generator,
+    n: int,
+    views: int,
+    side: int,
+    image_size: int,
+    flip: bool,
+    shapes: Optional[np.ndarray] = None,
+):
     """Boxes (n, views, 4) of side x side squares at uniform random positions, and flips (n, views);
     ``shapes`` (n, 2): over frames of these sizes instead of image_size squares."""
     if shapes is None:

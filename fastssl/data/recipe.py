@@ -1,6 +1,7 @@
 """A method's data recipe: how its plan is drawn, which ops turn each planned view into pixels,
 and the view size.  A method hands the data layer this object (``Method.recipe()``), never
 itself; every executor runs the same recipe."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

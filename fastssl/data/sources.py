@@ -8,6 +8,7 @@ the pipelines decode (DALI's image decoder, or PIL for the torch baseline).
 ``check_source(cfg)`` validates the files cheaply (presence, sizes, pickle shapes) before any
 image data is loaded, raising ``ConfigError`` naming the file and what is wrong with it.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from fastssl.config import ConfigError
+from fastssl.errors import ConfigError
+from fastssl.registry import Registry
+
+# data.source -> builder(cfg) -> Source: adding a source is one decorated builder in this file
+SOURCES = Registry("data source", "data.source")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 STL_SIDE = 96
@@ -61,7 +66,7 @@ class Source:
         n, nt = len(self.pretrain), len(self.train)
         out = np.full(n, -1, np.int64)
         if self.train.labels is not None and n >= nt:
-            out[n - nt:] = self.train.labels
+            out[n - nt :] = self.train.labels
         return out
 
 
@@ -139,13 +144,22 @@ def make_builtin(n: int, size: int, num_classes: int, seed: int):
     return images, labels
 
 
+@SOURCES.register("builtin")
 def _builtin(cfg) -> Source:
     b = cfg.data.builtin
     x, y = make_builtin(b.num_train + b.num_test, b.image_size, b.num_classes, b.seed)
     tr, te = slice(0, b.num_train), slice(b.num_train, None)
     train = Split(images=x[tr], labels=y[tr])
-    return Source("builtin", b.image_size, b.num_classes, pretrain=Split(images=x[tr]), train=train,
-                  test=Split(images=x[te], labels=y[te]), mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3))
+    return Source(
+        "builtin",
+        b.image_size,
+        b.num_classes,
+        pretrain=Split(images=x[tr]),
+        train=train,
+        test=Split(images=x[te], labels=y[te]),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.3, 0.3, 0.3),
+    )
 
 
 # --------------------------------------------------------------------------- STL-10
@@ -163,7 +177,9 @@ def _stl_dir(path: str) -> str:
 def _stl_images(file: str) -> np.ndarray:
     size = os.path.getsize(file)
     if size == 0 or size % STL_BYTES:
-        raise ConfigError(f"data.path: {file}: {size} bytes is not a whole number of 3x96x96 images ({STL_BYTES} bytes each)")
+        raise ConfigError(
+            f"data.path: {file}: {size} bytes is not a whole number of 3x96x96 images ({STL_BYTES} bytes each)"
+        )
     # the official files store each image as 3 planes, each plane column-major
     raw = np.memmap(file, np.uint8, "r", shape=(size // STL_BYTES, 3, STL_SIDE, STL_SIDE))
     return raw.transpose(0, 3, 2, 1)  # -> N, H, W, C (a view; pixels are read on demand)
@@ -194,6 +210,7 @@ def read_stl_folds(file: str, n_train: int) -> List[np.ndarray]:
     return folds
 
 
+@SOURCES.register("stl10")
 def _stl10(cfg) -> Source:
     d = _stl_dir(cfg.data.path)
     for f in STL_FILES[1:5]:
@@ -211,8 +228,9 @@ def _stl10(cfg) -> Source:
         pre = Split(images=train_x)
     fold_file = os.path.join(d, "fold_indices.txt")
     folds = read_stl_folds(fold_file, len(train_x)) if os.path.isfile(fold_file) else None
-    return Source("stl10", STL_SIDE, 10, pre, train, test, mean=(0.447, 0.440, 0.407),
-                  std=(0.260, 0.257, 0.271), folds=folds)
+    return Source(
+        "stl10", STL_SIDE, 10, pre, train, test, mean=(0.447, 0.440, 0.407), std=(0.260, 0.257, 0.271), folds=folds
+    )
 
 
 class _Concat:
@@ -267,6 +285,8 @@ def _cifar_batch(file: str, label_key: bytes, num_classes: int):
     return out
 
 
+@SOURCES.register("cifar100")  # (the decorator nearest the function registers first)
+@SOURCES.register("cifar10")
 def _cifar(cfg) -> Source:
     name = cfg.data.source
     sub, train_files, test_files, key, ncls = _CIFAR[name]
@@ -279,8 +299,10 @@ def _cifar(cfg) -> Source:
         return Split(images=np.concatenate([p[0] for p in parts]), labels=np.concatenate([p[1] for p in parts]))
 
     train, test = load(train_files), load(test_files)
-    stats = {"cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
-             "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276))}[name]
+    stats = {
+        "cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+        "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
+    }[name]
     return Source(name, 32, ncls, Split(images=train.images), train, test, *stats)
 
 
@@ -314,6 +336,7 @@ def _usable(files, labels, ok, hw):
 _FOLDERS: Dict[tuple, Source] = {}  # this process's folder sources: listed and checked once per run
 
 
+@SOURCES.register("folder")
 def _folder(cfg) -> Source:
     key = (os.path.abspath(cfg.data.path), cfg.data.image_size, cfg.data.split)
     if key not in _FOLDERS:
@@ -350,8 +373,10 @@ def _list_folder(cfg) -> Source:
     unl_files, _, unl_sizes = _usable(unl_files, None, ok, v.hw)
     if not files:
         first = next(iter(bad.items()))
-        raise ConfigError(f"data.path: none of the {len(bad)} images under {tr_root} can be decoded "
-                          f"(e.g. {first[0]}: {first[1]}); see python -m fastssl.data.check {root}")
+        raise ConfigError(
+            f"data.path: none of the {len(bad)} images under {tr_root} can be decoded "
+            f"(e.g. {first[0]}: {first[1]}); see python -m fastssl.data.check {root}"
+        )
     train = Split(files=files, labels=labels, sizes=sizes)
     test = Split(files=test_files, labels=test_labels, sizes=test_sizes)
     ncls = max(len(classes), 1)
@@ -359,13 +384,12 @@ def _list_folder(cfg) -> Source:
         pre = Split(files=unl_files + files, sizes=np.concatenate([unl_sizes, sizes]))
     else:
         pre = Split(files=files, sizes=sizes)
-    return Source("folder", size, ncls, pre, train, test, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                  bad_files=bad)
+    return Source(
+        "folder", size, ncls, pre, train, test, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bad_files=bad
+    )
 
 
 # --------------------------------------------------------------------------- entry points
-
-_BUILDERS = {"builtin": _builtin, "stl10": _stl10, "cifar10": _cifar, "cifar100": _cifar, "folder": _folder}
 
 
 def _check_path(cfg) -> None:
@@ -391,17 +415,27 @@ def check_source(cfg) -> Dict[str, int]:
             raise ConfigError(f"data.builtin.image_size: must be >= 8, got {b.image_size}")
         if b.num_classes > len(_SHAPES):
             raise ConfigError(f"data.builtin.num_classes: at most {len(_SHAPES)}, got {b.num_classes}")
-        return dict(image_size=b.image_size, num_pretrain=b.num_train, num_train=b.num_train,
-                    num_test=b.num_test, num_classes=b.num_classes)
+        return dict(
+            image_size=b.image_size,
+            num_pretrain=b.num_train,
+            num_train=b.num_train,
+            num_test=b.num_test,
+            num_classes=b.num_classes,
+        )
     if cfg.data.image_size is not None and src != "folder":
         raise ConfigError(f"data.image_size: only the folder source is resized; {src} images are fixed-size")
     s = build_source(cfg)  # array sources are memory-mapped/lazy: this reads headers only
-    return dict(image_size=s.image_size, num_pretrain=len(s.pretrain), num_train=len(s.train),
-                num_test=len(s.test), num_classes=s.num_classes)
+    return dict(
+        image_size=s.image_size,
+        num_pretrain=len(s.pretrain),
+        num_train=len(s.train),
+        num_test=len(s.test),
+        num_classes=s.num_classes,
+    )
 
 
 def build_source(cfg) -> Source:
     _check_path(cfg)
     if cfg.data.source == "folder" and cfg.data.image_size is not None and cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size: must be >= 8, got {cfg.data.image_size}")
-    return _BUILDERS[cfg.data.source](cfg)
+    return SOURCES.get(cfg.data.source)(cfg)

@@ -22,6 +22,7 @@ and every executor agree) as the plan fields ``affine`` (one 2x3 matrix per patc
 ``HSVPower`` (``data/ops/exemplar.py``) make the pixels on any executor.  Patches leave as
 32x32x3 uint8.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,7 +60,9 @@ def check_aug(a, key: str = "method.aug") -> None:
     def rng(name, lo_min, positive=False):
         r = list(getattr(a, name))
         if len(r) != 2 or not r[0] <= r[1] or r[0] < lo_min or (positive and r[0] <= 0):
-            raise ConfigError(f"{key}.{name}: must be a range [lo, hi] with {lo_min} {'<' if positive else '<='} lo <= hi, got {r}")
+            raise ConfigError(
+                f"{key}.{name}: must be a range [lo, hi] with {lo_min} {'<' if positive else '<='} lo <= hi, got {r}"
+            )
 
     if not 0 <= a.translate <= 1:
         raise ConfigError(f"{key}.translate: must be in [0, 1] (fraction of the patch side), got {a.translate}")
@@ -77,7 +80,11 @@ def check_aug(a, key: str = "method.aug") -> None:
 
 def sobel_edges(images: torch.Tensor) -> torch.Tensor:
     """Sobel gradient magnitude of the grey level: (N, 3, H, W) uint8 -> (N, H, W) float."""
-    g = images.float().mul(torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    g = (
+        images.float()
+        .mul(torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1))
+        .sum(1, keepdim=True)
+    )
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device)
     k = torch.stack([kx, kx.t()]).unsqueeze(1)
     d = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k)
@@ -125,22 +132,39 @@ class SurrogateSet:
         return np.resize(rows, self.num_classes * per_class)  # same epoch length: the rest repeats
 
     def state(self):
-        return {"members": torch.from_numpy(self.members), "labels": torch.from_numpy(self.labels),
-                "anchors": torch.from_numpy(self.anchors), "num_classes": self.num_classes}
+        return {
+            "members": torch.from_numpy(self.members),
+            "labels": torch.from_numpy(self.labels),
+            "anchors": torch.from_numpy(self.anchors),
+            "num_classes": self.num_classes,
+        }
 
     @classmethod
     def from_state(cls, s):
         return cls(s["members"].numpy(), s["labels"].numpy(), s["anchors"].numpy(), int(s["num_classes"]))
 
 
-def make_surrogate_set(split: Split, image_size: int, members: np.ndarray, labels: np.ndarray,
-                       num_classes: int, seed: int, batch: int = 1024) -> SurrogateSet:
+def make_surrogate_set(
+    split: Split,
+    image_size: int,
+    members: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    seed: int,
+    batch: int = 1024,
+) -> SurrogateSet:
     """Anchors for ``members`` (Sobel-weighted), in batches."""
     g = torch.Generator().manual_seed(seed)
-    anchors = [sample_anchors(split_images(split, members[s:s + batch], image_size), g)
-               for s in range(0, len(members), batch)]
-    return SurrogateSet(np.asarray(members, np.int64), np.asarray(labels, np.int64),
-                        torch.cat(anchors).numpy().astype(np.float32), num_classes)
+    anchors = [
+        sample_anchors(split_images(split, members[s : s + batch], image_size), g)
+        for s in range(0, len(members), batch)
+    ]
+    return SurrogateSet(
+        np.asarray(members, np.int64),
+        np.asarray(labels, np.int64),
+        torch.cat(anchors).numpy().astype(np.float32),
+        num_classes,
+    )
 
 
 def seed_surrogate_set(cfg, source):
@@ -148,7 +172,9 @@ def seed_surrogate_set(cfg, source):
     each, with Sobel-sampled anchors; and the PCA basis of their pixels."""
     m = cfg.method
     members = np.sort(np.random.default_rng([cfg.seed, 11]).choice(len(source.pretrain), m.num_classes, replace=False))
-    sset = make_surrogate_set(source.pretrain, source.image_size, members, np.arange(m.num_classes), m.num_classes, cfg.seed)
+    sset = make_surrogate_set(
+        source.pretrain, source.image_size, members, np.arange(m.num_classes), m.num_classes, cfg.seed
+    )
     sample = members[:2000]
     return sset, pca_basis(split_images(source.pretrain, sample, source.image_size), seed=cfg.seed)
 
@@ -174,17 +200,32 @@ def _loguniform(rng, lo_hi, size):
     return np.exp(rng.uniform(lo, hi, size))
 
 
-def draw_params(rng: np.random.Generator, anchors: np.ndarray, aug, patch: int, image_size: int,
-                pca) -> PatchParams:
+def draw_params(rng: np.random.Generator, anchors: np.ndarray, aug, patch: int, image_size: int, pca) -> PatchParams:
     """Random transformations of the seed patches centred at ``anchors`` (n, 2)."""
     n = len(anchors)
     shift = np.clip(rng.normal(0.0, aug.translate * patch / 2, (n, 2)), -aug.translate * patch, aug.translate * patch)
-    return make_params(anchors, shift, rng.uniform(*aug.scale, n), rng.uniform(-aug.rotate, aug.rotate, n),
-                       _loguniform(rng, aug.pca, (n, 3)),
-                       np.stack([_loguniform(rng, aug.sv_power, n), rng.uniform(*aug.sv_mul, n), rng.uniform(*aug.sv_add, n),
-                                 _loguniform(rng, aug.sv_power, n), rng.uniform(*aug.sv_mul, n), rng.uniform(*aug.sv_add, n),
-                                 rng.uniform(-aug.hue, aug.hue, n)], 1),
-                       patch, image_size, pca)
+    return make_params(
+        anchors,
+        shift,
+        rng.uniform(*aug.scale, n),
+        rng.uniform(-aug.rotate, aug.rotate, n),
+        _loguniform(rng, aug.pca, (n, 3)),
+        np.stack(
+            [
+                _loguniform(rng, aug.sv_power, n),
+                rng.uniform(*aug.sv_mul, n),
+                rng.uniform(*aug.sv_add, n),
+                _loguniform(rng, aug.sv_power, n),
+                rng.uniform(*aug.sv_mul, n),
+                rng.uniform(*aug.sv_add, n),
+                rng.uniform(-aug.hue, aug.hue, n),
+            ],
+            1,
+        ),
+        patch,
+        image_size,
+        pca,
+    )
 
 
 IDENTITY_HSV = np.array([1, 1, 0, 1, 1, 0, 0], np.float32)
@@ -235,11 +276,14 @@ class SurrogatePlan:
     ``index`` is the member rows (their labels are the classes) and whose ``images`` are the
     images those members are."""
 
-    def __init__(self, items: np.ndarray, sset: SurrogateSet, aug, patch, image_size, pca, batch_size,
-                 seed, epoch, rank, world):
+    def __init__(
+        self, items: np.ndarray, sset: SurrogateSet, aug, patch, image_size, pca, batch_size, seed, epoch, rank, world
+    ):
         self.sset, self.aug, self.patch, self.image_size, self.pca = sset, aug, patch, image_size, pca
         self.batch_size, self.seed, self.epoch, self.rank, self.world = batch_size, seed, epoch, rank, world
-        self.rows = items[global_batches(np.random.default_rng([seed, epoch]).permutation(len(items)), batch_size, world)]
+        self.rows = items[
+            global_batches(np.random.default_rng([seed, epoch]).permutation(len(items)), batch_size, world)
+        ]
         self.steps = len(self.rows)
 
     def step(self, k: int) -> ViewPlan:

@@ -5,7 +5,11 @@ banks), optimiser, scheduler, grad scaler, all RNG states, the data position (ep
 next step within it) and the run's config.  It is written to a temporary file in the same
 folder, flushed to disk, then renamed over ``last.pt``: a run that dies at any moment leaves
 the previous checkpoint intact.
+
+``save`` is the training loop's checkpoint (every rank calls it; rank 0 writes), ``resume`` and
+``restore_stage`` read one back; the position fields are ``fastssl.engine.state.RunState``'s.
 """
+
 from __future__ import annotations
 
 import errno
@@ -13,10 +17,13 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+
+from fastssl.engine import dist
+from fastssl.engine.state import RunState
 
 
 class CheckpointError(RuntimeError):
@@ -78,9 +85,11 @@ def save_atomic(obj: Dict[str, Any], path: str, fail_after_bytes: int | None = N
             os.unlink(tmp)
         if isinstance(e, RuntimeError):  # torch's zip writer turns a failed write into this
             cause = e.__context__ if isinstance(e.__context__, OSError) else None
-            free = shutil.disk_usage(d).free / 2 ** 30
-            raise OSError(getattr(cause, "errno", errno.EIO),
-                          f"writing {path} failed: {cause or e} ({free:.2f} GiB free on that disk)") from e
+            free = shutil.disk_usage(d).free / 2**30
+            raise OSError(
+                getattr(cause, "errno", errno.EIO),
+                f"writing {path} failed: {cause or e} ({free:.2f} GiB free on that disk)",
+            ) from e
         raise
 
 
@@ -95,6 +104,92 @@ def load(path: str, map_location="cpu") -> Dict[str, Any]:
         if k not in ck:
             raise CheckpointError(f"checkpoint {path} lacks the field {k!r}")
     return ck
+
+
+def contents(model: torch.nn.Module, optim: Optional[Tuple], rngs, position: RunState, config, reason: str):
+    """A checkpoint's dict: ``optim`` is the stage's (optimizer, scheduler, grad scaler), or None
+    for a checkpoint at a stage's start (the next stage builds its own); ``rngs`` one RNG state
+    per rank; ``position`` where a resumed run starts (``RunState.restart_point``)."""
+    pos = position.to_dict()
+    skipped = pos.pop("skipped_steps")  # (last, in the key order checkpoints have always had)
+    opt = (
+        {}
+        if optim is None
+        else {"optimizer": optim[0].state_dict(), "scheduler": optim[1].state_dict(), "scaler": optim[2].state_dict()}
+    )
+    return {
+        "model": model.state_dict(),
+        **opt,
+        "rng": rngs,
+        **pos,
+        "config": config,
+        "reason": reason,
+        "skipped_steps": skipped,
+    }
+
+
+def save(
+    path: str,
+    reason: str,
+    position: RunState,
+    *,
+    model: torch.nn.Module,
+    optim: Optional[Tuple],
+    config,
+    d: "dist.DistInfo",
+    log,
+    fault=None,
+) -> bool:
+    """The training loop's checkpoint, called by every rank: all ranks' RNG states are gathered
+    and rank 0 writes ``contents(...)`` to ``path`` atomically.  Returns False on every rank
+    when the write failed (said on ``log``; the previous checkpoint is intact).  ``fault``: a
+    ``signals.FaultInjection``, whose ``FASTSSL_FAIL_CKPT_AT_STEP`` makes the write fail half way."""
+    rngs = [rng_state()]
+    if d.world > 1:
+        rngs = [None] * d.world
+        torch.distributed.all_gather_object(rngs, rng_state())
+    error = None
+    if d.is_main:
+        try:
+            save_atomic(
+                contents(model, optim, rngs, position, config, reason),
+                path,
+                fail_after_bytes=4096 if fault is not None and fault.ckpt_fails(position.step) else None,
+            )
+        except OSError as e:
+            error = e
+            log.write(
+                f"fastssl: cannot write the checkpoint at step {position.step} ({e}); "
+                f"the previous checkpoint {path} is intact"
+            )
+    return not dist.any_rank(error is not None, d.device)
+
+
+def resume(path: str, model: torch.nn.Module) -> Dict[str, Any]:
+    """The checkpoint at ``path``, its weights loaded into ``model``.  A CheckpointError's
+    message (to print after "fastssl: ") says why it cannot be: unreadable, or another model."""
+    try:
+        ck = load(path)
+        model.load_state_dict(ck["model"])
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}") from None
+    except RuntimeError as e:  # (load_state_dict: missing, unexpected or mis-shaped tensors)
+        raise CheckpointError(f"{path} does not fit this config's model: {str(e).splitlines()[0]}") from None
+    return ck
+
+
+def restore_rng(ck: Dict[str, Any], rank: int) -> None:
+    """This rank's RNG state from ``ck`` (rank 0's when the checkpoint was written by fewer ranks)."""
+    set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+
+
+def restore_stage(ck: Dict[str, Any], optim: Tuple, rank: int) -> None:
+    """Continue the resumed stage: its (optimizer, scheduler, grad scaler) states, absent from a
+    checkpoint at a stage's start, and this rank's RNG state."""
+    if "optimizer" in ck:
+        for obj, key in zip(optim, ("optimizer", "scheduler", "scaler")):
+            obj.load_state_dict(ck[key])
+    restore_rng(ck, rank)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,4 +1,5 @@
 """Process group set-up: NCCL on GPUs, gloo on CPU; also runs as a single plain process."""
+
 from __future__ import annotations
 
 import datetime
@@ -123,9 +124,16 @@ def fingerprint(tensors) -> torch.Tensor:
         if not x.is_floating_point():
             x = x.double()  # integer state (a kNN graph) is small
         r, c = x.sum(1, dtype=f64), x.sum(0, dtype=f64)
-        out.append(torch.stack([r.sum(), torch.linalg.vector_norm(x, dtype=f64) ** 2,
-                                (r * torch.arange(1, len(r) + 1, device=x.device, dtype=f64)).sum(),
-                                (c * torch.arange(1, len(c) + 1, device=x.device, dtype=f64)).sum()]))
+        out.append(
+            torch.stack(
+                [
+                    r.sum(),
+                    torch.linalg.vector_norm(x, dtype=f64) ** 2,
+                    (r * torch.arange(1, len(r) + 1, device=x.device, dtype=f64)).sum(),
+                    (c * torch.arange(1, len(c) + 1, device=x.device, dtype=f64)).sum(),
+                ]
+            )
+        )
     return torch.stack(out)
 
 

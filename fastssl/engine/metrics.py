@@ -1,6 +1,7 @@
 """Per-run metrics: ``metrics.jsonl`` (one JSON object per logging step), TensorBoard scalars
 and a progress bar, all on rank 0.  Also measures data-stall: the share of step time spent
 waiting for the data pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,25 @@ class StepTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         total = time.perf_counter() - self.t0
-        out = {"images_per_s": images_per_step * self.steps / max(total, 1e-9),
-               "data_stall": self.data / max(total, 1e-9), "step_time_s": total / max(self.steps, 1)}
+        out = {
+            "images_per_s": images_per_step * self.steps / max(total, 1e-9),
+            "data_stall": self.data / max(total, 1e-9),
+            "step_time_s": total / max(self.steps, 1),
+        }
         self.reset()
         return out
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str, enabled: bool, total_steps: int, initial_step: int,
-                 tensorboard: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        out_dir: str,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ):
         self.enabled = enabled
         self.bar = None
         self.tb = None
@@ -66,21 +77,26 @@ class MetricsLogger:
             return
         self._write(record, "train")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
-                                 stall=f"{record['data_stall']:.0%}")
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", stall=f"{record['data_stall']:.0%}"
+            )
         elif time.time() - self.last_print > 30 or record["step"] == self.total:
             self.last_print = time.time()
-            print(f"step {record['step']}/{self.total} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                  f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s data-stall {record['data_stall']:.0%}",
-                  flush=True)
+            print(
+                f"step {record['step']}/{self.total} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+                f"lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s data-stall {record['data_stall']:.0%}",
+                flush=True,
+            )
 
     def log_epoch(self, record: Dict):
         """Per-epoch monitors (e.g. kNN accuracy): to metrics.jsonl, TensorBoard and the console."""
         if not self.enabled:
             return
         self._write(record, "monitor")
-        self.write("epoch {epoch}: ".format(**record) + " ".join(
-            f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch")))
+        self.write(
+            "epoch {epoch}: ".format(**record)
+            + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
+        )
 
     def _write(self, record: Dict, group: str):
         self.f.write(json.dumps(record) + "\n")

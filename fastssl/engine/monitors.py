@@ -12,6 +12,7 @@ peers' epoch-sized feature stores are what makes their kNN monitors costly on Im
 The monitor only reads: no RNG stream and no training state changes, so a run with it equals
 a run without it.
 """
+
 from __future__ import annotations
 
 import time
@@ -53,8 +54,12 @@ class KNNMonitor:
     @torch.no_grad()
     def _features(self, model, split, index) -> torch.Tensor:
         bs = self.cfg.eval.batch_size
-        return torch.cat([model.monitor_features(x).float()
-                          for x in image_batches(split, self.source.image_size, self.prepare, bs, self.device, index)])
+        return torch.cat(
+            [
+                model.monitor_features(x).float()
+                for x in image_batches(split, self.source.image_size, self.prepare, bs, self.device, index)
+            ]
+        )
 
     def __call__(self, model) -> Dict[str, float]:
         t0 = time.perf_counter()

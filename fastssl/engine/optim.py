@@ -1,11 +1,12 @@
 """Optimiser, learning-rate schedule and mixed precision.
 
 apex's fused optimisers are used when apex is importable and the model is on CUDA (NGC
-images ship apex); otherwise torch's own (``fused=True`` on CUDA).  Biases and norm
-parameters get no weight decay, unless the method sets its own groups (``param_groups``: e.g.
-Exemplar-CNN's per-layer learning rates and L2).  The schedule is a per-step multiplier (LambdaLR), so a
+images ship apex); otherwise torch's own (``fused=True`` on CUDA).  The parameter groups are
+the method's (``Method.param_groups``: by default biases and norm parameters get no weight
+decay; Exemplar-CNN sets per-layer learning rates and L2).  The schedule is a per-step multiplier (LambdaLR), so a
 resumed run continues it exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,19 +15,12 @@ import math
 import torch
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(cfg, model: torch.nn.Module, global_batch: int, device: torch.device):
+def build_optimizer(cfg, model, global_batch: int, device: torch.device):
+    """The optimiser over ``model.param_groups`` (a ``fastssl.methods.base.Method``), lr scaled
+    linearly with the global batch (``optim.scale_lr``); returns it and its name for the log."""
     o = cfg.optim
     lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
-    own = getattr(model, "param_groups", None)
-    groups = own(lr) if own is not None else _param_groups(model, o.weight_decay)
+    groups = model.param_groups(lr, o.weight_decay)
     cuda = device.type == "cuda"
     if cuda:
         try:  # apex, where installed

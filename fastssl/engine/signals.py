@@ -1,4 +1,5 @@
 """SIGTERM / SIGUSR1 (SLURM pre-emption) -> finish the step, checkpoint, exit 0."""
+
 from __future__ import annotations
 
 import os

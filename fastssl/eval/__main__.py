@@ -8,6 +8,7 @@ Results are printed and written as JSON (default: next to the checkpoint's run f
 SIGTERM/SIGUSR1 stop an evaluation within one epoch of its current run, exit 0, and leave
 the finished runs in ``<out>.partial.json``; ``--resume`` continues from them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,21 +20,105 @@ import time
 import numpy as np
 import torch
 
-from fastssl.config import ConfigError, load_config
+from fastssl.config import load_config
 from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
 from fastssl.engine.signals import StopRequest
+from fastssl.errors import ConfigError
+from fastssl.eval.features import labeled_features
+from fastssl.eval.finetune import finetune
+from fastssl.eval.harness import PROTOCOLS, get_protocol, protocol
+from fastssl.eval.knn import knn_accuracy
 from fastssl.eval.ledger import NO_LEDGER, Ledger, Preempted
+from fastssl.eval.linear import linear_probe
+from fastssl.eval.svm import eval_folds, extract_pooled, svm_folds
+from fastssl.eval.transfer import transfer
 from fastssl.models import build_backbone
 
-PROTOCOLS = ("linear", "knn", "finetune", "transfer", "svm-folds")
+# The protocols, in the order --help lists them: each maps the config's eval.* keys to its function.
+
+
+@protocol("linear")
+def _linear(cfg, source, backbone, prepare, device, log, ledger):
+    e = cfg.eval
+    xtr, ytr, xte, yte = labeled_features(cfg, source, backbone, prepare, device, log)
+    return linear_probe(
+        xtr, ytr, xte, yte, source.num_classes, e.linear_epochs, e.linear_lr, e.linear_seeds, ledger=ledger
+    )
+
+
+@protocol("knn")
+def _knn(cfg, source, backbone, prepare, device, log, ledger):  # one deterministic run: nothing to resume
+    xtr, ytr, xte, yte = labeled_features(cfg, source, backbone, prepare, device, log)
+    return knn_accuracy(xtr, ytr, xte, yte, source.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+@protocol("finetune")
+def _finetune(cfg, source, backbone, prepare, device, log, ledger):
+    e = cfg.eval
+    return finetune(
+        backbone,
+        source,
+        prepare,
+        e.finetune_labels,
+        source.num_classes,
+        e.finetune_epochs,
+        e.finetune_lr,
+        e.finetune_seeds,
+        min(e.batch_size, 128),
+        device,
+        log,
+        ledger,
+    )
+
+
+@protocol("transfer")
+def _transfer(cfg, source, backbone, prepare, device, log, ledger):
+    if cfg.model.arch != "shallow":
+        raise ConfigError(f"--protocol transfer: needs the 'shallow' net of the layerwise method, not {cfg.model.arch}")
+    e = cfg.eval
+    return transfer(
+        backbone,
+        source,
+        prepare,
+        source.num_classes,
+        e.transfer_epochs,
+        e.transfer_runs,
+        e.transfer_freeze,
+        min(e.batch_size, 128),
+        device,
+        e.finetune_labels,
+        log,
+        ledger,
+        classifier=e.transfer_classifier,
+    )
+
+
+@protocol("svm-folds")
+def _svm_folds(cfg, source, backbone, prepare, device, log, ledger):
+    e = cfg.eval
+    t = time.time()
+    folds = eval_folds(source, e.svm_folds, e.svm_fold_size, cfg.seed)
+    used = np.unique(np.concatenate(folds))  # only the fold images' features are needed
+    ftr = extract_pooled(backbone, source.train, source, prepare, e.batch_size, device, used).numpy()
+    xtr = np.zeros((len(source.train), ftr.shape[1]), np.float32)
+    xtr[used] = ftr
+    xte = extract_pooled(backbone, source.test, source, prepare, e.batch_size, device).numpy()
+    log(
+        f"  features: {ftr.shape[1]} per image, {len(used)} train, {len(xte)} test ({time.time() - t:.1f}s); "
+        f"{len(folds)} folds{' (predefined)' if source.folds else ''}"
+    )
+    return svm_folds(
+        xtr, np.asarray(source.train.labels), xte, np.asarray(source.test.labels), folds, e.svm_c, ledger, log
+    )
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m fastssl.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", help="a checkpoint written by fastssl/train.py")
-    p.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    p.add_argument("--protocol", required=True, choices=tuple(PROTOCOLS))
     p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--random-init", action="store_true", help="evaluate the same network untrained")
     p.add_argument("--out", help="JSON output file (default: <run>/eval_<protocol>[_random].json)")
@@ -47,57 +132,30 @@ def load_backbone(cfg, state, source, device):
     backbone = build_backbone(cfg.model, source.image_size)
     if state is not None:  # only the backbone: method state (e.g. a memory bank) is not needed here
         try:
-            backbone.load_state_dict({k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")})
+            backbone.load_state_dict(
+                {k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+            )
         except RuntimeError as e:
-            raise ConfigError(f"--checkpoint: its backbone does not fit model.* of the config: {str(e).splitlines()[0]}") from None
+            raise ConfigError(
+                f"--checkpoint: its backbone does not fit model.* of the config: {str(e).splitlines()[0]}"
+            ) from None
     return backbone.to(device)
 
 
 def evaluate(cfg, protocol: str, state, device, log=print, ledger=NO_LEDGER):
-    from fastssl.eval.finetune import finetune
-    from fastssl.eval.knn import knn_accuracy
-    from fastssl.eval.linear import linear_probe
-    from fastssl.eval.features import extract
+    # at call time: the methods import fastssl.eval modules (in functions), and load the Triton kernels
+    # that importers of this module for load_backbone (fastssl.report) do not need
     from fastssl.methods import get_method
 
+    run = get_protocol(protocol)
     source = build_source(cfg)
     if source.train.labels is None or len(source.test) == 0 or source.test.labels is None:
-        raise ConfigError(f"data.path: {cfg.data.source} at {cfg.data.path} has no labeled train/test images to evaluate on")
-    e = cfg.eval
+        raise ConfigError(
+            f"data.path: {cfg.data.source} at {cfg.data.path} has no labeled train/test images to evaluate on"
+        )
     backbone = load_backbone(cfg, state, source, device)
     prepare = get_method(cfg.method.name).eval_input(cfg, source)  # uint8 images -> the network's input
-    ncls = source.num_classes
-    if protocol == "transfer":
-        from fastssl.eval.transfer import transfer
-
-        if cfg.model.arch != "shallow":
-            raise ConfigError(f"--protocol transfer: needs the 'shallow' net of the layerwise method, not {cfg.model.arch}")
-        return transfer(backbone, source, prepare, ncls, e.transfer_epochs, e.transfer_runs, e.transfer_freeze,
-                        min(e.batch_size, 128), device, e.finetune_labels, log, ledger)
-    if protocol == "finetune":
-        return finetune(backbone, source, prepare, e.finetune_labels, ncls, e.finetune_epochs, e.finetune_lr,
-                        e.finetune_seeds, min(e.batch_size, 128), device, log, ledger)
-    t = time.time()
-    if protocol == "svm-folds":
-        from fastssl.eval.svm import eval_folds, extract_pooled, svm_folds
-
-        folds = eval_folds(source, e.svm_folds, e.svm_fold_size, cfg.seed)
-        used = np.unique(np.concatenate(folds))  # only the fold images' features are needed
-        ftr = extract_pooled(backbone, source.train, source, prepare, e.batch_size, device, used).numpy()
-        xtr = np.zeros((len(source.train), ftr.shape[1]), np.float32)
-        xtr[used] = ftr
-        xte = extract_pooled(backbone, source.test, source, prepare, e.batch_size, device).numpy()
-        log(f"  features: {ftr.shape[1]} per image, {len(used)} train, {len(xte)} test ({time.time() - t:.1f}s); "
-            f"{len(folds)} folds{' (predefined)' if source.folds else ''}")
-        return svm_folds(xtr, np.asarray(source.train.labels), xte, np.asarray(source.test.labels), folds, e.svm_c,
-                         ledger, log)
-    xtr = extract(backbone, source.train, source, prepare, e.batch_size, device, e.layer)
-    xte = extract(backbone, source.test, source, prepare, e.batch_size, device, e.layer)
-    ytr, yte = torch.from_numpy(np.asarray(source.train.labels)), torch.from_numpy(np.asarray(source.test.labels))
-    log(f"  features: {tuple(xtr.shape)} train, {tuple(xte.shape)} test ({time.time() - t:.1f}s)")
-    if protocol == "linear":
-        return linear_probe(xtr, ytr, xte, yte, ncls, e.linear_epochs, e.linear_lr, e.linear_seeds, ledger=ledger)
-    return knn_accuracy(xtr, ytr, xte, yte, ncls, e.knn_k, e.knn_temperature)
+    return run(cfg, source, backbone, prepare, device, log, ledger)
 
 
 def main(argv=None) -> int:
@@ -117,7 +175,9 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     what = "random-init" if args.random_init else (args.checkpoint or "")
-    print(f"fastssl.eval: {args.protocol} | {cfg.method.name}/{cfg.model.arch} | {what} | {cfg.data.source}", flush=True)
+    print(
+        f"fastssl.eval: {args.protocol} | {cfg.method.name}/{cfg.model.arch} | {what} | {cfg.data.source}", flush=True
+    )
     out = args.out
     if out is None:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint else cfg.out_dir
@@ -133,13 +193,22 @@ def main(argv=None) -> int:
         print(f"fastssl.eval: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"fastssl.eval: {e}: stopped; {len(ledger.runs)} finished runs kept in {ledger.path}; "
-              f"continue with --resume", flush=True)
+        print(
+            f"fastssl.eval: {e}: stopped; {len(ledger.runs)} finished runs kept in {ledger.path}; "
+            f"continue with --resume",
+            flush=True,
+        )
         return 0
     finally:
         stop.restore()
-    res.update(protocol=args.protocol, random_init=args.random_init, checkpoint=args.checkpoint,
-               dataset=cfg.data.source, arch=cfg.model.arch, method=cfg.method.name)
+    res.update(
+        protocol=args.protocol,
+        random_init=args.random_init,
+        checkpoint=args.checkpoint,
+        dataset=cfg.data.source,
+        arch=cfg.model.arch,
+        method=cfg.method.name,
+    )
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
     ledger.discard()

@@ -1,5 +1,8 @@
 """Backbone features of whole images (no crop), for the frozen-feature protocols."""
+
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -13,12 +16,24 @@ def image_batches(split: Split, size: int, prepare, batch_size: int, device, ind
     ``prepare`` maps a (B, 3, H, W) uint8 batch to the input (``Method.eval_input``)."""
     idx = np.arange(len(split)) if index is None else np.asarray(index)
     for start in range(0, len(idx), batch_size):
-        yield prepare(split_images(split, idx[start:start + batch_size], size).to(device))
+        yield prepare(split_images(split, idx[start : start + batch_size], size).to(device))
 
 
 @torch.no_grad()
 def extract(backbone, split: Split, source, prepare, batch_size: int, device, stage=None) -> torch.Tensor:
     backbone.eval()
-    feats = [backbone.features(x, stage).cpu() for x in
-             image_batches(split, source.image_size, prepare, batch_size, device)]
+    feats = [
+        backbone.features(x, stage).cpu() for x in image_batches(split, source.image_size, prepare, batch_size, device)
+    ]
     return torch.cat(feats)
+
+
+def labeled_features(cfg, source, backbone, prepare, device, log=print):
+    """(train features, train labels, test features, test labels) at stage ``eval.layer``."""
+    t = time.time()
+    e = cfg.eval
+    xtr = extract(backbone, source.train, source, prepare, e.batch_size, device, e.layer)
+    xte = extract(backbone, source.test, source, prepare, e.batch_size, device, e.layer)
+    ytr, yte = torch.from_numpy(np.asarray(source.train.labels)), torch.from_numpy(np.asarray(source.test.labels))
+    log(f"  features: {tuple(xtr.shape)} train, {tuple(xte.shape)} test ({time.time() - t:.1f}s)")
+    return xtr, ytr, xte, yte

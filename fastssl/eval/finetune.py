@@ -1,6 +1,7 @@
 """Fine-tune protocol of the SC paper: the pre-trained backbone initialises a supervised
 classifier (backbone + linear layer) trained end to end on the labeled images (optionally a
 class-balanced subset, e.g. CIFAR-10 with 4,000 labels), then tested."""
+
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.eval.features import image_batches
+from fastssl.eval.harness import percent_correct, repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
 
 
@@ -25,50 +27,62 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     n, _, h, w = x.shape
     pad = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dy, dx = torch.randint(0, 9, (2,), generator=g).tolist()
-    x = pad[:, :, dy:dy + h, dx:dx + w]
+    x = pad[:, :, dy : dy + h, dx : dx + w]
     flip = torch.rand(n, generator=g) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
 
 
-def finetune(backbone, source, prepare, labels_n, num_classes, epochs, lr, seeds, batch_size, device, log=print,
-             ledger=NO_LEDGER):
+class Classifier(torch.nn.Module):
+    """Backbone features -> linear layer."""
+
+    def __init__(self, backbone, num_classes: int, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        # torch's default init, drawn from the run's own seed (the global RNG left as it was): a run
+        # resumed from the ledger starts from the same head as in an uninterrupted evaluation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.head = torch.nn.Linear(backbone.dim(), num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone.features(x))
+
+
+def finetune(
+    backbone, source, prepare, labels_n, num_classes, epochs, lr, seeds, batch_size, device, log=print, ledger=NO_LEDGER
+):
     train, test = source.train, source.test
     y_all = np.asarray(train.labels)
-    accs = []
-    for seed in range(seeds):
-        if ledger.has(seed):
-            accs.append(ledger.get(seed))
-            continue
-        idx = balanced_subset(y_all, labels_n, num_classes, seed) if labels_n else np.arange(len(train))
+
+    def subset(seed):
+        return balanced_subset(y_all, labels_n, num_classes, seed) if labels_n else np.arange(len(train))
+
+    def run(seed):
+        idx = subset(seed)
         x = torch.cat(list(image_batches(train, source.image_size, prepare, 512, "cpu", idx)))
         y = torch.from_numpy(y_all[idx])
-        net = copy.deepcopy(backbone).to(device)
-        head = torch.nn.Linear(net.dim(), num_classes).to(device)
-        params = list(net.parameters()) + list(head.parameters())
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-        steps = epochs * max(1, len(x) // batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-        g = torch.Generator().manual_seed(seed)
-        for ep in range(epochs):
-            ledger.check()
-            net.train()
-            perm = torch.randperm(len(x), generator=g)
-            for s in range(0, len(x) - batch_size + 1 if len(x) >= batch_size else 1, batch_size):
-                b = perm[s:s + batch_size]
-                xb = _augment(x[b], g).to(device)
-                loss = F.cross_entropy(head(net.features(xb)), y[b].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        net.eval()
-        correct = 0
-        with torch.no_grad():
-            for xb, yb in zip(image_batches(test, source.image_size, prepare, 512, device),
-                              torch.from_numpy(np.asarray(test.labels)).split(512)):
-                correct += (head(net.features(xb)).argmax(1).cpu() == yb).sum().item()
-        accs.append(100.0 * correct / len(test))
-        ledger.add(seed, accs[-1])
-        log(f"  finetune seed {seed}: {accs[-1]:.2f}% ({len(idx)} labeled images, {epochs} epochs)")
-    return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs,
-            "labels": int(labels_n or len(y_all))}
+        net = Classifier(copy.deepcopy(backbone), num_classes, seed).to(device)
+        train_supervised(
+            net,
+            x,
+            y,
+            epochs,
+            batch_size,
+            device,
+            drop_last=True,
+            augment=_augment,
+            make_opt=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True),
+            schedule=torch.optim.lr_scheduler.CosineAnnealingLR,
+            generator=torch.Generator().manual_seed(seed),
+            ledger=ledger,
+        )  # seeded: batches and augmentation
+        batches = zip(
+            image_batches(test, source.image_size, prepare, 512, device),
+            torch.from_numpy(np.asarray(test.labels)).split(512),
+        )
+        return percent_correct(net, batches, len(test))
+
+    def message(seed, acc):
+        return f"  finetune seed {seed}: {acc:.2f}% ({len(subset(seed))} labeled images, {epochs} epochs)"
+
+    return repeat_runs(seeds, run, ledger, log, message, labels=int(labels_n or len(y_all)))

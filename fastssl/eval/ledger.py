@@ -2,6 +2,7 @@
 ``<out>.partial.json`` at once, a SIGTERM/SIGUSR1 stops the current run within one epoch, and
 ``--resume`` skips the runs already recorded (each run is seeded, so the result is the same as
 an uninterrupted evaluation's)."""
+
 from __future__ import annotations
 
 import json

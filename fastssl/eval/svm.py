@@ -7,6 +7,7 @@ train images and tested on the whole test split; the result is mean +- std over 
 brings its 10 predefined folds of 1,000 images (``fold_indices.txt``); other data get
 ``eval.svm_folds`` random folds of ``eval.svm_fold_size`` images.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.eval.features import image_batches
+from fastssl.eval.harness import repeat_runs
 from fastssl.eval.ledger import NO_LEDGER
 
 
@@ -28,8 +30,12 @@ def pooled_features(backbone, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def extract_pooled(backbone, split, source, prepare, batch_size: int, device, index=None) -> torch.Tensor:
     backbone.eval()
-    return torch.cat([pooled_features(backbone, x).cpu() for x in
-                      image_batches(split, source.image_size, prepare, batch_size, device, index)])
+    return torch.cat(
+        [
+            pooled_features(backbone, x).cpu()
+            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
+        ]
+    )
 
 
 def eval_folds(source, num_folds: int, fold_size: int, seed: int = 0) -> List[np.ndarray]:
@@ -41,22 +47,28 @@ def eval_folds(source, num_folds: int, fold_size: int, seed: int = 0) -> List[np
     return [rng.choice(n, min(fold_size, n), replace=False) for _ in range(num_folds)]
 
 
-def svm_folds(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              folds: List[np.ndarray], C: float = 1.0, ledger=NO_LEDGER, log=print):
+def svm_folds(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    folds: List[np.ndarray],
+    C: float = 1.0,
+    ledger=NO_LEDGER,
+    log=print,
+):
+    # scikit-learn (slow to import) only where SVMs are fit: training imports this module for extract_pooled
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    accs = []
-    for k, fold in enumerate(folds):
-        if ledger.has(k):
-            accs.append(ledger.get(k))
-            continue
-        ledger.check()
+    def run(k):
+        ledger.check()  # one fit per fold, no epochs: the stop is looked at before each
         clf = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=5000))
-        clf.fit(train_x[fold], train_y[fold])
-        accs.append(float((clf.predict(test_x) == test_y).mean() * 100))
-        ledger.add(k, accs[-1])
-        log(f"  fold {k + 1}/{len(folds)}: {accs[-1]:.2f}% ({len(fold)} train images)")
-    return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs,
-            "fold_sizes": [int(len(f)) for f in folds]}
+        clf.fit(train_x[folds[k]], train_y[folds[k]])
+        return float((clf.predict(test_x) == test_y).mean() * 100)
+
+    def message(k, acc):
+        return f"  fold {k + 1}/{len(folds)}: {acc:.2f}% ({len(folds[k])} train images)"
+
+    return repeat_runs(len(folds), run, ledger, log, message, fold_sizes=[int(len(f)) for f in folds])

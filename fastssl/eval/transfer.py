@@ -1,7 +1,16 @@
 """Transfer protocol of the layer-wise contrastive paper: the learned first layer, frozen or
 fine-tuned, inside a small classifier (that layer + one more conv + 2 fully connected layers)
 trained with labels; Adam, lr 1e-3 for the first two thirds of training and 1e-4 after; mean
-+- std over several runs (the transferred filters stay the same across runs)."""
++- std over several runs (the transferred filters stay the same across runs).
+
+``classifier="authors"``: the classifier of Zhao et al.'s code instead (github.com/Silent-Zebra/
+shallow-conv, networks.py ClassifierCNN as Experiments_CIFAR10_FrozenConv.py builds it): the
+transferred conv, 2x2 max-pool, BatchNorm, ReLU; a 3x3 conv of 512 filters (no padding), 2x2
+max-pool, BatchNorm, ReLU; fc 512, ReLU, BatchNorm1d, fc to the classes and a softmax (their
+network ends in Softmax and is trained with CrossEntropyLoss on it: kept); 4-px zero-padded random
+crops and horizontal flips of the training images; lr 1e-3, x0.1 from epoch ``epochs // 1.5``
+(their StepLR stepped after each epoch), Adam, no weight decay."""
+
 from __future__ import annotations
 
 import copy
@@ -9,9 +18,11 @@ import copy
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from fastssl.errors import ConfigError
 from fastssl.eval.features import image_batches
+from fastssl.eval.finetune import balanced_subset
+from fastssl.eval.harness import percent_correct, repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
 
 
@@ -19,7 +30,9 @@ class SmallClassifier(nn.Module):
     def __init__(self, first: nn.Module, first_channels: int, image_size: int, num_classes: int, width: int = 64):
         super().__init__()
         self.first = first  # conv + ReLU + max-pool, transferred
-        self.conv2 = nn.Sequential(nn.Conv2d(first_channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(first_channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        )
         with torch.no_grad():
             n = self.conv2(self.first(torch.zeros(1, 3, image_size, image_size))).numel()
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(n, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes))
@@ -28,10 +41,83 @@ class SmallClassifier(nn.Module):
         return self.fc(self.conv2(self.first(x)))
 
 
-def transfer(backbone, source, prepare, num_classes, epochs, runs, freeze, batch_size, device, labels_n=None, log=print,
-             ledger=NO_LEDGER):
-    from fastssl.eval.finetune import balanced_subset
+class AuthorsClassifier(nn.Module):
+    """The authors' ClassifierCNN around the transferred conv (``first``: the conv alone)."""
 
+    def __init__(
+        self,
+        first: nn.Conv2d,
+        first_channels: int,
+        image_size: int,
+        num_classes: int,
+        width: int = 512,
+        hidden: int = 512,
+    ):
+        super().__init__()
+        self.first = first
+        self.convnet = nn.Sequential(
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(first_channels),
+            nn.ReLU(),
+            nn.Conv2d(first_channels, width, 3),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        with torch.no_grad():
+            n = self.convnet(self.first(torch.zeros(2, 3, image_size, image_size))).numel() // 2
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(n, hidden),
+            nn.ReLU(),
+            nn.BatchNorm1d(hidden),
+            nn.Linear(hidden, num_classes),
+            nn.Softmax(dim=1),
+        )
+
+    def forward(self, x):
+        return self.fc(self.convnet(self.first(x)))
+
+
+def crop_flip(pad_value: torch.Tensor, pad: int = 4):
+    """The authors' RandomCrop(size, padding=4) + RandomHorizontalFlip, per image: ``pad_value``
+    (1, C, 1, 1) is a black pixel in the network's input space (zero padding before ToTensor)."""
+
+    def augment(x: torch.Tensor, g) -> torch.Tensor:
+        n, c, h, w = x.shape
+        big = pad_value.to(x.dtype).expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+        big[:, :, pad : pad + h, pad : pad + w] = x
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
+        rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, c, h, w + 2 * pad)
+        x = big.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, c, h, w)
+        x = x.gather(3, cols)
+        flip = torch.rand(n, generator=g) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+    return augment
+
+
+CLASSIFIERS = ("small", "authors")
+
+
+def transfer(
+    backbone,
+    source,
+    prepare,
+    num_classes,
+    epochs,
+    runs,
+    freeze,
+    batch_size,
+    device,
+    labels_n=None,
+    log=print,
+    ledger=NO_LEDGER,
+    classifier: str = "small",
+):
+    if classifier not in CLASSIFIERS:
+        raise ConfigError(f"eval.transfer_classifier: {classifier!r} is not one of {', '.join(CLASSIFIERS)}")
     first = backbone.stages["layer1"]
     y_all = np.asarray(source.train.labels)
     idx = balanced_subset(y_all, labels_n, num_classes, 0) if labels_n else np.arange(len(y_all))
@@ -39,36 +125,99 @@ def transfer(backbone, source, prepare, num_classes, epochs, runs, freeze, batch
     y = torch.from_numpy(y_all[idx])
     xt = torch.cat(list(image_batches(source.test, source.image_size, prepare, 512, "cpu")))
     yt = torch.from_numpy(np.asarray(source.test.labels))
-    accs = []
-    for run in range(runs):
-        if ledger.has(run):
-            accs.append(ledger.get(run))
-            continue
-        torch.manual_seed(1000 + run)  # the new layers' init and the batch order differ per run
+    switch = int(round(2 * epochs / 3))
+    if classifier == "authors":
+        return _authors(
+            first[0],
+            backbone.dim("layer1"),
+            source.image_size,
+            num_classes,
+            x,
+            y,
+            xt,
+            yt,
+            prepare,
+            epochs,
+            runs,
+            freeze,
+            batch_size,
+            device,
+            log,
+            ledger,
+            labels=int(len(idx)),
+        )
+
+    def run(k):
+        torch.manual_seed(1000 + k)  # the new layers' init and the batch order (global RNG) differ per run
         net = SmallClassifier(copy.deepcopy(first), backbone.dim("layer1"), source.image_size, num_classes).to(device)
         for p in net.first.parameters():
             p.requires_grad_(not freeze)
-        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-        switch = int(round(2 * epochs / 3))
-        for ep in range(epochs):
-            ledger.check()
-            if ep == switch:
-                for gr in opt.param_groups:
-                    gr["lr"] = 1e-4
-            net.train()
-            perm = torch.randperm(len(x))
-            for s in range(0, len(x), batch_size):
-                b = perm[s:s + batch_size]
-                loss = F.cross_entropy(net(x[b].to(device)), y[b].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        net.eval()
-        with torch.no_grad():
-            correct = sum((net(xb.to(device)).argmax(1).cpu() == yb).sum().item()
-                          for xb, yb in zip(xt.split(512), yt.split(512)))
-        accs.append(100.0 * correct / len(xt))
-        ledger.add(run, accs[-1])
-        log(f"  transfer run {run}: {accs[-1]:.2f}% ({'frozen' if freeze else 'fine-tuned'} first layer, {epochs} epochs)")
-    return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs, "frozen": freeze,
-            "labels": int(len(idx))}
+        train_supervised(
+            net,
+            x,
+            y,
+            epochs,
+            batch_size,
+            device,
+            make_opt=lambda m: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3),
+            epoch_lr=lambda ep: 1e-3 if ep < switch else 1e-4,
+            ledger=ledger,
+        )
+        return percent_correct(net, ((xb.to(device), yb) for xb, yb in zip(xt.split(512), yt.split(512))), len(xt))
+
+    def message(k, acc):
+        return f"  transfer run {k}: {acc:.2f}% ({'frozen' if freeze else 'fine-tuned'} first layer, {epochs} epochs)"
+
+    return repeat_runs(runs, run, ledger, log, message, frozen=freeze, labels=int(len(idx)))
+
+
+def _authors(
+    conv,
+    channels,
+    image_size,
+    num_classes,
+    x,
+    y,
+    xt,
+    yt,
+    prepare,
+    epochs,
+    runs,
+    freeze,
+    batch_size,
+    device,
+    log,
+    ledger,
+    labels,
+):
+    switch = int(epochs // 1.5)  # their StepLR(step_size=n_epochs // 1.5), stepped after each epoch
+    black = prepare(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).float().cpu()
+    augment = crop_flip(black)
+
+    def run(k):
+        torch.manual_seed(1000 + k)  # init, batch order and augmentation (global RNG) differ per run
+        net = AuthorsClassifier(copy.deepcopy(conv), channels, image_size, num_classes).to(device)
+        for p in net.first.parameters():
+            p.requires_grad_(not freeze)
+        train_supervised(
+            net,
+            x,
+            y,
+            epochs,
+            batch_size,
+            device,
+            drop_last=len(x) % batch_size == 1,  # (BatchNorm1d)
+            make_opt=lambda m: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3),
+            epoch_lr=lambda ep: 1e-3 if ep < switch else 1e-4,
+            augment=augment,
+            ledger=ledger,
+        )
+        return percent_correct(net, ((xb.to(device), yb) for xb, yb in zip(xt.split(512), yt.split(512))), len(xt))
+
+    def message(k, acc):
+        return (
+            f"  transfer run {k}: {acc:.2f}% (authors' classifier, {'frozen' if freeze else 'fine-tuned'} "
+            f"first layer, {epochs} epochs)"
+        )
+
+    return repeat_runs(runs, run, ledger, log, message, frozen=freeze, labels=labels, classifier="authors")

@@ -3,13 +3,17 @@ faiss GPU support are present, a CPU index otherwise; torch tensors in and out.
 
 Used by the kNN evaluation protocol now, and by the methods that build kNN graphs.
 """
+
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
 import torch
+
+from fastssl.log import get_logger
+
+log = get_logger(__name__)
 
 # FAISS GPU k-selection limit: GPU_MAX_SELECTION_K in faiss/gpu/utils/DeviceDefs.cuh (2048 for CUDA
 # builds; faiss/gpu/impl/IndexUtils.cu getMaxKSelection, validateKSelect rejects a larger k).
@@ -24,11 +28,11 @@ def _faiss():
     return faiss
 
 
-def _say_once(key: str, message: str) -> None:
+def say_once(key: str, message: str) -> None:
     """Print ``message`` to stderr the first time ``key`` is seen in this process."""
     if key not in _SAID:
         _SAID.add(key)
-        print(f"fastssl.knn: {message}", file=sys.stderr)
+        log.warning(f"fastssl.knn: {message}", extra={"every_rank": True})  # (each rank's own index)
 
 
 def faiss_gpu_count(faiss) -> int:
@@ -45,18 +49,17 @@ def gpu_count() -> int:
         return 0
 
 
-def placement(cuda_available: bool, faiss_gpus: int,
-              requested: bool | None = None) -> tuple[bool, str | None]:
+def placement(cuda_available: bool, faiss_gpus: int, requested: bool | None = None) -> tuple[bool, str | None]:
     """(use_gpu, note or None) for an index: ``requested`` None picks the GPU where possible, False
     keeps the CPU, True asks for the GPU; the note says why a GPU is not used where one was expected."""
     if requested is False:
         return False, None
     if not cuda_available:
-        return False, ("use_gpu=True but CUDA is not available: the kNN index is on the CPU"
-                       if requested else None)
+        return False, ("use_gpu=True but CUDA is not available: the kNN index is on the CPU" if requested else None)
     if faiss_gpus == 0:
-        return False, ("CUDA is available but faiss has no GPU support (a CPU-only faiss build): "
-                       "the kNN index is on the CPU")
+        return False, (
+            "CUDA is available but faiss has no GPU support (a CPU-only faiss build): the kNN index is on the CPU"
+        )
     return True, None
 
 
@@ -64,8 +67,7 @@ def gpu_plan(k: int, on_gpu: bool) -> tuple[bool, str | None]:
     """(search on the GPU index, note or None) for a search of ``k`` neighbours: past FAISS's GPU
     k-selection limit the search goes to a CPU copy of the index, with a note."""
     if on_gpu and k > GPU_MAX_K:
-        return False, (f"k={k} is over FAISS's GPU limit of {GPU_MAX_K} neighbours: "
-                       "searching a CPU copy of the index")
+        return False, (f"k={k} is over FAISS's GPU limit of {GPU_MAX_K} neighbours: searching a CPU copy of the index")
     return on_gpu, None
 
 
@@ -76,6 +78,7 @@ def _gpu_resources(device: int):
 
 
 KINDS = ("flat", "ivf", "hnsw")
+GRAPH_INDEXES = ("auto",) + KINDS  # method.graph_index: auto = choose_index by the bank's size and device
 
 
 class KNNIndex:
@@ -88,8 +91,15 @@ class KNNIndex:
     its own copy on its own GPU.
     """
 
-    def __init__(self, database: torch.Tensor, metric: str = "ip", use_gpu: bool | None = None,
-                 kind: str = "flat", nprobe: int = 16, ef_search: int | None = None):
+    def __init__(
+        self,
+        database: torch.Tensor,
+        metric: str = "ip",
+        use_gpu: bool | None = None,
+        kind: str = "flat",
+        nprobe: int = 16,
+        ef_search: int | None = None,
+    ):
         faiss = _faiss()
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
@@ -112,7 +122,7 @@ class KNNIndex:
         cuda = torch.cuda.is_available()
         self.on_gpu, note = placement(cuda, faiss_gpu_count(faiss) if cuda else 0, use_gpu)
         if note:
-            _say_once("placement", note)
+            say_once("placement", note)
         if self.on_gpu:
             device = torch.cuda.current_device()  # this rank's GPU, not all of the node's
             self.index = faiss.index_cpu_to_gpu(_gpu_resources(device), device, cpu_index)
@@ -130,7 +140,7 @@ class KNNIndex:
         on_gpu, note = gpu_plan(k, self.on_gpu)
         if on_gpu or not self.on_gpu:
             return self.index
-        _say_once("gpu_max_k", note)
+        say_once("gpu_max_k", note)
         if self._cpu_copy is None:
             self._cpu_copy = _faiss().index_gpu_to_cpu(self.index)
         return self._cpu_copy
@@ -153,7 +163,7 @@ IMAGENET_N = 1_281_167
 # FAISS StandardGpuResources' temporary memory on a GPU of over 8 GiB (kMaxTempMem in
 # faiss/gpu/StandardGpuResources.cpp, 1.5 GiB), held from the first GPU index of the process on
 # (fastssl keeps one StandardGpuResources per device, _gpu_resources).
-FAISS_GPU_TEMP_BYTES = 1536 * 2 ** 20
+FAISS_GPU_TEMP_BYTES = 1536 * 2**20
 HNSW_M = 32  # KNNIndex's "HNSW32"
 IVF_NPROBE = 16  # KNNIndex's default nprobe
 
@@ -164,26 +174,31 @@ FLAT_MAX_N = 320_000
 APPROX_KIND = "ivf"
 
 
-def choose_index(n: int) -> str:
+def choose_index(n: int, on_gpu: bool = False) -> str:
     """The FAISS index kind of the InvP graph (``method.graph_index=auto``) for ``n`` bank rows:
-    ``flat`` (exact) up to ``FLAT_MAX_N`` = 320,000 rows, ``ivf`` beyond.
+    ``flat`` (exact) on a GPU, and on the CPU up to ``FLAT_MAX_N`` = 320,000 rows; ``ivf`` on the
+    CPU beyond.
 
     Measured (``python -m benchmarks.knn --scale``, 2-core AMD EPYC CPU, faiss 1.15.1, unit-norm
     random vectors D=128, k=4, whole graph built and searched; docs/knn.md): exact costs grow as
     N^1.92 (build + search; 48 s at 160,000, 186 s at 320,000, about 2,600 s extrapolated to
-    ImageNet's 1,281,167), so flat is kept while it is measured affordable, i.e. up to the largest
-    N the sweep ran it within its 200 s cap.  Beyond that no approximate kind keeps recall high at
-    KNNIndex's defaults on this data (the distribution of InvP's freshly initialised bank):
-    recall@4 against the exact graph, ivf (sqrt(N) lists, nprobe 16) / hnsw (HNSW32, efSearch 16):
-    0.31 / 0.43 at 80,000, 0.26 / 0.30 at 160,000, 0.22 / 0.19 at 320,000, 0.15 / 0.085 at
-    640,000 (2,000 sampled rows).  ivf is picked: its recall falls more slowly and is the higher one
-    from 320,000 on, it rises with nprobe (0.65 at nprobe 64, 0.86 at 128, N=80,000, where hnsw
-    gets 0.53 / 0.66 at efSearch 64 / 128), and FAISS runs it on the GPU (hnsw is CPU only).  Its
-    cost grows as N^1.58 (124 s at 640,000, about 390 s extrapolated to 1,281,167).  The thresholds
-    are CPU measurements: on a GPU the exact graph is far cheaper and may stay affordable at
-    ImageNet's N (not measured here).
+    ImageNet's 1,281,167), so on the CPU flat is kept while it is measured affordable, i.e. up to
+    the largest N the sweep ran it within its 200 s cap.  Beyond that ivf (sqrt(N) lists, nprobe
+    ``IVF_NPROBE`` = 16) costs N^1.58 (124 s at 640,000, about 390 s extrapolated to 1,281,167).
+    Its recall@4 against the exact graph depends on the bank (2,000 sampled rows, same machine,
+    ``docs/knn.md``): on clustered banks, the shape of a trained one (unit-norm points around
+    N/100 centres, noise norm 0.6), 1.000 at 80,000 and 0.998 at 320,000; on the freshly
+    initialised random bank of epoch 0 (uniform on the sphere: the worst case, no structure for
+    the lists to follow) 0.31 at 80,000, 0.22 at 320,000, 0.20 at 640,000, while the propagation
+    loss is still off (its weight is 0 before ``method.rampup_epoch``).  ivf is picked over hnsw:
+    the higher recall from 320,000 rows on (hnsw 0.19 / 0.11 at 320,000 / 640,000) and FAISS
+    runs it on the GPU (hnsw is CPU only).
+
+    On a GPU the exact search is one (N x D) x (D x N) product per epoch, 4.2e14 FLOP at
+    ImageNet's N and D=128 (a few seconds at a Hopper GPU's FP32 rate: an estimate, no GPU was
+    measured), with the index 0.6 GiB (``graph_memory``), so ``flat`` is kept there at any N.
     """
-    return "flat" if n <= FLAT_MAX_N else APPROX_KIND
+    return "flat" if on_gpu or n <= FLAT_MAX_N else APPROX_KIND
 
 
 def index_bytes(n: int, dim: int, kind: str = "flat") -> int:
@@ -204,14 +219,22 @@ def index_bytes(n: int, dim: int, kind: str = "flat") -> int:
     raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
 
 
-def graph_memory(n: int, dim: int = 128, k: int = 4, kind: str | None = None, monitor_bank: int = 1024,
-                 monitor_test: int = 1024, monitor_dim: int = 2048, labeled: int | None = None,
-                 on_gpu: bool = True) -> dict:
+def graph_memory(
+    n: int,
+    dim: int = 128,
+    k: int = 4,
+    kind: str | None = None,
+    monitor_bank: int = 1024,
+    monitor_test: int = 1024,
+    monitor_dim: int = 2048,
+    labeled: int | None = None,
+    on_gpu: bool = True,
+) -> dict:
     """Bytes the InvP graph costs on one GPU (every rank holds all of it: ``ddp_keep_local``).
 
     Persistent, as ``fastssl.methods.invp.InvariancePropagation`` registers them:
     ``bank`` (n, dim) float32 and ``graph`` (n, k) int64.  During the per-epoch build
-    (``knn_graph``): ``index`` (``index_bytes`` of ``kind``, default ``choose_index(n)``; hnsw is
+    (``knn_graph``): ``index`` (``index_bytes`` of ``kind``, default ``choose_index(n, on_gpu)``; hnsw is
     on the host, counted under ``host`` instead), ``faiss_temp`` (FAISS's GPU scratch, 1.5 GiB,
     kept from the first GPU index on), ``search`` (the k + 1 results: float32 similarities and
     int64 ids copied back to the device, with the queries on the device for FAISS's unpaged
@@ -225,11 +248,10 @@ def graph_memory(n: int, dim: int = 128, k: int = 4, kind: str | None = None, mo
     ``host``: the bank's host copy FAISS reads (+ an hnsw index).  ``on_gpu=False``: the CPU
     case (index and scratch on the host, ``faiss_temp`` 0).
     """
-    kind = kind or choose_index(n)
+    kind = kind or choose_index(n, on_gpu)
     labeled = n if labeled is None else labeled
     f32, i64 = 4, 8
-    out = {"n": n, "dim": dim, "k": k, "kind": kind,
-           "bank": n * dim * f32, "graph": n * k * i64}
+    out = {"n": n, "dim": dim, "k": k, "kind": kind, "bank": n * dim * f32, "graph": n * k * i64}
     idx = index_bytes(n, dim, kind)
     index_on_gpu = on_gpu and kind != "hnsw"
     out["index"] = idx if index_on_gpu else 0

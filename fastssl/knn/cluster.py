@@ -16,6 +16,7 @@ matrix, n (n - 1) / 2 x 8 bytes (8,000 images: 256 MB, 20,000: 1.6 GB).  Beyond 
 the half is first split by FAISS k-means into parts of at most ``max_images`` and each part is
 clustered alone: exact within a part; a cluster can no longer straddle two parts.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -54,8 +55,9 @@ def cut_tree(Z: np.ndarray, n: int, threshold: float, max_size: int = 0) -> np.n
     return lab.astype(np.int64)
 
 
-def complete_linkage(feats: np.ndarray, threshold: float, max_images: int = 20000, seed: int = 0,
-                     max_size: int = 0) -> np.ndarray:
+def complete_linkage(
+    feats: np.ndarray, threshold: float, max_images: int = 20000, seed: int = 0, max_size: int = 0
+) -> np.ndarray:
     """Cluster id per row (complete linkage, Euclidean, cut at ``threshold`` and ``max_size``)."""
     from scipy.cluster.hierarchy import linkage
 
@@ -75,15 +77,23 @@ def complete_linkage(feats: np.ndarray, threshold: float, max_images: int = 2000
     for p in range(parts):
         rows = np.flatnonzero(assign == p)
         for s in range(0, len(rows), max_images):  # a part over the cap is cut in pieces
-            r = rows[s:s + max_images]
+            r = rows[s : s + max_images]
             lab = complete_linkage(feats[r], threshold, max_images, seed, max_size)
             out[r] = lab + offset
             offset += int(lab.max()) + 1 if len(lab) else 0
     return out
 
 
-def merge_classes(feats_a: np.ndarray, feats_b: np.ndarray, budget: int, threshold: float = 1.25,
-                  neighbours: int = 3, max_images: int = 20000, seed: int = 0, max_size: int = 0) -> Tuple[list, dict]:
+def merge_classes(
+    feats_a: np.ndarray,
+    feats_b: np.ndarray,
+    budget: int,
+    threshold: float = 1.25,
+    neighbours: int = 3,
+    max_images: int = 20000,
+    seed: int = 0,
+    max_size: int = 0,
+) -> Tuple[list, dict]:
     """Classes as lists of ``("a", row)`` / ``("b", row)`` members (rows of ``feats_a``, the
     clustered half, and ``feats_b``, the held-out half), and a summary for the log."""
     fa, fb = _normalise(feats_a), _normalise(feats_b)
@@ -111,7 +121,30 @@ def merge_classes(feats_a: np.ndarray, feats_b: np.ndarray, budget: int, thresho
         joined += len(members) - 1
         classes.append(members)
     sizes = [len(c) for c in classes]
-    summary = {"clusters": len(multi), "largest": int(max(counts)) if len(counts) else 0, "singles": len(singles),
-               "joined": joined, "classes": len(classes), "images": int(sum(sizes)),
-               "mean_size": float(np.mean(sizes)) if sizes else 0.0}
+    summary = {
+        "clusters": len(multi),
+        "largest": int(max(counts)) if len(counts) else 0,
+        "singles": len(singles),
+        "joined": joined,
+        "classes": len(classes),
+        "images": int(sum(sizes)),
+        "mean_size": float(np.mean(sizes)) if sizes else 0.0,
+    }
     return classes, summary
+
+
+def surrogate_classes(features, n: int, budget: int, c, seed: int) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """Exemplar-CNN's clustering stage over ``n`` images: a ``c.fraction`` of them (drawn from
+    ``seed``) clustered, the rest held out to join the clusters (``merge_classes``, with ``c``'s
+    threshold, neighbours, max_images and max_size); ``features(rows)`` gives the trained network's
+    (len(rows), D) features.  Returns the images of the new surrogate classes, their class
+    labels and the summary for the log."""
+    perm = np.random.default_rng([seed, 17]).permutation(n)
+    half = perm[: int(round(c.fraction * n))]
+    held = perm[len(half) :]
+    classes, summary = merge_classes(
+        features(half), features(held), budget, c.threshold, c.neighbours, c.max_images, seed, c.max_size
+    )
+    members = np.array([half[r] if w == "a" else held[r] for cl in classes for w, r in cl], np.int64)
+    labels = np.array([k for k, cl in enumerate(classes) for _ in cl], np.int64)
+    return members, labels, summary

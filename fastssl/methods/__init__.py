@@ -1,32 +1,40 @@
 """Method registry: one module per method, registered by name.
 
 A method module defines a ``Method`` subclass (its loss, its pipeline recipe = which crops of
-each image it wants, its config dataclass with defaults) and decorates it with ``@register``.
+each image it wants, its config dataclass with defaults) and decorates it with ``@register``;
+every module of this folder is imported here, so a new file is all a new method needs.
 ``train.py`` and ``eval`` only ever talk to the ``Method`` interface in ``base.py``.
 """
+
 from __future__ import annotations
 
-from typing import Dict, Type
+from fastssl.registry import Registry
 
-_REGISTRY: Dict[str, Type] = {}
+METHODS = Registry("method", "method.name")
 
 
 def register(cls):
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: registers a ``Method`` subclass under its ``name``."""
+    return METHODS.register(cls.name)(cls)
 
 
 def get_method(name: str):
-    from fastssl.config import ConfigError
-
-    if name not in _REGISTRY:
-        raise ConfigError(f"method.name: unknown method {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def available():
-    return sorted(_REGISTRY)
+    return sorted(METHODS.names())
 
 
-# Importing a method module registers it.
-from fastssl.methods import exemplar, invp, layerwise, sc, splitbrain  # noqa: E402,F401
+def _import_all() -> None:
+    """Import every module of this folder (base excepted): importing a method module registers it,
+    so adding a method is adding its file (docs/adding-a-method.md)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

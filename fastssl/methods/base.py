@@ -1,8 +1,9 @@
 """The interface every method implements (see sc.py for a complete, small example)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -74,6 +75,15 @@ class Method(nn.Module):
     def end_epoch(self, epoch: int, source) -> Dict[str, float]:
         """After an epoch, on every rank: method state upkeep and monitors, returned for the log."""
         return {}
+
+    def param_groups(self, lr: float, weight_decay: float) -> List[Dict]:
+        """The optimiser's parameter groups (lr: the scaled base rate, weight_decay: optim's):
+        by default weight decay on the weights and none on biases and norm parameters (ndim <= 1)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def loss_impl(self, t: torch.Tensor, kernel: str) -> str:
         """``loss.impl`` resolved for the fused ``kernel`` (a name in fastssl.kernels.selfcheck)

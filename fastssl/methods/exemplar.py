@@ -14,6 +14,7 @@ nearest held-out images), and the network is trained again from scratch on the n
 Optimiser groups as in the seed paper: lr x1 for weights, x2 for biases, x0.25 for the last fc
 weights; L2 .004 on fc1 and .016 on fc2 weights, none elsewhere.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,11 +26,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.data.decode import split_images
-from fastssl.data.surrogate import (SurrogateAug, SurrogateSet, check_aug, draw_params, generate_torch,
-                                    make_surrogate_set, seed_surrogate_set, surrogate_recipe)
+from fastssl.data.surrogate import (
+    SurrogateAug,
+    SurrogateSet,
+    check_aug,
+    draw_params,
+    generate_torch,
+    make_surrogate_set,
+    seed_surrogate_set,
+    surrogate_recipe,
+)
+from fastssl.log import get_logger
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 from fastssl.models import he_init
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -55,7 +67,7 @@ class ExemplarConfig(MethodConfig):
     lr_fc2_factor: float = 0.25  # last fc weights lr = 0.25 x optim.lr (seed: .025)
     l2_fc1: float = 0.004
     l2_fc2: float = 0.016
-    surrogate_dir: Optional[str] = None  # a set materialised by `python -m fastssl.data.exemplar`
+    surrogate_dir: Optional[str] = None  # a set materialised by `python -m fastssl.materialise`
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -101,17 +113,20 @@ class ExemplarCNN(Method):
 
     @classmethod
     def validate(cls, cfg, data_info):
-        from fastssl.config import ConfigError
+        from fastssl.errors import ConfigError
 
         m, c = cfg.method, cfg.method.cluster
         if cfg.model.arch != "exemplar-cnn":
-            raise ConfigError(f"model.arch: exemplar needs exemplar-cnn (its fc layer is sized for the patch), got {cfg.model.arch}")
+            raise ConfigError(
+                f"model.arch: exemplar needs exemplar-cnn (its fc layer is sized for the patch), got {cfg.model.arch}"
+            )
         if m.patch_size != 32:
             raise ConfigError(f"method.patch_size: the Exemplar-CNN's fc layer takes 32 px patches, got {m.patch_size}")
         n = data_info["num_pretrain"] if cfg.data.split == "pretrain" else data_info["num_train"]
         if not 2 <= m.num_classes <= n:
-            raise ConfigError(f"method.num_classes: {m.num_classes} surrogate classes need as many images; "
-                              f"{cfg.data.source} has {n}")
+            raise ConfigError(
+                f"method.num_classes: {m.num_classes} surrogate classes need as many images; {cfg.data.source} has {n}"
+            )
         for k in ("patches_per_class", "val_classes"):
             if getattr(m, k) < 1:
                 raise ConfigError(f"method.{k}: must be >= 1, got {getattr(m, k)}")
@@ -128,20 +143,28 @@ class ExemplarCNN(Method):
         if c.max_size == 1 or c.max_size < 0:
             raise ConfigError(f"method.cluster.max_size: must be >= 2 (or 0: no cap), got {c.max_size}")
         if c.neighbours < 0 or c.max_images < 2:
-            raise ConfigError(f"method.cluster: neighbours >= 0 and max_images >= 2, got {c.neighbours}, {c.max_images}")
+            raise ConfigError(
+                f"method.cluster: neighbours >= 0 and max_images >= 2, got {c.neighbours}, {c.max_images}"
+            )
         if m.surrogate_dir is not None:
             from fastssl.data.exemplar import open_materialised
 
             if c.enabled:
-                raise ConfigError("method.surrogate_dir: a materialised set is fixed, clustering makes a new one; "
-                                  "use one or the other (method.cluster.enabled=false)")
+                raise ConfigError(
+                    "method.surrogate_dir: a materialised set is fixed, clustering makes a new one; "
+                    "use one or the other (method.cluster.enabled=false)"
+                )
             _, rows, meta = open_materialised(m.surrogate_dir)
             if meta["classes"] != m.num_classes:
-                raise ConfigError(f"method.surrogate_dir: {m.surrogate_dir} holds {meta['classes']} classes, "
-                                  f"method.num_classes is {m.num_classes}")
+                raise ConfigError(
+                    f"method.surrogate_dir: {m.surrogate_dir} holds {meta['classes']} classes, "
+                    f"method.num_classes is {m.num_classes}"
+                )
         elif m.num_classes * m.patches_per_class < cfg.data.batch_size:
-            raise ConfigError(f"method.patches_per_class: {m.num_classes} x {m.patches_per_class} patches are "
-                              f"fewer than one batch of {cfg.data.batch_size}")
+            raise ConfigError(
+                f"method.patches_per_class: {m.num_classes} x {m.patches_per_class} patches are "
+                f"fewer than one batch of {cfg.data.batch_size}"
+            )
 
     def epoch_items(self, num_images: int) -> int:
         m = self.cfg.method
@@ -198,44 +221,44 @@ class ExemplarCNN(Method):
         params = draw_params(rng, self.sset.anchors[rows], m.aug, m.patch_size, source.image_size, self.pca)
         out = []
         for s in range(0, len(rows), 1024):
-            imgs = split_images(source.pretrain, self.sset.members[rows[s:s + 1024]], source.image_size)
-            out.append(generate_torch(imgs, params[s:s + 1024], m.patch_size))
+            imgs = split_images(source.pretrain, self.sset.members[rows[s : s + 1024]], source.image_size)
+            out.append(generate_torch(imgs, params[s : s + 1024], m.patch_size))
         return torch.cat(out)
 
     @torch.no_grad()
     def _cluster(self, source):
         """Features of the trained network -> merged classes -> new set; weights re-initialised."""
-        import sys
 
         from fastssl.engine import dist
         from fastssl.eval.svm import extract_pooled
-        from fastssl.knn.cluster import merge_classes
+        from fastssl.knn.cluster import surrogate_classes
 
         m, c = self.cfg.method, self.cfg.method.cluster
         result = None
         if dist.rank() == 0:
-            n = len(source.pretrain)
-            perm = np.random.default_rng([self.cfg.seed, 17]).permutation(n)
-            half = perm[: int(round(c.fraction * n))]
-            held = perm[len(half):]
             dev = self.pca_mean.device
             prep = self.eval_input(self.cfg, source)
-            fa = extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, half).numpy()
-            fb = extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, held).numpy()
-            classes, summary = merge_classes(fa, fb, m.num_classes, c.threshold, c.neighbours, c.max_images, self.cfg.seed,
-                                            c.max_size)
-            members = np.array([half[r] if w == "a" else held[r] for cl in classes for w, r in cl], np.int64)
-            labels = np.array([k for k, cl in enumerate(classes) for _ in cl], np.int64)
-            result = (members, labels, summary)
+
+            def features(rows):
+                return extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, rows).numpy()
+
+            result = surrogate_classes(features, len(source.pretrain), m.num_classes, c, self.cfg.seed)
+            summary = result[2]
             cap = f", cap {c.max_size}" if c.max_size else ""
-            print(f"fastssl: exemplar clustering: {summary['clusters']} clusters (largest {summary['largest']}{cap}) + "
-                  f"{summary['singles']} single images joined by {summary['joined']} held-out images -> "
-                  f"{summary['classes']} classes of {summary['mean_size']:.2f} images", file=sys.stderr, flush=True)
+            log.info(
+                f"fastssl: exemplar clustering: {summary['clusters']} clusters (largest {summary['largest']}{cap}) + "
+                f"{summary['singles']} single images joined by {summary['joined']} held-out images -> "
+                f"{summary['classes']} classes of {summary['mean_size']:.2f} images"
+            )
             if summary["classes"] < m.num_classes:
-                print(f"fastssl: exemplar clustering: only {summary['classes']} of {m.num_classes} classes could be "
-                      f"formed; the other outputs stay unused", file=sys.stderr, flush=True)
+                log.warning(
+                    f"fastssl: exemplar clustering: only {summary['classes']} of {m.num_classes} classes could "
+                    f"be formed; the other outputs stay unused"
+                )
         members, labels, _ = dist.broadcast_object(result)
-        self._use(make_surrogate_set(source.pretrain, source.image_size, members, labels, m.num_classes, self.cfg.seed + 1))
+        self._use(
+            make_surrogate_set(source.pretrain, source.image_size, members, labels, m.num_classes, self.cfg.seed + 1)
+        )
         torch.manual_seed(self.cfg.seed + 1)  # train again from scratch
         he_init(self.backbone)  # as models.exemplar_cnn builds it
         self._init_classifier()
@@ -256,7 +279,8 @@ class ExemplarCNN(Method):
         return None
 
     # ---- optimiser groups of the seed paper
-    def param_groups(self, lr: float):
+    def param_groups(self, lr: float, weight_decay: float = 0.0):
+        """The authors' per-layer rates and L2 (optim.weight_decay is not used: method.l2_fc1 / l2_fc2)."""
         m = self.cfg.method
         fc1 = self.backbone.stages["fc1"][0].linear.weight
         groups = {"weights": [], "biases": [], "fc1": [fc1], "fc2": [self.classifier.weight]}
@@ -292,7 +316,7 @@ class ExemplarCNN(Method):
             return {}
         if self._val is None:
             rng = np.random.default_rng([self.cfg.seed, 19, int(self.clustered)])
-            classes = np.sort(rng.permutation(self.sset.num_classes)[:m.val_classes])
+            classes = np.sort(rng.permutation(self.sset.num_classes)[: m.val_classes])
             first = {c: i for i, c in reversed(list(enumerate(self.sset.labels)))}  # a member of each class
             rows = np.repeat([first[c] for c in classes if c in first], m.val_patches_per_class)
             self._val = (self.patches(source, rng, len(rows), rows), torch.from_numpy(self.sset.labels[rows]))
@@ -300,8 +324,9 @@ class ExemplarCNN(Method):
         was = self.training
         self.eval()
         with torch.no_grad():
-            pred = torch.cat([self.logits(x[s:s + 512].to(self.pca_mean.device)).argmax(1).cpu()
-                              for s in range(0, len(x), 512)])
+            pred = torch.cat(
+                [self.logits(x[s : s + 512].to(self.pca_mean.device)).argmax(1).cpu() for s in range(0, len(x), 512)]
+            )
         self.train(was)
         return {"val_acc": float((pred == y).float().mean() * 100)}
 

@@ -9,6 +9,7 @@ i.e. a softmax cross-entropy over negative Euclidean distances, N^2 comparisons 
 The loss can be applied at several stages of one network at once (each stage's feature map
 is average-pooled to a vector first); the total is their weighted sum.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 
 
-def spatial_contrasting_loss(f1: torch.Tensor, f2: torch.Tensor, impl: str = "eager", tf32: bool = False) -> torch.Tensor:
+def spatial_contrasting_loss(
+    f1: torch.Tensor, f2: torch.Tensor, impl: str = "eager", tf32: bool = False
+) -> torch.Tensor:
     """Eq. (2) of the paper: f1, f2 are (N, D) features of the two patches of N images.
     ``impl``: eager PyTorch, or the fused Triton kernel (same value; kernels/sc_loss.py;
     ``tf32``: fp32 inputs on its TF32 tensor cores)."""
@@ -65,7 +68,7 @@ class SpatialContrasting(Method):
 
     @classmethod
     def validate(cls, cfg, data_info):
-        from fastssl.config import ConfigError
+        from fastssl.errors import ConfigError
         from fastssl.models import stages_of
 
         m, size = cfg.method, data_info["image_size"]
@@ -73,14 +76,18 @@ class SpatialContrasting(Method):
             raise ConfigError(f"method.patch_fraction: must be in (0, 1], got {m.patch_fraction}")
         p = cls.patch_side(m, size)
         if not 4 <= p <= size:
-            raise ConfigError(f"method.patch_size: {p} px is impossible for {size}x{size} images (need 4 <= patch <= {size})")
+            raise ConfigError(
+                f"method.patch_size: {p} px is impossible for {size}x{size} images (need 4 <= patch <= {size})"
+            )
         stages = stages_of(cfg.model.arch)
         for i, s in enumerate(m.layers or []):
             if s not in stages:
                 raise ConfigError(f"method.layers[{i}]: {s!r} is not a stage of {cfg.model.arch}: {', '.join(stages)}")
         check_jitter(m.color)
         if m.layer_weights is not None and len(m.layer_weights) != len(m.layers or [None]):
-            raise ConfigError(f"method.layer_weights: {len(m.layer_weights)} weights for {len(m.layers or [None])} layers")
+            raise ConfigError(
+                f"method.layer_weights: {len(m.layer_weights)} weights for {len(m.layers or [None])} layers"
+            )
 
     @property
     def view_size(self):
@@ -89,7 +96,9 @@ class SpatialContrasting(Method):
     def recipe(self):
         m, side, size = self.cfg.method, self.view_size, self.image_size
 
-        def draw(rng, n, shapes=None):  # two square patches at uniform positions (and, off by default, flips and colour)
+        def draw(
+            rng, n, shapes=None
+        ):  # two square patches at uniform positions (and, off by default, flips and colour)
             boxes, flips = square_crops(rng, n, 2, side, size, m.flip, shapes)
             return {"box": boxes, "flip": flips, "hsv": draw_hsv(rng, n, 2, m.color)}
 

@@ -4,6 +4,7 @@ Every backbone is a ``Backbone``: a sequence of named stages (``stages_of(arch)`
 ``forward(x, stages)`` returning the requested stages' feature maps, and ``features(x)``
 returning one stage globally average-pooled to a vector (what evaluation protocols use).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -13,21 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHS = ("convnet", "shallow", "resnet18", "resnet50", "simplenet", "split-simplenet", "split-resnet18", "exemplar-cnn")
-_STAGES = {
-    "convnet": ("block1", "block2", "block3"),
-    "shallow": ("layer1", "layer2", "layer3"),
-    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
-    "resnet50": ("layer1", "layer2", "layer3", "layer4"),
-    "simplenet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
-    "exemplar-cnn": ("conv1", "conv2", "conv3", "fc1"),
-}
-_STAGES["split-simplenet"] = _STAGES["simplenet"]
-_STAGES["split-resnet18"] = _STAGES["resnet18"]
+from fastssl.registry import Registry
+
+# model.arch -> builder(model_cfg, image_size) -> Backbone, with its stage names (``stages=``):
+# adding a backbone is one decorated builder in this file
+BACKBONES = Registry("backbone", "model.arch")
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def stages_of(arch: str):
-    return _STAGES[arch]
+    return BACKBONES.meta(arch)["stages"]
 
 
 class Backbone(nn.Module):
@@ -63,7 +59,9 @@ class Backbone(nn.Module):
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class SplitBackbone(Backbone):
@@ -82,8 +80,8 @@ class SplitBackbone(Backbone):
         return self.halves[0].stage_names
 
     def forward(self, x, stages=None):
-        a = self.halves[0](x[:, :self.split], stages)
-        b = self.halves[1](x[:, self.split:], stages)
+        a = self.halves[0](x[:, : self.split], stages)
+        b = self.halves[1](x[:, self.split :], stages)
         return {k: torch.cat([a[k], b[k]], 1) for k in a}
 
 
@@ -115,18 +113,26 @@ def resnet18_narrow(width: int = 64, in_channels: int = 3) -> Backbone:
 
     net = torchvision.models.resnet18(weights=None)  # for its _make_layer
     net.inplanes, net.dilation = width, 1
-    stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-    stages = OrderedDict((n, net._make_layer(BasicBlock, width * m, 2, stride=1 if m == 1 else 2))
-                         for n, m in zip(_STAGES["resnet18"], (1, 2, 4, 8)))
-    return Backbone(stem, stages, {n: width * m for n, m in zip(_STAGES["resnet18"], (1, 2, 4, 8))})
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+    )
+    stages = OrderedDict(
+        (n, net._make_layer(BasicBlock, width * m, 2, stride=1 if m == 1 else 2))
+        for n, m in zip(RESNET_STAGES, (1, 2, 4, 8))
+    )
+    return Backbone(stem, stages, {n: width * m for n, m in zip(RESNET_STAGES, (1, 2, 4, 8))})
 
 
 def shallow(width: int = 64, kernel: int = 6, pool: int = 2) -> Backbone:
     """Layer-wise contrastive net: stages of one valid conv (kernel x kernel) + ReLU + max-pool."""
     chans = [3, width, 2 * width, 4 * width]
     stages = OrderedDict(
-        (f"layer{i}", nn.Sequential(nn.Conv2d(chans[i - 1], chans[i], kernel), nn.ReLU(inplace=True), nn.MaxPool2d(pool)))
-        for i in (1, 2, 3))
+        (
+            f"layer{i}",
+            nn.Sequential(nn.Conv2d(chans[i - 1], chans[i], kernel), nn.ReLU(inplace=True), nn.MaxPool2d(pool)),
+        )
+        for i in (1, 2, 3)
+    )
     return Backbone(nn.Identity(), stages, {f"layer{i}": chans[i] for i in (1, 2, 3)})
 
 
@@ -147,9 +153,9 @@ def resnet(arch: str, small_stem: bool) -> Backbone:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    stages = OrderedDict((n, getattr(net, n)) for n in _STAGES[arch])
+    stages = OrderedDict((n, getattr(net, n)) for n in RESNET_STAGES)
     exp = 4 if arch == "resnet50" else 1
-    widths = {n: c * exp for n, c in zip(_STAGES[arch], (64, 128, 256, 512))}
+    widths = {n: c * exp for n, c in zip(RESNET_STAGES, (64, 128, 256, 512))}
     return Backbone(stem, stages, widths)
 
 
@@ -202,30 +208,76 @@ def exemplar_cnn(width: int = 64, patch: int = 32) -> Backbone:
     c = [max(1, round(92 * width / 64)), 4 * width, 8 * width, 16 * width]
     side = ((patch - 3) // 2 + 1 - 3) // 2 + 1  # after the two 3x3/2 poolings (32 -> 15 -> 7)
     stages = OrderedDict(
-        conv1=nn.Sequential(nn.Conv2d(3, c[0], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), nn.Dropout(0.25)),
-        conv2=nn.Sequential(nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), nn.Dropout(0.25)),
+        conv1=nn.Sequential(
+            nn.Conv2d(3, c[0], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), nn.Dropout(0.25)
+        ),
+        conv2=nn.Sequential(
+            nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), nn.Dropout(0.25)
+        ),
         conv3=nn.Sequential(nn.Conv2d(c[1], c[2], 5, padding=2), nn.ReLU(inplace=True), nn.Dropout(0.25)),
         fc1=nn.Sequential(DenseAsConv(c[2], side, c[3]), nn.ReLU(inplace=True), nn.Dropout(0.5)),
     )
-    return he_init(Backbone(Standardize(), stages, dict(zip(_STAGES["exemplar-cnn"], c))))
+    return he_init(Backbone(Standardize(), stages, dict(zip(stages, c))))
+
+
+# ----------------------------------------------------------------------------- the registered archs
+# (registration order is the order ARCHS lists them in)
+
+
+@BACKBONES.register("convnet", stages=("block1", "block2", "block3"))
+def _convnet(m, image_size: int) -> Backbone:
+    return convnet(m.width)
+
+
+@BACKBONES.register("shallow", stages=("layer1", "layer2", "layer3"))
+def _shallow(m, image_size: int) -> Backbone:
+    return shallow(m.width, m.kernel)
+
+
+def _small_stem(m, image_size: int) -> bool:
+    return m.stem == "small" or (m.stem == "auto" and image_size <= 64)
+
+
+@BACKBONES.register("resnet18", stages=RESNET_STAGES)
+def _resnet18(m, image_size: int) -> Backbone:
+    return resnet("resnet18", _small_stem(m, image_size))
+
+
+@BACKBONES.register("resnet50", stages=RESNET_STAGES)
+def _resnet50(m, image_size: int) -> Backbone:
+    return resnet("resnet50", _small_stem(m, image_size))
+
+
+@BACKBONES.register("simplenet", stages=tuple(f"conv{i}" for i in range(1, 6)))
+def _simplenet(m, image_size: int) -> Backbone:
+    return simplenet(m.width)
+
+
+def _split(half):
+    """Split-Brain's two half-width nets over input channels [:1] and [1:]."""
+
+    def build(m, image_size: int) -> Backbone:
+        w = max(1, m.width // 2)
+        return SplitBackbone(half(w, 1), half(w, 2), 1)
+
+    return build
+
+
+BACKBONES.register("split-simplenet", stages=stages_of("simplenet"))(_split(simplenet))
+BACKBONES.register("split-resnet18", stages=RESNET_STAGES)(_split(resnet18_narrow))
+
+
+@BACKBONES.register("exemplar-cnn", stages=("conv1", "conv2", "conv3", "fc1"))
+def _exemplar_cnn(m, image_size: int) -> Backbone:
+    return exemplar_cnn(m.width)
+
+
+ARCHS = BACKBONES.names()
 
 
 def build_backbone(model_cfg, image_size: int) -> Backbone:
-    """``split-*`` archs: two half-width nets over input channels [:1] and [1:] (Split-Brain)."""
-    if model_cfg.arch.startswith("split-"):
-        half = {"split-simplenet": simplenet, "split-resnet18": resnet18_narrow}[model_cfg.arch]
-        w = max(1, model_cfg.width // 2)
-        return SplitBackbone(half(w, 1), half(w, 2), 1)
-    if model_cfg.arch == "simplenet":
-        return simplenet(model_cfg.width)
-    if model_cfg.arch == "exemplar-cnn":
-        return exemplar_cnn(model_cfg.width)
-    if model_cfg.arch == "convnet":
-        return convnet(model_cfg.width)
-    if model_cfg.arch == "shallow":
-        return shallow(model_cfg.width, model_cfg.kernel)
-    small = model_cfg.stem == "small" or (model_cfg.stem == "auto" and image_size <= 64)
-    return resnet(model_cfg.arch, small)
+    """The backbone ``model_cfg.arch`` (a registered name) for images of side ``image_size``."""
+    return BACKBONES.get(model_cfg.arch)(model_cfg, image_size)
 
 
 def build(name: str, width: int = 64, kernel: int = 6, stem: str = "auto", image_size: int = 32) -> Backbone:

@@ -8,6 +8,7 @@ is ``data.image_size``; ``plan.frame_shapes``), the boxes are turned into the im
 (``plan.to_image_boxes``) on the host, each image is decoded only over the region its views cover
 (``plan.union_roi``: DALI's ROI decoder, PIL's crop for the baseline) and every view is resized
 to the view size (``over_whole_images``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,7 @@ import torch
 
 from fastssl.data.ops.base import ViewContext
 from fastssl.data.ops.geometry import Crop, Resize
-from fastssl.data.plan import (ViewPlan, check_fields, frame_shapes, make_epoch_plan, steps_per_epoch,
-                               to_image_boxes)
+from fastssl.data.plan import ViewPlan, check_fields, frame_shapes, make_epoch_plan, steps_per_epoch, to_image_boxes
 from fastssl.data.recipe import Recipe
 from fastssl.data.sources import Split
 
@@ -27,8 +27,15 @@ from fastssl.data.sources import Split
 def whole_image(split: Optional[Split], recipe: Optional[Recipe]) -> bool:
     """Whether ``recipe`` crops whole images of ``split`` (files of known sizes, boxes planned
     per image) rather than the square every in-memory image is."""
-    return (split is not None and recipe is not None and split.encoded and split.sizes is not None
-            and recipe.plan is None and bool(recipe.ops) and isinstance(recipe.ops[0], Crop))
+    return (
+        split is not None
+        and recipe is not None
+        and split.encoded
+        and split.sizes is not None
+        and recipe.plan is None
+        and bool(recipe.ops)
+        and isinstance(recipe.ops[0], Crop)
+    )
 
 
 def over_whole_images(recipe: Recipe) -> Recipe:
@@ -42,8 +49,17 @@ class Executor:
     """Runs a recipe's plan over a split, one rank's shard, whole epochs.  Iterating yields
     ``{"views": [tensor per view output], "index": (B,) int64 image indices}``."""
 
-    def __init__(self, split: Optional[Split], recipe: Optional[Recipe], batch_size: int, seed: int, rank: int,
-                 world: int, items: Optional[int] = None, base_size: Optional[int] = None):
+    def __init__(
+        self,
+        split: Optional[Split],
+        recipe: Optional[Recipe],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        items: Optional[int] = None,
+        base_size: Optional[int] = None,
+    ):
         """``items``: samples per epoch when they are not the split's images (e.g. surrogate patches);
         ``base_size``: the shorter side a folder's images are seen at (``data.image_size``)."""
         self.whole = whole_image(split, recipe) and base_size is not None
@@ -58,8 +74,10 @@ class Executor:
         n = len(split) if items is None else items
         self.steps_per_epoch = steps_per_epoch(n, batch_size, world)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{n} {'images' if items is None else 'samples'} are fewer than one global batch of "
-                             f"{batch_size} x {world}")
+            raise ValueError(
+                f"{n} {'images' if items is None else 'samples'} are fewer than one global batch of "
+                f"{batch_size} x {world}"
+            )
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -71,8 +89,16 @@ class Executor:
         r = self.recipe
         if r.plan is not None:  # the recipe's own plan (e.g. Exemplar-CNN's, drawn per step)
             return r.plan(self.seed, epoch, self.rank, self.world, self.batch_size)
-        plan = make_epoch_plan(len(self.split), self.batch_size, r.draw, self.seed, epoch, self.rank, self.world,
-                               self.frames if self.whole else None)
+        plan = make_epoch_plan(
+            len(self.split),
+            self.batch_size,
+            r.draw,
+            self.seed,
+            epoch,
+            self.rank,
+            self.world,
+            self.frames if self.whole else None,
+        )
         check_fields(plan.fields, len(plan.index), r.views, r.reads, r.name)
         if self.whole:
             if not self.planned_recipe.has(Resize) and (plan["box"][..., 2:] != r.size).any():

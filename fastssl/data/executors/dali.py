@@ -11,6 +11,7 @@ region its views cover (``fn.decoders.image_slice``: ROI decoding, on the GPU wi
 hardware/hybrid decoder for ``dali-gpu``, ``data.hw_decoder_load`` of the work on the hardware
 JPEG decoder where the GPU has one).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterator, List, Optional
@@ -64,8 +65,9 @@ class FileReader:
     ``start_step``, each later one the next epoch from step 0 (as ``_PlanSource``).  Picklable
     (plain data) for the ``spawn`` start method."""
 
-    def __init__(self, files: List[str], batch_size: int, seed: int, rank: int, world: int, epoch: int,
-                 start_step: int):
+    def __init__(
+        self, files: List[str], batch_size: int, seed: int, rank: int, world: int, epoch: int, start_step: int
+    ):
         self.files, self.batch_size, self.seed, self.rank, self.world = files, batch_size, seed, rank, world
         self.epoch, self.start_step = epoch, start_step
         self._epoch, self._take = None, None
@@ -115,9 +117,18 @@ def dali_decode_region(encoded, roi_anchor, roi_shape, device: str, hw_decoder_l
     from nvidia.dali import fn, types
 
     kw = dict(hw_decoder_load=hw_decoder_load) if device == "gpu" else {}
-    return fn.decoders.image_slice(encoded, roi_anchor, roi_shape, axis_names="HW", normalized_anchor=False,
-                                   normalized_shape=False, device="mixed" if device == "gpu" else "cpu",
-                                   output_type=types.RGB, adjust_orientation=False, **kw)
+    return fn.decoders.image_slice(
+        encoded,
+        roi_anchor,
+        roi_shape,
+        axis_names="HW",
+        normalized_anchor=False,
+        normalized_shape=False,
+        device="mixed" if device == "gpu" else "cpu",
+        output_type=types.RGB,
+        adjust_orientation=False,
+        **kw,
+    )
 
 
 def feed(a: np.ndarray) -> list:
@@ -136,10 +147,24 @@ def reader_start_method() -> str:
     return "spawn" if torch.cuda.is_initialized() else "fork"
 
 
-def build_dali_pipeline(source, recipe: Recipe, device: str, batch_size: int, num_threads: int,
-                        device_id: Optional[int], base_size: int, encoded: bool, mean, std,
-                        prefetch: int = 2, seed: int = 0, whole: bool = False, reader=None,
-                        reader_workers: int = 0, hw_decoder_load: float = 0.65):
+def build_dali_pipeline(
+    source,
+    recipe: Recipe,
+    device: str,
+    batch_size: int,
+    num_threads: int,
+    device_id: Optional[int],
+    base_size: int,
+    encoded: bool,
+    mean,
+    std,
+    prefetch: int = 2,
+    seed: int = 0,
+    whole: bool = False,
+    reader=None,
+    reader_workers: int = 0,
+    hw_decoder_load: float = 0.65,
+):
     """The recipe's graph for device 'gpu' or 'cpu' (same graph): outputs each view's outputs,
     then the index.  ``whole``: folder files decoded over each image's region of interest (the
     main source then feeds the region before the fields); ``reader``: a FileReader feeding the
@@ -151,14 +176,22 @@ def build_dali_pipeline(source, recipe: Recipe, device: str, batch_size: int, nu
     lead = (reader is None) + 1 + 2 * whole  # [images], index, [roi anchor, roi shape]
     workers = dict(py_num_workers=reader_workers, py_start_method=reader_start_method()) if reader is not None else {}
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, seed=seed, **workers)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        seed=seed,
+        **workers,
+    )
     def views_of_plan():
-        outs = fn.external_source(source=source, num_outputs=lead + len(reads) * recipe.views, batch=True,
-                                  cycle="raise")
+        outs = fn.external_source(
+            source=source, num_outputs=lead + len(reads) * recipe.views, batch=True, cycle="raise"
+        )
         if reader is not None:  # the files' bytes, read in worker processes
-            images = fn.external_source(source=reader, batch=False, parallel=True, dtype=types.UINT8, ndim=1,
-                                        prefetch_queue_depth=prefetch)
+            images = fn.external_source(
+                source=reader, batch=False, parallel=True, dtype=types.UINT8, ndim=1, prefetch_queue_depth=prefetch
+            )
             outs = [images, *outs]
         images, index = outs[0], outs[1]
         if whole:
@@ -170,7 +203,7 @@ def build_dali_pipeline(source, recipe: Recipe, device: str, batch_size: int, nu
         views = []
         first = 2 + 2 * whole
         for v in range(recipe.views):
-            f = dict(zip(reads, outs[first + len(reads) * v: first + len(reads) * (v + 1)]))
+            f = dict(zip(reads, outs[first + len(reads) * v : first + len(reads) * (v + 1)]))
             x = images
             for op in ops:
                 x = op.dali(x, f, ctx)
@@ -183,8 +216,24 @@ def build_dali_pipeline(source, recipe: Recipe, device: str, batch_size: int, nu
 class DaliExecutor(Executor):
     """DALI pipeline + ``DALIGenericIterator``, one pipeline per process (sharded by rank)."""
 
-    def __init__(self, split, recipe, batch_size, seed, rank, world, device, base_size, mean, std,
-                 num_threads=2, prefetch=2, device_id=None, reader_workers=0, hw_decoder_load=0.65):
+    def __init__(
+        self,
+        split,
+        recipe,
+        batch_size,
+        seed,
+        rank,
+        world,
+        device,
+        base_size,
+        mean,
+        std,
+        num_threads=2,
+        prefetch=2,
+        device_id=None,
+        reader_workers=0,
+        hw_decoder_load=0.65,
+    ):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         super().__init__(split, recipe, batch_size, seed, rank, world, base_size=base_size)
@@ -196,12 +245,29 @@ class DaliExecutor(Executor):
         self.parallel = reads_in_workers(split, recipe, reader_workers)
 
         def make_iter():  # the pipeline is built on first use, after set_epoch
-            reader = FileReader(split.files, batch_size, seed, rank, world, self.epoch, self.start_step) \
-                if self.parallel else None
+            reader = (
+                FileReader(split.files, batch_size, seed, rank, world, self.epoch, self.start_step)
+                if self.parallel
+                else None
+            )
             pipe = build_dali_pipeline(
-                self.source, recipe, device, batch_size, max(1, num_threads), device_id if device == "gpu" else None,
-                base_size, split.encoded, mean, std, prefetch, seed, whole=self.whole, reader=reader,
-                reader_workers=reader_workers, hw_decoder_load=hw_decoder_load)
+                self.source,
+                recipe,
+                device,
+                batch_size,
+                max(1, num_threads),
+                device_id if device == "gpu" else None,
+                base_size,
+                split.encoded,
+                mean,
+                std,
+                prefetch,
+                seed,
+                whole=self.whole,
+                reader=reader,
+                reader_workers=reader_workers,
+                hw_decoder_load=hw_decoder_load,
+            )
             return DALIGenericIterator([pipe], self.names, auto_reset=False)
 
         self._make_iter = make_iter
@@ -221,7 +287,9 @@ class DaliExecutor(Executor):
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if self._it is not None and (epoch, start_step) != (self.epoch + 1, 0):
-            raise ValueError(f"the DALI loader runs whole epochs in order: next is {self.epoch + 1}, not {epoch} from step {start_step}")
+            raise ValueError(
+                f"the DALI loader runs whole epochs in order: next is {self.epoch + 1}, not {epoch} from step {start_step}"
+            )
         super().set_epoch(epoch, start_step)
 
     def __iter__(self) -> Iterator[Dict]:

@@ -1,5 +1,6 @@
 """The baseline executor: the recipe's torch faces in ``torch.utils.data.DataLoader`` workers,
 one whole batch per worker item (PIL decoding for folders)."""
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,21 @@ def _worker_init(_):
 class TorchExecutor(Executor):
     """torchvision + ``DataLoader`` executor of the same plan: the baseline."""
 
-    def __init__(self, split, recipe, batch_size, seed, rank, world, base_size, mean, std,
-                 num_workers=2, prefetch=2, pin_memory=False):
+    def __init__(
+        self,
+        split,
+        recipe,
+        batch_size,
+        seed,
+        rank,
+        world,
+        base_size,
+        mean,
+        std,
+        num_workers=2,
+        prefetch=2,
+        pin_memory=False,
+    ):
         super().__init__(split, recipe, batch_size, seed, rank, world, base_size=base_size)
         # imported here, once: every epoch forks new workers, which inherit it (1.4 s each otherwise)
         import torchvision.transforms.v2.functional  # noqa: F401
@@ -58,6 +72,13 @@ class TorchExecutor(Executor):
     def __iter__(self):
         ds = self.batch_dataset(self.plan())
         kw = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers > 0 else {}
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                                         pin_memory=self.pin_memory, worker_init_fn=_worker_init, **kw)
+        dl = torch.utils.data.DataLoader(
+            ds,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=_worker_init,
+            **kw,
+        )
         yield from dl

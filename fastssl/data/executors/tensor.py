@@ -6,6 +6,7 @@ loader.  On a CPU it is the same code on CPU tensors.
 Memory: the dataset's bytes on the device (STL-10's 105,000 unlabeled + train images at 96 px:
 2.9 GB; CIFAR: 150 MB).  Only in-memory sources (builtin, CIFAR, STL-10); folders are files.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,8 @@ def resident_images(split, device, chunk: int = 8192) -> torch.Tensor:
     first = np.asarray(split.images[0])
     out = torch.empty((n, 3, *first.shape[:2]), dtype=torch.uint8, device=device)
     for s in range(0, n, chunk):
-        part = np.ascontiguousarray(split.images[s:min(n, s + chunk)])
-        out[s:s + len(part)] = torch.from_numpy(part).to(device).permute(0, 3, 1, 2)
+        part = np.ascontiguousarray(split.images[s : min(n, s + chunk)])
+        out[s : s + len(part)] = torch.from_numpy(part).to(device).permute(0, 3, 1, 2)
     return out
 
 
@@ -32,8 +33,10 @@ class TensorExecutor(Executor):
 
     def __init__(self, split, recipe, batch_size, seed, rank, world, mean, std, device="cpu"):
         if split.encoded:
-            raise ValueError("data.pipeline=tensor: a folder's images are files; the tensor executor needs an "
-                             "in-memory source (builtin, stl10, cifar10, cifar100)")
+            raise ValueError(
+                "data.pipeline=tensor: a folder's images are files; the tensor executor needs an "
+                "in-memory source (builtin, stl10, cifar10, cifar100)"
+            )
         super().__init__(split, recipe, batch_size, seed, rank, world)
         self.device = torch.device(device)
         self.images = resident_images(split, self.device)

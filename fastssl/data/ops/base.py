@@ -13,6 +13,7 @@ Both faces compute the same maths; ``tests/test_ops.py`` checks every op's DALI 
 torch face on the same plan.  An op whose ``num_outputs`` is above 1 ends a recipe: it returns a
 list (e.g. the Split-Brain network input and its two target maps).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,5 +59,7 @@ def is_ragged(x) -> bool:
 
 def refuse_ragged(op: Op, x) -> None:
     if is_ragged(x):
-        raise ValueError(f"{op!r}: its input views have different sizes; a recipe whose boxes differ in size "
-                         f"needs Resize right after Crop")
+        raise ValueError(
+            f"{op!r}: its input views have different sizes; a recipe whose boxes differ in size "
+            f"needs Resize right after Crop"
+        )

@@ -6,6 +6,7 @@ The plan's ``blur`` field holds each view's sigma in pixels, 0 where the view is
 (DALI's default and torchvision's ``reflect``).  A sigma of 0 is run as ``1e-3``: its kernel is
 exactly (0, ..., 1, ..., 0) in float32, so an unblurred view passes unchanged through both faces.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ scales all three), so the change of one view is one 3x3 RGB matrix (``hsv_matrix
 torch face applies.  Greyscale is the YIQ luma Y = 0.299 R + 0.587 G + 0.114 B in all three
 channels (torchvision's ``rgb_to_grayscale`` weights), applied where the plan's ``grey`` is 1.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -87,8 +88,14 @@ class Normalise(Op):
     def dali(self, x, f, ctx: ViewContext):
         from nvidia.dali import fn, types
 
-        return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mirror=f["flip"] if self.mirror else 0,
-                                        mean=[255 * m for m in ctx.mean], std=[255 * s for s in ctx.std])
+        return fn.crop_mirror_normalize(
+            x,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mirror=f["flip"] if self.mirror else 0,
+            mean=[255 * m for m in ctx.mean],
+            std=[255 * s for s in ctx.std],
+        )
 
     def torch(self, x, f, ctx: ViewContext):
         refuse_ragged(self, x)
@@ -108,8 +115,12 @@ def fuse_flip(ops):
     ops = list(ops)
     for i, op in enumerate(ops):
         if isinstance(op, Flip):
-            rest = ops[i + 1:]
-            if rest and isinstance(rest[-1], Normalise) and not rest[-1].mirror and \
-                    all(o.commutes_with_flip for o in rest[:-1]):
+            rest = ops[i + 1 :]
+            if (
+                rest
+                and isinstance(rest[-1], Normalise)
+                and not rest[-1].mirror
+                and all(o.commutes_with_flip for o in rest[:-1])
+            ):
                 return ops[:i] + rest[:-1] + [Normalise(mirror=True)]
     return ops

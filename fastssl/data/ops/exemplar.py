@@ -4,6 +4,7 @@ RGB -> HSV -> adjusted -> RGB round trip (saturation/value powers, factors, offs
 The parameters are drawn per patch on the host (``data/surrogate.py``); both faces leave the
 patch as HWC uint8 (the layout of a materialised set), rounded half up the same way.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -27,16 +28,22 @@ class WarpAffine(Op):
     def dali(self, x, f, ctx: ViewContext):
         from nvidia.dali import fn, types
 
-        m = f["affine"].gpu() if ctx.device == "gpu" else f["affine"]  # an input, not a named argument: may be on the GPU
-        return fn.warp_affine(x, m, size=(self.patch, self.patch), inverse_map=True,
-                              interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)  # no fill_value: border repeats
+        m = (
+            f["affine"].gpu() if ctx.device == "gpu" else f["affine"]
+        )  # an input, not a named argument: may be on the GPU
+        return fn.warp_affine(
+            x, m, size=(self.patch, self.patch), inverse_map=True, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT
+        )  # no fill_value: border repeats
 
     def torch(self, x, f, ctx: ViewContext):
         n, _, h, w = x.shape
         dev, p = x.device, self.patch
         aff = f["affine"].to(dev).double()
-        ys, xs = torch.meshgrid(torch.arange(p, device=dev, dtype=torch.float64) + 0.5,
-                                torch.arange(p, device=dev, dtype=torch.float64) + 0.5, indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(p, device=dev, dtype=torch.float64) + 0.5,
+            torch.arange(p, device=dev, dtype=torch.float64) + 0.5,
+            indexing="ij",
+        )
         pts = torch.stack([xs, ys, torch.ones_like(xs)], -1)  # (P, P, 3): x, y, 1
         src = torch.einsum("nij,yxj->nyxi", aff, pts)  # source (x, y), pixel-centre coordinates
         grid = torch.stack([src[..., 0] * (2.0 / w) - 1, src[..., 1] * (2.0 / h) - 1], -1).float()
@@ -83,19 +90,32 @@ def hsv_adjust(r, g, b, p, ops):
     return out
 
 
-_TORCH_OPS = SimpleNamespace(max3=lambda r, g, b: torch.maximum(torch.maximum(r, g), b),
-                             min3=lambda r, g, b: torch.minimum(torch.minimum(r, g), b),
-                             maximum=lambda x, y: torch.clamp(x, min=y), minimum=torch.minimum, pow=torch.pow,
-                             floor=torch.floor, clamp=torch.clamp, f=lambda m: m.float())
+_TORCH_OPS = SimpleNamespace(
+    max3=lambda r, g, b: torch.maximum(torch.maximum(r, g), b),
+    min3=lambda r, g, b: torch.minimum(torch.minimum(r, g), b),
+    maximum=lambda x, y: torch.clamp(x, min=y),
+    minimum=torch.minimum,
+    pow=torch.pow,
+    floor=torch.floor,
+    clamp=torch.clamp,
+    f=lambda m: m.float(),
+)
 
 
 def _dali_ops():
     """The ``ops`` of ``hsv_adjust`` for a DALI graph (nvidia.dali.math; bools cast by arithmetic)."""
     import nvidia.dali.math as dm
 
-    return SimpleNamespace(max3=lambda r, g, b: dm.max(dm.max(r, g), b), min3=lambda r, g, b: dm.min(dm.min(r, g), b),
-                           maximum=dm.max, minimum=dm.min, pow=dm.pow, floor=dm.floor, clamp=dm.clamp,
-                           f=lambda m: m * 1.0)
+    return SimpleNamespace(
+        max3=lambda r, g, b: dm.max(dm.max(r, g), b),
+        min3=lambda r, g, b: dm.min(dm.min(r, g), b),
+        maximum=dm.max,
+        minimum=dm.min,
+        pow=dm.pow,
+        floor=dm.floor,
+        clamp=dm.clamp,
+        f=lambda m: m * 1.0,
+    )
 
 
 def _to_uint8(x):

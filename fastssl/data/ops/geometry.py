@@ -1,4 +1,5 @@
 """Geometric ops: crop a planned box, resize to the view size, horizontal flip."""
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,7 @@ class Crop(Op):
     def torch(self, x, f, ctx: ViewContext):
         box = f["box"]
         if is_ragged(x):  # whole images of different sizes (folders): one box from each
-            return [img[:, y:y + h, xx:xx + w] for img, (y, xx, h, w) in zip(x, box.tolist())]
+            return [img[:, y : y + h, xx : xx + w] for img, (y, xx, h, w) in zip(x, box.tolist())]
         if len(box) and bool((box[:, 2:] == box[:1, 2:]).all()):  # one size: one gather for the batch
             h, w = int(box[0, 2]), int(box[0, 3])
             b = box.to(x.device, torch.long)
@@ -28,7 +29,7 @@ class Crop(Op):
             xs = (b[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]
             rows = torch.arange(len(b), device=x.device)[:, None, None]
             return x[rows, :, ys, xs].permute(0, 3, 1, 2).contiguous()  # (B, h, w, C) -> (B, C, h, w)
-        return [x[j, :, y:y + h, xx:xx + w] for j, (y, xx, h, w) in enumerate(box.tolist())]
+        return [x[j, :, y : y + h, xx : xx + w] for j, (y, xx, h, w) in enumerate(box.tolist())]
 
 
 class Resize(Op):

@@ -1,5 +1,6 @@
 """Colour-space ops of Split-Brain: RGB -> the split's space (CIE-Lab or RGB), then the network
 input and the two quantised target maps (the maths and its DALI/torch code: ``data/lab.py``)."""
+
 from __future__ import annotations
 
 from fastssl.data.lab import ColorSplit, dali_colour, torch_colour
@@ -25,7 +26,8 @@ class ToSpace(Op):
 
 class SplitTargets(Op):
     """A view in the split's space -> [network input (CHW float), targets of group 1 (h, w)
-    int32, targets of group 2]; ends the recipe."""
+    int32, targets of group 2 ((h, w) int32; with ``ab_bins='grid313'`` the (2, h, w) float32
+    block-mean a and b, which the method's loss soft-encodes)]; ends the recipe."""
 
     num_outputs = 3
 
