@@ -110,6 +110,12 @@ class EvalConfig:
     svm_c: float = 1.0  # svm-folds: LinearSVC C on standardised features
     svm_folds: int = 10  # svm-folds without predefined folds: random folds of svm_fold_size train images
     svm_fold_size: int = 1000
+    svm_features: str = (
+        "pooled"  # svm-folds: pooled (fastssl's) | authors (conv1-3 + fc1 after ReLU, 2x2, L2 per block)
+    )
+    svm_c_grid: List[float] = field(default_factory=list)  # svm-folds: C searched per fold (empty: svm_c)
+    svm_c_select: str = "cv"  # with svm_c_grid: cv (3-fold inside each fold) | test (best test accuracy: the authors')
+    svm_scale: bool = True  # StandardScaler before the LinearSVC (the authors: false)
     batch_size: int = 256
 
 
@@ -260,6 +266,9 @@ def validate(cfg: DictConfig) -> None:
     _check(e.svm_c > 0, "eval.svm_c", f"must be > 0, got {e.svm_c}")
     _check(e.svm_folds >= 1, "eval.svm_folds", f"must be >= 1, got {e.svm_folds}")
     _check(e.svm_fold_size >= 2, "eval.svm_fold_size", f"must be >= 2, got {e.svm_fold_size}")
+    _choice(cfg, "eval.svm_features", ("pooled", "authors"))
+    _choice(cfg, "eval.svm_c_select", ("cv", "test"))
+    _check(all(c > 0 for c in e.svm_c_grid), "eval.svm_c_grid", f"every C must be > 0, got {list(e.svm_c_grid)}")
     _check(e.knn_temperature > 0, "eval.knn_temperature", f"must be > 0, got {e.knn_temperature}")
     _check(
         e.finetune_labels is None or e.finetune_labels >= 1,

@@ -44,6 +44,10 @@ SLOW = {
         "test_training_row_and_unknown_names",
     },
     "test_eval.py": {"test_eval_cli_writes_json", "test_random_init_and_bad_checkpoint"},
+    "test_exemplar_authors.py": {
+        "test_fixed_set_survives_a_kill_and_resume_bit_exactly",
+        "test_short_run_with_every_authors_switch",
+    },
     "test_exemplar.py": {
         "test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init",
         "test_resume_from_the_checkpoint_written_as_the_second_stage_began",

@@ -16,6 +16,15 @@ and every patch of the class is that seed patch under a random transformation:
   multiplied by [0.7, 1.4] and shifted by [-0.1, 0.1],
 * colour: hue shifted by [-0.1, 0.1] of the hue circle.
 
+The authors' code (``EricArazo/ExemplarCNN``, ``transformations.py``) draws some of these
+differently; each is a switch of ``SurrogateAug`` (defaults: the paper's text, as before):
+``flip`` (a horizontal flip with that probability, folded into the affine matrix), ``pca_basis``
+(``patch``: the principal components of each patch's own pixels), ``sv_shared`` (one power,
+factor and offset for both saturation and value), ``draw`` (``uniform``: PCA factors and powers
+drawn uniformly, as ``np.random.uniform`` there) and ``stretch`` (every patch stretched to
+[0, 255] by its own minimum and maximum after the PCA contrast and after the HSV round trip,
+saturation and value not clipped).
+
 The parameters are drawn on the host from ``(seed, epoch, step)`` (so resumed runs, DDP ranks
 and every executor agree) as the plan fields ``affine`` (one 2x3 matrix per patch), ``cmat`` and
 ``coff`` (the PCA contrast) and ``hsvp``; the ops ``WarpAffine``, ``ColourMatrix`` and
@@ -26,7 +35,7 @@ and every executor agree) as the plan fields ``affine`` (one 2x3 matrix per patc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -54,6 +63,16 @@ class SurrogateAug:
     sv_mul: List[float] = field(default_factory=lambda: [0.7, 1.4])
     sv_add: List[float] = field(default_factory=lambda: [-0.1, 0.1])
     hue: float = 0.1  # +- fraction of the hue circle
+    # the authors' code (docs/fidelity.md); defaults: the paper's text
+    flip: float = 0.0  # probability of a horizontal flip (authors: 0.5; the paper has none)
+    pca_basis: str = "set"  # set: components of the set's pixels (paper) | patch: each patch's own (authors)
+    sv_shared: bool = False  # one power, factor and offset for saturation and value (authors)
+    draw: str = "loguniform"  # PCA factors and S/V powers: loguniform | uniform (authors)
+    stretch: bool = False  # every patch stretched to [0, 255] by its min/max, S and V unclipped (authors)
+
+
+PCA_BASES = ("set", "patch")
+DRAWS = ("loguniform", "uniform")
 
 
 def check_aug(a, key: str = "method.aug") -> None:
@@ -73,6 +92,15 @@ def check_aug(a, key: str = "method.aug") -> None:
     for name in ("scale", "pca", "sv_power", "sv_mul"):
         rng(name, 0, positive=True)
     rng("sv_add", -1)
+    if not 0 <= a.flip <= 1:
+        raise ConfigError(f"{key}.flip: must be a probability in [0, 1], got {a.flip}")
+    if a.pca_basis not in PCA_BASES:
+        raise ConfigError(f"{key}.pca_basis: {a.pca_basis!r} is not one of {', '.join(PCA_BASES)}")
+    if a.draw not in DRAWS:
+        raise ConfigError(f"{key}.draw: {a.draw!r} is not one of {', '.join(DRAWS)}")
+    for name in ("sv_shared", "stretch"):
+        if not isinstance(getattr(a, name), bool):
+            raise ConfigError(f"{key}.{name}: must be true or false, got {getattr(a, name)!r}")
 
 
 # --------------------------------------------------------------------------- seed patches
@@ -190,9 +218,11 @@ class PatchParams:
     cmat: np.ndarray  # (n, 3, 3) float32: colour matrix on [0, 255] RGB
     coff: np.ndarray  # (n, 3) float32: colour offset on [0, 255]
     hsv: np.ndarray  # (n, 7) float32: sat power, mul, add, value power, mul, add, hue shift
+    pcaf: Optional[np.ndarray] = None  # (n, 3) float32 PCA factors (pca_basis=patch: the op fits each patch)
 
     def __getitem__(self, s):
-        return PatchParams(self.affine[s], self.cmat[s], self.coff[s], self.hsv[s])
+        pcaf = None if self.pcaf is None else self.pcaf[s]
+        return PatchParams(self.affine[s], self.cmat[s], self.coff[s], self.hsv[s], pcaf)
 
 
 def _loguniform(rng, lo_hi, size):
@@ -200,40 +230,52 @@ def _loguniform(rng, lo_hi, size):
     return np.exp(rng.uniform(lo, hi, size))
 
 
+def _uniform(rng, lo_hi, size):
+    return rng.uniform(lo_hi[0], lo_hi[1], size)
+
+
 def draw_params(rng: np.random.Generator, anchors: np.ndarray, aug, patch: int, image_size: int, pca) -> PatchParams:
-    """Random transformations of the seed patches centred at ``anchors`` (n, 2)."""
+    """Random transformations of the seed patches centred at ``anchors`` (n, 2).  The draws come
+    in a fixed order; the authors' switches (``sv_shared``, ``flip``) change it only when set."""
     n = len(anchors)
+    draw = _uniform if getattr(aug, "draw", "loguniform") == "uniform" else _loguniform
     shift = np.clip(rng.normal(0.0, aug.translate * patch / 2, (n, 2)), -aug.translate * patch, aug.translate * patch)
-    return make_params(
-        anchors,
-        shift,
-        rng.uniform(*aug.scale, n),
-        rng.uniform(-aug.rotate, aug.rotate, n),
-        _loguniform(rng, aug.pca, (n, 3)),
-        np.stack(
+    scale = rng.uniform(*aug.scale, n)
+    angle = rng.uniform(-aug.rotate, aug.rotate, n)
+    pcaf = draw(rng, aug.pca, (n, 3))
+    if getattr(aug, "sv_shared", False):  # the authors' HSV_contrast_2: one power, factor, offset for S and V
+        power, mul, add = draw(rng, aug.sv_power, n), rng.uniform(*aug.sv_mul, n), rng.uniform(*aug.sv_add, n)
+        hsv = np.stack([power, mul, add, power, mul, add, rng.uniform(-aug.hue, aug.hue, n)], 1)
+    else:
+        hsv = np.stack(
             [
-                _loguniform(rng, aug.sv_power, n),
+                draw(rng, aug.sv_power, n),
                 rng.uniform(*aug.sv_mul, n),
                 rng.uniform(*aug.sv_add, n),
-                _loguniform(rng, aug.sv_power, n),
+                draw(rng, aug.sv_power, n),
                 rng.uniform(*aug.sv_mul, n),
                 rng.uniform(*aug.sv_add, n),
                 rng.uniform(-aug.hue, aug.hue, n),
             ],
             1,
-        ),
-        patch,
-        image_size,
-        pca,
-    )
+        )
+    p = getattr(aug, "flip", 0.0)
+    flip = rng.random(n) < p if p > 0 else None  # drawn last: no flip leaves the other draws as they were
+    out = make_params(anchors, shift, scale, angle, pcaf, hsv, patch, image_size, pca, flip)
+    if getattr(aug, "pca_basis", "set") == "patch":
+        out.pcaf = np.asarray(pcaf, np.float32)
+    return out
 
 
 IDENTITY_HSV = np.array([1, 1, 0, 1, 1, 0, 0], np.float32)
 
 
-def make_params(anchors, shift, scale, angle_deg, pca_factors, hsv, patch: int, image_size: int, pca) -> PatchParams:
+def make_params(
+    anchors, shift, scale, angle_deg, pca_factors, hsv, patch: int, image_size: int, pca, flip=None
+) -> PatchParams:
     """Explicit parameters -> matrices.  The window (side patch / scale, rotated) is centred at
-    anchor + shift, moved inside the image when it fits (border pixels repeat when it does not)."""
+    anchor + shift, moved inside the image when it fits (border pixels repeat when it does not).
+    ``flip`` (n,) bool: those patches mirrored left-right (output x -> patch - x, in the matrix)."""
     n = len(anchors)
     a = np.deg2rad(np.asarray(angle_deg, np.float64))
     s = np.asarray(scale, np.float64)
@@ -244,6 +286,10 @@ def make_params(anchors, shift, scale, angle_deg, pca_factors, hsv, patch: int, 
     centre = np.where(hi >= lo, np.clip(centre, lo, hi), image_size / 2)
     A = np.stack([np.stack([c, -sn], 1), np.stack([sn, c], 1)], 1) / s[:, None, None]  # (n, 2, 2)
     b = centre - np.einsum("nij,j->ni", A, np.array([patch / 2, patch / 2]))
+    if flip is not None:  # source = A (patch - x, y) + b: the first column negated, b moved by patch x it
+        f = np.asarray(flip, bool)
+        b = np.where(f[:, None], b + A[:, :, 0] * patch, b)
+        A = np.where(f[:, None, None], A * np.array([-1.0, 1.0]), A)
     affine = np.concatenate([A, b[:, :, None]], 2).astype(np.float32)
     mean, vecs = (np.zeros(3), np.eye(3)) if pca is None else pca
     m = np.einsum("ij,nj,kj->nik", vecs, np.asarray(pca_factors, np.float64), vecs)  # U diag(f) U^T
@@ -254,58 +300,108 @@ def make_params(anchors, shift, scale, angle_deg, pca_factors, hsv, patch: int, 
 # --------------------------------------------------------------------------- the plan and the recipe
 
 
-def surrogate_ops(patch: int):
-    """The ops of one patch: geometry, PCA contrast, HSV powers (-> HWC uint8)."""
-    return [WarpAffine(patch), ColourMatrix(), HSVPower()]
+def surrogate_ops(patch: int, aug=None):
+    """The ops of one patch: geometry, PCA contrast, HSV powers (-> HWC uint8); ``aug``'s
+    ``pca_basis`` and ``stretch`` choose the ops' variants (None: the defaults)."""
+    per_patch = aug is not None and aug.pca_basis == "patch"
+    stretch = aug is not None and bool(aug.stretch)
+    return [WarpAffine(patch), ColourMatrix(per_patch=per_patch), HSVPower(stretch=stretch)]
 
 
-def patch_recipe(patch: int, **plan) -> Recipe:
+def patch_recipe(patch: int, aug=None, **plan) -> Recipe:
     """The surrogate ops as a one-view recipe; ``plan``/``items`` make it a training recipe
     (``surrogate_recipe``), without them it serves explicit parameters (graphs, references)."""
-    return Recipe(None, surrogate_ops(patch), views=1, size=patch, name="exemplar surrogate", **plan)
+    return Recipe(None, surrogate_ops(patch, aug), views=1, size=patch, name="exemplar surrogate", **plan)
 
 
 def param_fields(p: PatchParams):
     """PatchParams as plan fields of one view: (n, 1, ...) each."""
-    return {"affine": p.affine[:, None], "cmat": p.cmat[:, None], "coff": p.coff[:, None], "hsvp": p.hsv[:, None]}
+    out = {"affine": p.affine[:, None], "cmat": p.cmat[:, None], "coff": p.coff[:, None], "hsvp": p.hsv[:, None]}
+    if p.pcaf is not None:
+        out["pcaf"] = p.pcaf[:, None]
+    return out
 
 
 class SurrogatePlan:
     """One epoch of one rank: the member row of every patch, step by step, and the parameters
     (drawn per global step from ``(seed, epoch, step)``).  ``step(k)`` is a ViewPlan whose
     ``index`` is the member rows (their labels are the classes) and whose ``images`` are the
-    images those members are."""
+    images those members are.  ``fixed`` (PatchParams of every item): the parameters of a set drawn
+    once (``method.surrogate=fixed``); each epoch then shows the same patches in a new order."""
 
     def __init__(
-        self, items: np.ndarray, sset: SurrogateSet, aug, patch, image_size, pca, batch_size, seed, epoch, rank, world
+        self,
+        items: np.ndarray,
+        sset: SurrogateSet,
+        aug,
+        patch,
+        image_size,
+        pca,
+        batch_size,
+        seed,
+        epoch,
+        rank,
+        world,
+        fixed: Optional[PatchParams] = None,
     ):
         self.sset, self.aug, self.patch, self.image_size, self.pca = sset, aug, patch, image_size, pca
         self.batch_size, self.seed, self.epoch, self.rank, self.world = batch_size, seed, epoch, rank, world
-        self.rows = items[
-            global_batches(np.random.default_rng([seed, epoch]).permutation(len(items)), batch_size, world)
-        ]
+        self.pos = global_batches(np.random.default_rng([seed, epoch]).permutation(len(items)), batch_size, world)
+        self.rows = items[self.pos]
+        self.fixed = fixed
         self.steps = len(self.rows)
 
     def step(self, k: int) -> ViewPlan:
         rows = self.rows[k].reshape(-1)
-        rng = np.random.default_rng([self.seed, self.epoch, k, 7])
-        params = draw_params(rng, self.sset.anchors[rows], self.aug, self.patch, self.image_size, self.pca)
+        if self.fixed is not None:
+            params = self.fixed[self.pos[k].reshape(-1)]
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, k, 7])
+            params = draw_params(rng, self.sset.anchors[rows], self.aug, self.patch, self.image_size, self.pca)
         s = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         return ViewPlan(rows[s], param_fields(params[s]), self.batch_size, images=self.sset.members[rows[s]])
 
 
-def surrogate_recipe(sset: SurrogateSet, aug, patch: int, image_size: int, pca, per_class: int) -> Recipe:
-    """Exemplar-CNN's recipe: ``per_class`` patches of every class per epoch, its own plan."""
+SURROGATE_MODES = ("per_epoch", "fixed")
+
+
+def fixed_params(sset: SurrogateSet, items: np.ndarray, aug, patch: int, image_size: int, pca, seed: int, tag=0):
+    """The parameters of every patch of a fixed surrogate set (``method.surrogate=fixed``), drawn
+    once from ``(seed, 23, tag)``: the same run seed (a resumed run included) gives the same set."""
+    rng = np.random.default_rng([seed, 23, int(tag)])
+    return draw_params(rng, sset.anchors[items], aug, patch, image_size, pca)
+
+
+def surrogate_recipe(
+    sset: SurrogateSet,
+    aug,
+    patch: int,
+    image_size: int,
+    pca,
+    per_class: int,
+    surrogate: str = "per_epoch",
+    tag: int = 0,
+) -> Recipe:
+    """Exemplar-CNN's recipe: ``per_class`` patches of every class per epoch, its own plan;
+    ``surrogate``: ``per_epoch`` (new parameters every step) or ``fixed`` (one set, drawn once)."""
+    if surrogate not in SURROGATE_MODES:
+        raise ConfigError(f"method.surrogate: {surrogate!r} is not one of {', '.join(SURROGATE_MODES)}")
     items = sset.items(per_class)
+    cache = {}
 
     def plan(seed, epoch, rank, world, batch_size):
-        return SurrogatePlan(items, sset, aug, patch, image_size, pca, batch_size, seed, epoch, rank, world)
+        fixed = None
+        if surrogate == "fixed":
+            if seed not in cache:
+                cache[seed] = fixed_params(sset, items, aug, patch, image_size, pca, seed, tag)
+            fixed = cache[seed]
+        return SurrogatePlan(items, sset, aug, patch, image_size, pca, batch_size, seed, epoch, rank, world, fixed)
 
-    return patch_recipe(patch, plan=plan, items=len(items))
+    return patch_recipe(patch, aug, plan=plan, items=len(items))
 
 
-def generate_torch(images: torch.Tensor, params: PatchParams, patch: int) -> torch.Tensor:
+def generate_torch(images: torch.Tensor, params: PatchParams, patch: int, aug=None) -> torch.Tensor:
     """(n, 3, H, W) uint8 source images (one per patch) -> (n, patch, patch, 3) uint8 patches, by
     the ops' torch faces (the validation patches and the tests' reference)."""
     step = ViewPlan(np.arange(len(images)), param_fields(params), len(images))
-    return run_torch(patch_recipe(patch), images, step, ViewContext(patch))[0]
+    return run_torch(patch_recipe(patch, aug), images, step, ViewContext(patch))[0]

@@ -31,7 +31,7 @@ from fastssl.eval.harness import PROTOCOLS, get_protocol, protocol
 from fastssl.eval.knn import knn_accuracy
 from fastssl.eval.ledger import NO_LEDGER, Ledger, Preempted
 from fastssl.eval.linear import linear_probe
-from fastssl.eval.svm import eval_folds, extract_pooled, svm_folds
+from fastssl.eval.svm import eval_folds, extract_authors, extract_pooled, svm_folds
 from fastssl.eval.transfer import transfer
 from fastssl.models import build_backbone
 
@@ -100,16 +100,27 @@ def _svm_folds(cfg, source, backbone, prepare, device, log, ledger):
     t = time.time()
     folds = eval_folds(source, e.svm_folds, e.svm_fold_size, cfg.seed)
     used = np.unique(np.concatenate(folds))  # only the fold images' features are needed
-    ftr = extract_pooled(backbone, source.train, source, prepare, e.batch_size, device, used).numpy()
+    extract = extract_authors if e.svm_features == "authors" else extract_pooled  # (authors: without fc2, see svm.py)
+    ftr = extract(backbone, source.train, source, prepare, e.batch_size, device, used).numpy()
     xtr = np.zeros((len(source.train), ftr.shape[1]), np.float32)
     xtr[used] = ftr
-    xte = extract_pooled(backbone, source.test, source, prepare, e.batch_size, device).numpy()
+    xte = extract(backbone, source.test, source, prepare, e.batch_size, device).numpy()
     log(
         f"  features: {ftr.shape[1]} per image, {len(used)} train, {len(xte)} test ({time.time() - t:.1f}s); "
         f"{len(folds)} folds{' (predefined)' if source.folds else ''}"
     )
     return svm_folds(
-        xtr, np.asarray(source.train.labels), xte, np.asarray(source.test.labels), folds, e.svm_c, ledger, log
+        xtr,
+        np.asarray(source.train.labels),
+        xte,
+        np.asarray(source.test.labels),
+        folds,
+        e.svm_c,
+        ledger,
+        log,
+        c_grid=list(e.svm_c_grid) or None,
+        c_select=e.svm_c_select,
+        scale=e.svm_scale,
     )
 
 

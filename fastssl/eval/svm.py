@@ -6,11 +6,18 @@ SVM (scikit-learn ``LinearSVC`` on standardised features) is trained on each fol
 train images and tested on the whole test split; the result is mean +- std over folds.  STL-10
 brings its 10 predefined folds of 1,000 images (``fold_indices.txt``); other data get
 ``eval.svm_folds`` random folds of ``eval.svm_fold_size`` images.
+
+Options for the authors' protocol (``EricArazo/ExemplarCNN``, ``evaluation/``; defaults unchanged):
+``authors_features`` (conv1-3, fc1 and, given the classifier, fc2, each after its ReLU, max-pooled
+to 2x2, each block L2-normalised), ``svm_folds(..., c_grid=[...], c_select=..., scale=...)``
+(C searched on a grid: by 3-fold cross-validation inside each fold, or, as the authors' notebook
+does, by the test accuracy of each fold; LinearSVC on raw features with ``scale=False``), and
+``extract_prerelu_conv`` (their clustering features: conv1-3 before ReLU, max-pooled 2x2).
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +45,78 @@ def extract_pooled(backbone, split, source, prepare, batch_size: int, device, in
     )
 
 
+def _conv_stages(backbone, x: torch.Tensor, names, relu: bool):
+    """Each stage of ``names`` (an ``nn.Sequential`` whose first module is its conv / fc) -> its
+    map max-pooled to 2x2: the conv's output before the rest of the stage (``relu=False``) or
+    after it and its ReLU (``relu=True``; before pooling and dropout)."""
+    out = {}
+    x = backbone.stem(x)
+    for name, stage in backbone.stages.items():
+        if len(out) == len(names):
+            break
+        if not isinstance(stage, torch.nn.Sequential):
+            raise ValueError(f"stage {name}: the authors' features need a Sequential stage (conv first)")
+        y = stage[0](x)
+        if name in names:
+            out[name] = F.adaptive_max_pool2d((F.relu(y) if relu else y).float(), 2).flatten(1)
+        x = stage[1:](y)
+    return [out[n] for n in names]
+
+
+def prerelu_conv_features(backbone, x: torch.Tensor, names=("conv1", "conv2", "conv3")) -> torch.Tensor:
+    """The authors' clustering features (``forward_all_conv_feat``): each conv's output before
+    its ReLU, max-pooled to 2x2, concatenated."""
+    return torch.cat(_conv_stages(backbone, x, names, relu=False), 1)
+
+
+def authors_features(backbone, x: torch.Tensor, head=None, names=("conv1", "conv2", "conv3", "fc1")) -> torch.Tensor:
+    """The authors' SVM features (``evaluation/extract_32x32_largeNet.py``, ``process_layers_fc_l2``):
+    conv1-3 and fc1 (run convolutionally) after their ReLU, and with ``head`` (the classifier,
+    ``nn.Linear``) fc2 as a 1x1 convolution on the fc1 map after its ReLU; each max-pooled to 2x2
+    and L2-normalised (per image; the authors divide each block by its norm over a batch of 100)."""
+    blocks = []
+    h = backbone.stem(x)
+    fc1 = None
+    for name, stage in backbone.stages.items():
+        y = stage[0](h)
+        if name in names:
+            blocks.append(F.adaptive_max_pool2d(F.relu(y).float(), 2).flatten(1))
+        if name == "fc1":
+            fc1 = F.relu(y).float()
+        h = stage[1:](y)
+        if name == names[-1]:
+            break
+    if head is not None:
+        w = head.weight.float().view(head.out_features, head.in_features, 1, 1)
+        fc2 = F.relu(F.conv2d(fc1, w, head.bias.float()))
+        blocks.append(F.adaptive_max_pool2d(fc2, 2).flatten(1))
+    return torch.cat([b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) for b in blocks], 1)
+
+
+@torch.no_grad()
+def extract_prerelu_conv(backbone, split, source, prepare, batch_size: int, device, index=None, names=None):
+    backbone.eval()
+    names = tuple(names or ("conv1", "conv2", "conv3"))
+    return torch.cat(
+        [
+            prerelu_conv_features(backbone, x, names).cpu()
+            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
+        ]
+    )
+
+
+@torch.no_grad()
+def extract_authors(backbone, split, source, prepare, batch_size: int, device, index=None, head=None):
+    """``authors_features`` of ``split`` (``eval.svm_features=authors``)."""
+    backbone.eval()
+    return torch.cat(
+        [
+            authors_features(backbone, x, head).cpu()
+            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
+        ]
+    )
+
+
 def eval_folds(source, num_folds: int, fold_size: int, seed: int = 0) -> List[np.ndarray]:
     """The source's predefined folds (STL-10), else ``num_folds`` random folds of ``fold_size``."""
     if source.folds:
@@ -45,6 +124,9 @@ def eval_folds(source, num_folds: int, fold_size: int, seed: int = 0) -> List[np
     n = len(source.train)
     rng = np.random.default_rng(seed)
     return [rng.choice(n, min(fold_size, n), replace=False) for _ in range(num_folds)]
+
+
+C_SELECT = ("cv", "test")
 
 
 def svm_folds(
@@ -56,19 +138,52 @@ def svm_folds(
     C: float = 1.0,
     ledger=NO_LEDGER,
     log=print,
+    c_grid: Optional[Sequence[float]] = None,
+    c_select: str = "cv",
+    scale: bool = True,
 ):
+    """One LinearSVC per fold (``C``), tested on the test split.  ``c_grid``: C chosen per fold
+    from the grid, by 3-fold cross-validation on the fold's own images (``c_select="cv"``) or by
+    the test accuracy (``"test"``: what the authors' ``evaluation/eval_long.ipynb`` does; it
+    selects on the test set, so its mean is optimistic).  ``scale=False``: raw features, no
+    StandardScaler (the authors)."""
     # scikit-learn (slow to import) only where SVMs are fit: training imports this module for extract_pooled
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    def run(k):
-        ledger.check()  # one fit per fold, no epochs: the stop is looked at before each
-        clf = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=5000))
+    if c_select not in C_SELECT:
+        raise ValueError(f"c_select: {c_select!r} is not one of {', '.join(C_SELECT)}")
+    chosen = {}
+
+    def make(c):
+        return (
+            make_pipeline(StandardScaler(), LinearSVC(C=c, max_iter=5000)) if scale else LinearSVC(C=c, max_iter=5000)
+        )
+
+    def fit_score(c, k):
+        clf = make(c)
         clf.fit(train_x[folds[k]], train_y[folds[k]])
         return float((clf.predict(test_x) == test_y).mean() * 100)
 
+    def run(k):
+        ledger.check()  # one fit per fold, no epochs: the stop is looked at before each
+        if not c_grid:
+            return fit_score(C, k)
+        if c_select == "test":
+            accs = [fit_score(c, k) for c in c_grid]
+            chosen[k] = float(c_grid[int(np.argmax(accs))])
+            return max(accs)
+        from sklearn.model_selection import GridSearchCV
+
+        x, y = train_x[folds[k]], train_y[folds[k]]
+        key = "linearsvc__C" if scale else "C"
+        search = GridSearchCV(make(C), {key: list(c_grid)}, cv=3).fit(x, y)
+        chosen[k] = float(search.best_params_[key])
+        return float((search.best_estimator_.predict(test_x) == test_y).mean() * 100)
+
     def message(k, acc):
-        return f"  fold {k + 1}/{len(folds)}: {acc:.2f}% ({len(folds[k])} train images)"
+        c = f", C {chosen[k]:g}" if k in chosen else ""
+        return f"  fold {k + 1}/{len(folds)}: {acc:.2f}% ({len(folds[k])} train images{c})"
 
     return repeat_runs(len(folds), run, ledger, log, message, fold_sizes=[int(len(f)) for f in folds])

@@ -12,7 +12,14 @@ are re-formed from the clusters (filled up to the class budget with single image
 nearest held-out images), and the network is trained again from scratch on the new set.
 
 Optimiser groups as in the seed paper: lr x1 for weights, x2 for biases, x0.25 for the last fc
-weights; L2 .004 on fc1 and .016 on fc2 weights, none elsewhere.
+weights; L2 .004 on fc1 and .016 on fc2 weights, none elsewhere (``method.l2_conv3``: the authors'
+.001 on conv3).
+
+The authors' code (``EricArazo/ExemplarCNN``; docs/fidelity.md) as switches: ``method.surrogate``
+(``fixed``: one set of patches drawn once from the run's seed and shown every epoch),
+``method.dropout`` (``authors``: after fc1 only), ``method.l2_conv3``, ``method.cluster.features``
+(``authors``: conv1-3 before ReLU, max-pooled 2x2) and the transformation switches of
+``method.aug`` (data/surrogate.py).
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ class ClusterConfig:
     fraction: float = 0.5  # share of the images clustered; the rest is held out to join single images
     neighbours: int = 3  # held-out images joined to each single image
     max_images: int = 20000  # complete linkage is O(n^2) memory: above this, k-means parts first
+    features: str = "pooled"  # pooled: every stage max-pooled 2x2 | authors: conv1-3 before ReLU, pooled 2x2
+
+
+SURROGATE = ("per_epoch", "fixed")
+DROPOUT = ("paper", "authors")
+CLUSTER_FEATURES = ("pooled", "authors")
 
 
 @dataclass
@@ -67,6 +80,9 @@ class ExemplarConfig(MethodConfig):
     lr_fc2_factor: float = 0.25  # last fc weights lr = 0.25 x optim.lr (seed: .025)
     l2_fc1: float = 0.004
     l2_fc2: float = 0.016
+    l2_conv3: float = 0.0  # L2 on the conv3 weights (authors: .001; the paper: none)
+    dropout: str = "paper"  # paper: after every conv and fc1 | authors: after fc1 only
+    surrogate: str = "per_epoch"  # per_epoch: new patches every epoch | fixed: one set drawn once (paper, authors)
     surrogate_dir: Optional[str] = None  # a set materialised by `python -m fastssl.materialise`
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -88,6 +104,12 @@ class ExemplarCNN(Method):
         self.clustered = False
         self._val = None
         self._init_classifier()
+        if m.dropout == "authors":  # their network: no dropout after the convs (no parameters, no RNG use)
+            for name in ("conv1", "conv2", "conv3"):
+                stage = backbone.stages[name]
+                for i, mod in enumerate(stage):
+                    if isinstance(mod, nn.Dropout):
+                        stage[i] = nn.Identity()
 
     def _init_classifier(self):
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -132,10 +154,22 @@ class ExemplarCNN(Method):
                 raise ConfigError(f"method.{k}: must be >= 1, got {getattr(m, k)}")
         if m.val_patches_per_class < 0:
             raise ConfigError(f"method.val_patches_per_class: must be >= 0, got {m.val_patches_per_class}")
-        for k in ("lr_bias_factor", "lr_fc2_factor", "l2_fc1", "l2_fc2"):
+        for k in ("lr_bias_factor", "lr_fc2_factor", "l2_fc1", "l2_fc2", "l2_conv3"):
             if getattr(m, k) < 0:
                 raise ConfigError(f"method.{k}: must be >= 0, got {getattr(m, k)}")
+        for key, v, choices in (
+            ("method.surrogate", m.surrogate, SURROGATE),
+            ("method.dropout", m.dropout, DROPOUT),
+            ("method.cluster.features", c.features, CLUSTER_FEATURES),
+        ):
+            if v not in choices:
+                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
         check_aug(m.aug)
+        if m.aug.pca_basis == "patch" and cfg.data.pipeline in ("auto", "dali-cpu", "dali-gpu"):
+            raise ConfigError(
+                f"method.aug.pca_basis: patch (each patch's own PCA) has no DALI face; data.pipeline="
+                f"{cfg.data.pipeline} builds a DALI graph: use data.pipeline=torch or data.pipeline=tensor"
+            )
         if not c.threshold > 0:
             raise ConfigError(f"method.cluster.threshold: must be > 0, got {c.threshold}")
         if not 0 < c.fraction < 1:
@@ -222,7 +256,7 @@ class ExemplarCNN(Method):
         out = []
         for s in range(0, len(rows), 1024):
             imgs = split_images(source.pretrain, self.sset.members[rows[s : s + 1024]], source.image_size)
-            out.append(generate_torch(imgs, params[s : s + 1024], m.patch_size))
+            out.append(generate_torch(imgs, params[s : s + 1024], m.patch_size, m.aug))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -230,7 +264,7 @@ class ExemplarCNN(Method):
         """Features of the trained network -> merged classes -> new set; weights re-initialised."""
 
         from fastssl.engine import dist
-        from fastssl.eval.svm import extract_pooled
+        from fastssl.eval.svm import extract_pooled, extract_prerelu_conv
         from fastssl.knn.cluster import surrogate_classes
 
         m, c = self.cfg.method, self.cfg.method.cluster
@@ -240,6 +274,10 @@ class ExemplarCNN(Method):
             prep = self.eval_input(self.cfg, source)
 
             def features(rows):
+                if c.features == "authors":  # their forward_all_conv_feat: conv1-3 before ReLU, pooled 2x2
+                    return extract_prerelu_conv(
+                        self.backbone, source.pretrain, source, prep, 256, dev, rows, ("conv1", "conv2", "conv3")
+                    ).numpy()
                 return extract_pooled(self.backbone, source.pretrain, source, prep, 256, dev, rows).numpy()
 
             result = surrogate_classes(features, len(source.pretrain), m.num_classes, c, self.cfg.seed)
@@ -267,7 +305,16 @@ class ExemplarCNN(Method):
     def recipe(self):
         """The current surrogate set's patches: its own plan (parameters drawn per step), three ops."""
         m = self.cfg.method
-        return surrogate_recipe(self.sset, m.aug, m.patch_size, self.image_size, self.pca, m.patches_per_class)
+        return surrogate_recipe(
+            self.sset,
+            m.aug,
+            m.patch_size,
+            self.image_size,
+            self.pca,
+            m.patches_per_class,
+            surrogate=m.surrogate,
+            tag=int(self.clustered),
+        )
 
     def make_loader(self, cfg, source, rank, world, device_id):
         """A materialised set (method.surrogate_dir) is read back from its file until clustering
@@ -280,20 +327,28 @@ class ExemplarCNN(Method):
 
     # ---- optimiser groups of the seed paper
     def param_groups(self, lr: float, weight_decay: float = 0.0):
-        """The authors' per-layer rates and L2 (optim.weight_decay is not used: method.l2_fc1 / l2_fc2)."""
+        """The authors' per-layer rates and L2 (optim.weight_decay is not used: method.l2_fc1 / l2_fc2;
+        ``method.l2_conv3`` > 0 moves the conv3 weights to a fifth group with that L2)."""
         m = self.cfg.method
         fc1 = self.backbone.stages["fc1"][0].linear.weight
-        groups = {"weights": [], "biases": [], "fc1": [fc1], "fc2": [self.classifier.weight]}
+        conv3 = self.backbone.stages["conv3"][0].weight
+        groups = {"weights": [], "biases": [], "fc1": [fc1], "fc2": [self.classifier.weight], "conv3": []}
         special = {id(fc1), id(self.classifier.weight)}
         for p in self.parameters():
             if p.requires_grad and id(p) not in special:
-                groups["biases" if p.ndim == 1 else "weights"].append(p)
-        return [
+                if m.l2_conv3 > 0 and p is conv3:
+                    groups["conv3"].append(p)
+                else:
+                    groups["biases" if p.ndim == 1 else "weights"].append(p)
+        out = [
             {"name": "weights", "params": groups["weights"], "lr": lr, "weight_decay": 0.0},
             {"name": "biases", "params": groups["biases"], "lr": lr * m.lr_bias_factor, "weight_decay": 0.0},
             {"name": "fc1", "params": groups["fc1"], "lr": lr, "weight_decay": m.l2_fc1},
             {"name": "fc2", "params": groups["fc2"], "lr": lr * m.lr_fc2_factor, "weight_decay": m.l2_fc2},
         ]
+        if groups["conv3"]:
+            out.append({"name": "conv3", "params": groups["conv3"], "lr": lr, "weight_decay": m.l2_conv3})
+        return out
 
     # ---- training
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
