@@ -125,31 +125,25 @@ def transfer(
     y = torch.from_numpy(y_all[idx])
     xt = torch.cat(list(image_batches(source.test, source.image_size, prepare, 512, "cpu")))
     yt = torch.from_numpy(np.asarray(source.test.labels))
-    switch = int(round(2 * epochs / 3))
-    if classifier == "authors":
-        return _authors(
-            first[0],
-            backbone.dim("layer1"),
-            source.image_size,
-            num_classes,
-            x,
-            y,
-            xt,
-            yt,
-            prepare,
-            epochs,
-            runs,
-            freeze,
-            batch_size,
-            device,
-            log,
-            ledger,
-            labels=int(len(idx)),
-        )
+    width = backbone.dim("layer1")
+    if classifier == "authors":  # shallow-conv's: its conv2/fc on the bare conv, crop/flip, lr x0.1 after epochs // 1.5
+        black = prepare(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).float().cpu()
+        settings = dict(augment=crop_flip(black), drop_last=len(x) % batch_size == 1)  # (drop_last: BatchNorm1d)
+        switch, what, extra = int(epochs // 1.5), "authors' classifier, ", {"classifier": "authors"}
+
+        def build():
+            return AuthorsClassifier(copy.deepcopy(first[0]), width, source.image_size, num_classes)
+    else:
+        settings, switch, what, extra = {}, int(round(2 * epochs / 3)), "", {}
+
+        def build():
+            return SmallClassifier(copy.deepcopy(first), width, source.image_size, num_classes)
 
     def run(k):
-        torch.manual_seed(1000 + k)  # the new layers' init and the batch order (global RNG) differ per run
-        net = SmallClassifier(copy.deepcopy(first), backbone.dim("layer1"), source.image_size, num_classes).to(device)
+        torch.manual_seed(
+            1000 + k
+        )  # the new layers' init, the batch order and augmentation (global RNG) differ per run
+        net = build().to(device)
         for p in net.first.parameters():
             p.requires_grad_(not freeze)
         train_supervised(
@@ -162,62 +156,12 @@ def transfer(
             make_opt=lambda m: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3),
             epoch_lr=lambda ep: 1e-3 if ep < switch else 1e-4,
             ledger=ledger,
+            **settings,
         )
         return percent_correct(net, ((xb.to(device), yb) for xb, yb in zip(xt.split(512), yt.split(512))), len(xt))
 
     def message(k, acc):
-        return f"  transfer run {k}: {acc:.2f}% ({'frozen' if freeze else 'fine-tuned'} first layer, {epochs} epochs)"
+        frozen = "frozen" if freeze else "fine-tuned"
+        return f"  transfer run {k}: {acc:.2f}% ({what}{frozen} first layer, {epochs} epochs)"
 
-    return repeat_runs(runs, run, ledger, log, message, frozen=freeze, labels=int(len(idx)))
-
-
-def _authors(
-    conv,
-    channels,
-    image_size,
-    num_classes,
-    x,
-    y,
-    xt,
-    yt,
-    prepare,
-    epochs,
-    runs,
-    freeze,
-    batch_size,
-    device,
-    log,
-    ledger,
-    labels,
-):
-    switch = int(epochs // 1.5)  # their StepLR(step_size=n_epochs // 1.5), stepped after each epoch
-    black = prepare(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).float().cpu()
-    augment = crop_flip(black)
-
-    def run(k):
-        torch.manual_seed(1000 + k)  # init, batch order and augmentation (global RNG) differ per run
-        net = AuthorsClassifier(copy.deepcopy(conv), channels, image_size, num_classes).to(device)
-        for p in net.first.parameters():
-            p.requires_grad_(not freeze)
-        train_supervised(
-            net,
-            x,
-            y,
-            epochs,
-            batch_size,
-            device,
-            drop_last=len(x) % batch_size == 1,  # (BatchNorm1d)
-            make_opt=lambda m: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3),
-            epoch_lr=lambda ep: 1e-3 if ep < switch else 1e-4,
-            augment=augment,
-            ledger=ledger,
-        )
-        return percent_correct(net, ((xb.to(device), yb) for xb, yb in zip(xt.split(512), yt.split(512))), len(xt))
-
-    def message(k, acc):
-        return (
-            f"  transfer run {k}: {acc:.2f}% (authors' classifier, {'frozen' if freeze else 'fine-tuned'} "
-            f"first layer, {epochs} epochs)"
-        )
-
-    return repeat_runs(runs, run, ledger, log, message, frozen=freeze, labels=labels, classifier="authors")
+    return repeat_runs(runs, run, ledger, log, message, frozen=freeze, labels=int(len(idx)), **extra)
