@@ -126,6 +126,13 @@ def main(argv=None) -> int:
             print(f"fastssl: {e}", file=sys.stderr)
             return 2
         state = RunState.from_dict(resumed)
+        changed = ckpt.config_changes(resumed["config"], cfg)
+        if changed and d.is_main:  # (e.g. a default that a newer fastssl changed, resumed from the YAML file)
+            print(
+                "fastssl: resuming with settings that differ from the checkpoint's (the run continues with "
+                "the new values; pass the old ones as overrides to keep them): " + "; ".join(changed),
+                file=sys.stderr,
+            )
     elif args.resume and d.is_main:
         print(f"fastssl: no checkpoint at {ck_path}; starting a new run", file=sys.stderr)
 

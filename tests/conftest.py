@@ -96,6 +96,7 @@ SLOW = {
     "test_splitbrain.py": {"test_short_run_beats_random_init"},
     "test_train.py": {
         "test_resume_without_checkpoint_starts_fresh_and_bad_checkpoint_is_reported",
+        "test_resume_with_changed_settings_says_which",
         "test_sc_beats_random_init_under_the_linear_probe",
         "test_sigkill_then_resume_equals_uninterrupted_run",
         "test_sigterm_checkpoints_and_exits_zero_then_resumes",

@@ -214,22 +214,29 @@ def exemplar():
     return (gpu_cfg(cfg), src, *seed_surrogate_set(cfg, src))
 
 
+@pytest.mark.parametrize("stretch", [True, False], ids=["stretch", "no-stretch"])
 @pytest.mark.parametrize("encoded", [False, True], ids=["arrays", "encoded"])
-def test_exemplar_surrogate_graph_builds_on_the_gpu(exemplar, loader_graphs, encoded):
+def test_exemplar_surrogate_graph_builds_on_the_gpu(exemplar, loader_graphs, encoded, stretch):
     """The surrogate-patch graph (what ExemplarCNN.make_loader builds): warp_affine's matrix as its
     GPU input, the colour matrices as CPU named arguments, all arithmetic on the GPU (the bug:
-    the matrices as GPU named arguments, which DALI refuses)."""
+    the matrices as GPU named arguments, which DALI refuses); with the authors' stretch (the
+    default) and without it (the text's)."""
+    from omegaconf import OmegaConf
+
     from fastssl.data.executors.dali import DaliExecutor
     from fastssl.data.exemplar import build_surrogate_loader
 
     cfg, src, sset, pca = exemplar
     src = as_folder(src) if encoded else src
-    loader = build_surrogate_loader(cfg, src, sset, cfg.method.aug, pca, device_id=0)  # runs check_gpu_graph
+    aug = OmegaConf.merge(cfg.method.aug, {"stretch": stretch})
+    loader = build_surrogate_loader(cfg, src, sset, aug, pca, device_id=0)  # runs check_gpu_graph
     assert isinstance(loader, DaliExecutor)
     ops = loader_graphs(loader)
     heavy = {"fn.warp_affine": 1, "fn.coord_transform": 1, "fn.stack": 1, "fn.cast": 1}
     assert_on_gpu(ops, {**heavy, **({"fn.decoders.image": 1, "fn.resize": 1, "fn.crop": 1} if encoded else {})})
-    assert ops == graph_ops(surrogate_pipeline(cfg.method.patch_size, encoded, src.image_size, cfg.data.batch_size))
+    want = surrogate_pipeline(cfg.method.patch_size, encoded, src.image_size, cfg.data.batch_size, aug)
+    assert ops == graph_ops(want)
+    assert ("fn.reductions.min", "gpu") in ops if stretch else ("fn.reductions.min", "gpu") not in ops
 
 
 @pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescaled"])

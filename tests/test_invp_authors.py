@@ -199,7 +199,8 @@ def test_step_refresh_in_the_method_replaces_the_batch_rows_from_the_pre_update_
     assert torch.equal(m.graph[rest], g0[rest])
     m.begin_epoch(1, fresh=True)  # not rebuilt at the next epoch
     assert torch.equal(m.graph[idx], authors_update_nn(sims, idx, m.cfg.method.graph_k))
-    e = _method(tiny_cfg)  # today's default: rebuilt from the bank every epoch
+    assert _method(tiny_cfg).cfg.method.graph_refresh == "step"  # the default (the paper does not say)
+    e = _method(tiny_cfg, "method.graph_refresh=epoch")  # rebuilt from the bank every epoch
     e.begin_epoch(0, fresh=True)
     e.graph[:3] = 0
     e.begin_epoch(1, fresh=True)
@@ -207,9 +208,9 @@ def test_step_refresh_in_the_method_replaces_the_batch_rows_from_the_pre_update_
 
 
 def test_weight_decay_scope(tiny_cfg):
-    groups = _method(tiny_cfg).param_groups(0.1, 5e-4)  # default: the base class's two groups
+    groups = _method(tiny_cfg, "method.weight_decay_scope=weights").param_groups(0.1, 5e-4)  # the base's two groups
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and all(p.ndim > 1 for p in groups[0]["params"])
-    m = _method(tiny_cfg, "method.weight_decay_scope=all")
+    m = _method(tiny_cfg)  # the default (the paper does not say): the authors' all
     (g,) = m.param_groups(0.1, 5e-4)  # main.py: SGD(network.parameters(), weight_decay=...)
     assert g["weight_decay"] == 5e-4 and len(g["params"]) == len([p for p in m.parameters() if p.requires_grad])
 

@@ -172,9 +172,11 @@ def test_tensor_executor_resumes_mid_epoch_shards_ranks_and_refuses_files(images
         TensorExecutor(Split(files=["a.png"] * 16), r, 8, 3, 0, 1, MEAN, STD)
 
 
-def test_exemplar_surrogate_recipe_on_every_executor(images):
+@pytest.mark.parametrize("stretch", [True, False], ids=["stretch", "no-stretch"])
+def test_exemplar_surrogate_recipe_on_every_executor(images, stretch):
     """The surrogate recipe (WarpAffine, ColourMatrix, HSVPower) on its own per-step plan: the
-    DataLoader and tensor executors equal the torch faces bit for bit, DALI CPU to one grey level."""
+    DataLoader and tensor executors equal the torch faces bit for bit, DALI CPU to one grey level
+    (with the default stretch, the authors', and without, the text's)."""
     from fastssl.data.decode import to_chw
     from fastssl.data.surrogate import (
         PatchParams,
@@ -187,7 +189,8 @@ def test_exemplar_surrogate_recipe_on_every_executor(images):
 
     split = Split(images=images)
     sset = make_surrogate_set(split, SIZE, np.arange(16), np.arange(16), 16, seed=0)
-    r = surrogate_recipe(sset, SurrogateAug(), 16, SIZE, pca_basis(to_chw(images)), per_class=4)
+    aug = SurrogateAug(stretch=stretch)
+    r = surrogate_recipe(sset, aug, 16, SIZE, pca_basis(to_chw(images)), per_class=4)
     for kind, ex in executors(split, r, batch=8).items():
         ex.set_epoch(1)
         plan = ex.epoch_plan(1)
@@ -195,7 +198,7 @@ def test_exemplar_surrogate_recipe_on_every_executor(images):
         for k, batch in enumerate(ex):
             s = plan.step(k)
             p = PatchParams(s["affine"][:, 0], s["cmat"][:, 0], s["coff"][:, 0], s["hsvp"][:, 0])
-            want = generate_torch(torch.from_numpy(images[s.sources]).permute(0, 3, 1, 2), p, 16)
+            want = generate_torch(torch.from_numpy(images[s.sources]).permute(0, 3, 1, 2), p, 16, aug)
             got = batch["views"][0]
             assert torch.equal(batch["index"], torch.from_numpy(s.index)) and got.shape == want.shape == (8, 16, 16, 3)
             if kind == "dali-cpu":

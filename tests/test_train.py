@@ -77,7 +77,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
     ck = load(out / "checkpoints" / "last.pt")
     assert ck["reason"] == "signal SIGTERM" and 3 <= ck["step"] < 48
     run(cmd + ["--resume"])
-    assert load(out / "checkpoints" / "last.pt")["step"] == 48
+    assert load_ckpt(out / "checkpoints" / "last.pt")["step"] == 48
 
 
 def test_sigusr1_to_one_rank_stops_both(tmp_path):
@@ -114,3 +114,34 @@ def test_sc_beats_random_init_under_the_linear_probe(tmp_path):
         out, "linear", "eval.linear_epochs=30", "eval.linear_seeds=1", "data.builtin.num_train=2048"
     )
     assert sc["accuracy"] >= random["accuracy"] + 5.0, (sc, random)
+
+
+def test_resume_with_changed_settings_says_which(tmp_path):
+    """A run resumed with settings that differ from its checkpoint's (here a new max_steps and lr;
+    in the field, a default changed by a newer fastssl) names each, old -> new, and continues."""
+    out = tmp_path / "changed"
+    run(train_cmd(out, "train.max_steps=2"))
+    p = run(train_cmd(out, "train.max_steps=4", "optim.lr=0.123") + ["--resume"])
+    (line,) = [x for x in p.stderr.splitlines() if "differ from the checkpoint's" in x]
+    assert "optim.lr: " in line and "-> 0.123" in line and "train.max_steps: 2 -> 4" in line, line
+    assert load_ckpt(out / "checkpoints" / "last.pt")["step"] == 4
+    p = run(train_cmd(out, "train.max_steps=4", "optim.lr=0.123") + ["--resume"])  # the same settings: silent
+    assert "differ from the checkpoint's" not in p.stderr
+
+
+def test_config_changes_lists_each_changed_key():
+    from omegaconf import OmegaConf
+
+    from fastssl.config import load_config
+    from fastssl.engine.checkpoint import config_changes
+
+    a = load_config(f"{ROOT}/configs/invp/builtin.yaml", [])
+    assert config_changes(a, a) == []
+    b = load_config(f"{ROOT}/configs/invp/builtin.yaml", ["method.graph_refresh=epoch", "seed=7"])
+    assert config_changes(a, b) == ["method.graph_refresh: 'step' -> 'epoch'", f"seed: {a.seed!r} -> 7"]
+    old = OmegaConf.to_container(a)  # a checkpoint written before a key existed
+    del old["method"]["weight_decay_scope"]
+    assert config_changes(old, a) == ["method.weight_decay_scope: '<absent>' -> 'all'"]
+    many = [f"method.{k}={v}" for k, v in (("graph_k", 5), ("graph_steps", 2), ("lam", 0.5), ("temperature", 0.3))]
+    c = load_config(f"{ROOT}/configs/invp/builtin.yaml", [*many, "seed=7", "optim.lr=0.5", "optim.momentum=0.5"])
+    assert config_changes(a, c, limit=3)[-1] == "... and 4 more"

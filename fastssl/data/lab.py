@@ -304,6 +304,7 @@ def empirical_prior(ab_batches, centres: torch.Tensor, k: int = SOFT_NEIGHBOURS,
     n = 0
     for ab in ab_batches:
         w, idx = soft_encode(ab.float(), centres)
-        total.index_add_(0, idx.reshape(-1).cpu(), w.reshape(-1).double().cpu())
+        w = w.double()  # renormalised in float64: each point's weights then sum to 1 within 1e-15, not float32's 1e-7
+        total.index_add_(0, idx.reshape(-1).cpu(), (w / w.sum(1, keepdim=True)).reshape(-1).cpu())
         n += len(ab)
     return total / max(n, 1)

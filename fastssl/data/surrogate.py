@@ -63,12 +63,12 @@ class SurrogateAug:
     sv_mul: List[float] = field(default_factory=lambda: [0.7, 1.4])
     sv_add: List[float] = field(default_factory=lambda: [-0.1, 0.1])
     hue: float = 0.1  # +- fraction of the hue circle
-    # the authors' code (docs/fidelity.md); defaults: the paper's text
-    flip: float = 0.0  # probability of a horizontal flip (authors: 0.5; the paper has none)
+    # where the paper's text is silent, the authors' code (docs/fidelity.md); where it is explicit, the text
+    flip: float = 0.5  # probability of a horizontal flip (authors: 0.5; the text does not mention one)
     pca_basis: str = "set"  # set: components of the set's pixels (paper) | patch: each patch's own (authors)
-    sv_shared: bool = False  # one power, factor and offset for saturation and value (authors)
-    draw: str = "loguniform"  # PCA factors and S/V powers: loguniform | uniform (authors)
-    stretch: bool = False  # every patch stretched to [0, 255] by its min/max, S and V unclipped (authors)
+    sv_shared: bool = True  # one power, factor and offset for S and V (authors; the text: "a power") | false
+    draw: str = "uniform"  # PCA factors and S/V powers: uniform (authors; the text gives ranges) | loguniform
+    stretch: bool = True  # every patch stretched to [0, 255] by its min/max, S and V unclipped (authors) | false
 
 
 PCA_BASES = ("set", "patch")

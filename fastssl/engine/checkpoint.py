@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -176,6 +176,28 @@ def resume(path: str, model: torch.nn.Module) -> Dict[str, Any]:
     except RuntimeError as e:  # (load_state_dict: missing, unexpected or mis-shaped tensors)
         raise CheckpointError(f"{path} does not fit this config's model: {str(e).splitlines()[0]}") from None
     return ck
+
+
+def config_changes(saved, current, limit: int = 8) -> List[str]:
+    """The settings in which ``current`` differs from the config ``saved`` in a checkpoint, as
+    ``key: old -> new`` lines (at most ``limit``, then a count): a resumed run continues with
+    ``current``, so a changed value, or a default changed by a new fastssl version when the run
+    is resumed from its YAML file instead of ``out_dir/config.yaml``, is said before the first step."""
+    from omegaconf import OmegaConf
+
+    def flat(c, prefix=""):
+        out = {}
+        for k, v in c.items() if isinstance(c, dict) else ():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def plain(c):
+        return OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else c
+
+    old, new = flat(plain(saved)), flat(plain(current))
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+    lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:limit]]
+    return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
 
 
 def restore_rng(ck: Dict[str, Any], rank: int) -> None:

@@ -82,7 +82,7 @@ class ExemplarConfig(MethodConfig):
     l2_fc2: float = 0.016
     l2_conv3: float = 0.0  # L2 on the conv3 weights (authors: .001; the paper: none)
     dropout: str = "paper"  # paper: after every conv and fc1 | authors: after fc1 only
-    surrogate: str = "per_epoch"  # per_epoch: new patches every epoch | fixed: one set drawn once (paper, authors)
+    surrogate: str = "fixed"  # fixed: one set drawn once (paper, authors) | per_epoch: new patches every epoch
     surrogate_dir: Optional[str] = None  # a set materialised by `python -m fastssl.materialise`
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

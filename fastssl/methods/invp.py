@@ -5,23 +5,24 @@ image (EMA-updated, momentum m, renormalised), plus positives discovered by prop
 a kNN graph of the bank:
 
 * graph: each image's ``graph_k`` nearest bank entries (self excluded), on FAISS
-  (``fastssl.knn``).  It is rebuilt from the whole bank at the start of every epoch: each
-  bank entry moves only when its image is visited, i.e. once per epoch, so a per-epoch graph
-  is as fresh as the bank it is built from, at the cost of one N x N search per epoch instead
-  of one per step.  It is a buffer of the module, so checkpoints carry it.
+  (``fastssl.knn``), built from the whole bank at the first epoch's start.  It is a buffer of
+  the module, so checkpoints carry it.  How it is kept fresh is ``graph_refresh``:
+* ``graph_refresh=step`` (the default: the authors' code; the paper does not say): after every
+  step each batch row's graph row is replaced by its ``graph_k`` nearest bank entries found
+  from the step's features (``fastssl.knn.graph.refresh_neighbours``, before the bank's EMA
+  update); the other rows keep the neighbours of their last visit.  ``graph_refresh=epoch``
+  rebuilds the whole graph from the bank at every epoch's start instead: each bank entry moves
+  only when its image is visited, i.e. once per epoch, so that graph is as fresh as the bank it
+  is built from, at the cost of one N x N search per epoch.
 * positives: every image within ``graph_steps`` hops of the anchor (deduplicated, self
   excluded); ``positives=knn`` keeps the direct neighbours only (the paper's ablation);
   ``positives=authors``: the authors' released code (WangFeng18/InvariancePropagation,
   ``objective.py``): the concatenated 1- .. ``graph_steps``-step neighbour lists, k + k^2 + k^3
   entries, duplicates and the anchor itself kept, each copy counted.
-* ``graph_refresh=step`` (the authors' code): besides the graph of the first epoch, each batch
-  row's graph row is replaced after every step by its ``graph_k`` nearest bank entries found
-  from the step's features (``fastssl.knn.graph.refresh_neighbours``, before the bank's EMA
-  update), instead of rebuilding the whole graph every epoch.
 * hard positives: the ``hard_positives`` positives least similar to the anchor (0 = all);
   ``hard_mode=most_similar``: the most similar ones (the authors' ``--not_hardpos``).
-* ``weight_decay_scope``: ``weights`` (decay on weights, none on biases and norms) or ``all``
-  parameters (the authors' ``main.py``: SGD over ``network.parameters()``).
+* ``weight_decay_scope``: ``all`` parameters (the default: the authors' ``main.py``, SGD over
+  ``network.parameters()``; the paper does not say) or ``weights`` (none on biases and norms).
 * background / hard negatives: the ``background`` nearest bank entries (0 = the whole bank).
 
 With s = exp(cos / tau) and the anchor's own bank entry s_self:
@@ -85,14 +86,12 @@ class InvPConfig(MethodConfig):
     positives: str = (
         "propagation"  # propagation | knn (ablation: direct neighbours only) | authors (multiset with the anchor)
     )
-    graph_refresh: str = (
-        "epoch"  # epoch (whole graph, once an epoch) | step (the batch rows' neighbours, every step: authors)
-    )
+    graph_refresh: str = "step"  # step (batch rows' neighbours, every step: authors) | epoch (whole graph per epoch)
     hard_positives: int = 50  # P; 0 = use every positive (ablation: no hard positives)
     hard_mode: str = (
         "least_similar"  # least_similar (the paper's hard positives) | most_similar (authors' --not_hardpos)
     )
-    weight_decay_scope: str = "weights"  # weights (not biases/norms) | all (authors' main.py)
+    weight_decay_scope: str = "all"  # all (authors' main.py; paper silent) | weights (not biases/norms)
     background: int = 4096  # K; 0 = the whole bank (ablation: no hard negatives)
     lam: float = 0.6
     rampup_epoch: int = 30
