@@ -20,7 +20,6 @@ setup(
         "fastssl.eval",
         "fastssl.kernels",
     ],
-    package_dir={"fastssl.kernels": "kernels"},
     install_requires=[
         "torch>=2.2",
         "torchvision>=0.17",

@@ -7,7 +7,7 @@ import re
 from conftest import ROOT
 
 # First NGC PyTorch release whose Triton returns tl.atomic_add's result to every thread of a block
-# (kernels/bank_loss.py, _bank_scan, relies on it): the bug is triton-lang/triton#7402, fixed by #7460
+# (fastssl/kernels/bank_loss.py, _bank_scan, relies on it): the bug is triton-lang/triton#7402, fixed by #7460
 # (merged July 2025, after release/3.4.x was cut: pytorch/pytorch#156890, and still open in 3.4.0 per
 # triton-lang/triton#7957), so Triton 3.5.0 is the first release with it; NGC 25.10 is PyTorch 2.9.0a0,
 # the series built on Triton 3.5.0 (NVIDIA/TensorRT-LLM requirements.txt for rel-25-10: triton==3.5.0).

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = {"fastssl": Path(ROOT) / "fastssl", "fastssl.kernels": Path(ROOT) / "kernels"}
+PACKAGES = {"fastssl": Path(ROOT) / "fastssl"}
 
 
 def modules() -> dict:
-    """Module name -> source file, for fastssl and its kernels package (setup.py's package_dir)."""
+    """Module name -> source file, for every module of the fastssl package."""
     out = {}
     for pkg, folder in PACKAGES.items():
         for path in folder.rglob("*.py"):

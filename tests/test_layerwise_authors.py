@@ -132,7 +132,7 @@ def test_without_any_semihard_negative_the_authors_fallback_triplet():
 
 
 def test_semihard_fused_is_the_eager_twin(monkeypatch):
-    """No fused semi-hard kernel: loss.impl=fused runs the eager selection (reason in kernels/triplet.py)."""
+    """No fused semi-hard kernel: loss.impl=fused runs the eager selection (reason in fastssl/kernels/triplet.py)."""
     calls = []
     eager = T.semihard_triplet_loss_eager
     monkeypatch.setattr(T, "semihard_triplet_loss_eager", lambda *a, **k: calls.append(1) or eager(*a, **k))

@@ -256,7 +256,9 @@ class LayerwiseContrastive(Method):
                 x = mod(x)
         if self.cfg.method.embedding == "flatten":  # conv + ReLU map, unpooled (the authors' use_pooling=False)
             return loss_input(stages[self.stage][:-1](x).flatten(1))
-        return loss_input(stages[self.stage](x).amax(dim=(2, 3)))  # (the autocast dtype: see kernels/_common.py)
+        return loss_input(
+            stages[self.stage](x).amax(dim=(2, 3))
+        )  # (the autocast dtype: see fastssl/kernels/_common.py)
 
     def subpatches(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, C, p+1, p+1) crops -> (4B, C, p, p): each crop's four sub-patches (stride 1) in

@@ -30,7 +30,7 @@ def spatial_contrasting_loss(
     f1: torch.Tensor, f2: torch.Tensor, impl: str = "eager", tf32: bool = False
 ) -> torch.Tensor:
     """Eq. (2) of the paper: f1, f2 are (N, D) features of the two patches of N images.
-    ``impl``: eager PyTorch, or the fused Triton kernel (same value; kernels/sc_loss.py;
+    ``impl``: eager PyTorch, or the fused Triton kernel (same value; fastssl/kernels/sc_loss.py;
     ``tf32``: fp32 inputs on its TF32 tensor cores)."""
     return sc_loss_fused(f1, f2, tf32) if impl == "fused" else sc_loss_eager(f1, f2)
 

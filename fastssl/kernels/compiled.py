@@ -69,7 +69,7 @@ def _launch(name, precision, kernel, pointers, cfg, uses_dot=True) -> Launch:
 
 
 def launches() -> List[Launch]:
-    """Every configuration the launchers of kernels/ can launch, one per kernel variant and
+    """Every configuration the launchers of fastssl/kernels/ can launch, one per kernel variant and
     input precision (as compiled for a GPU: no interpreter workarounds)."""
     from . import bank_loss, sc_loss, triplet
 

@@ -305,7 +305,7 @@ def _bank_grad_topk(bank_ptr, idx_ptr, w_ptr, grad_ptr, K, D, stride_b, BK: tl.c
 def configs(dtype: torch.dtype, tf32: bool = False, interp: Optional[bool] = None):
     """Constexprs and launch options of every bank kernel for a bank of ``dtype`` (one set per
     dtype, any B, N and D: D in chunks of 32, gradient dimensions in blocks of 64), read by the
-    launchers and by kernels/compiled.py; 64 x 64 logit tiles on 8 warps, no spills on sm_90
+    launchers and by fastssl/kernels/compiled.py; 64 x 64 logit tiles on 8 warps, no spills on sm_90
     (exact fp32 on sm_80's FMA units spills a little: bf16, fp16 and TF32 do not)."""
     up = upcast(dtype, interp)
     fma = dtype == torch.float32 and not tf32  # exact fp32 products on the FMA units hold more registers

@@ -211,13 +211,13 @@ def _sc_bwd(
 
 def configs(dtype: torch.dtype, tf32: bool = False, interp: bool | None = None):
     """The constexprs and launch options of the forward and backward kernels for inputs of
-    ``dtype``: the one place the launchers and the compile tests (kernels/compiled.py) read
+    ``dtype``: the one place the launchers and the compile tests (fastssl/kernels/compiled.py) read
     them.  ``interp``: for the Triton interpreter (default: as this process runs).
 
     One configuration per dtype, whatever B and D: 64 x 64 logit tiles, D in chunks of 32, the
     backward's output dimensions in blocks of 64 (32 for exact fp32) along a third grid axis, so
     shared memory and registers are bounded for any D.  8 warps; compiled for sm_90 none of them
-    spills (exact fp32 on sm_80 spills a little in the backward; kernels/compiled.py prints the
+    spills (exact fp32 on sm_80 spills a little in the backward; fastssl/kernels/compiled.py prints the
     table)."""
     up = upcast(dtype, interp)
     common = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PREC=dot_precision(dtype, tf32), UPCAST=up, num_warps=8)

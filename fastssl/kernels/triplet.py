@@ -146,7 +146,7 @@ def _hardest_kernel(
 
 def configs(dtype: torch.dtype, tf32: bool = False, interp: Optional[bool] = None):
     """The mining kernel's constexprs and launch options for inputs of ``dtype`` (one per dtype,
-    any B and D: D in chunks of 32), read by the launcher and by kernels/compiled.py.  64 x 64
+    any B and D: D in chunks of 32), read by the launcher and by fastssl/kernels/compiled.py.  64 x 64
     tiles on 8 warps: no spills when compiled for sm_90."""
     return {
         "hardest": dict(
