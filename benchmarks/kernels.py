@@ -1,5 +1,5 @@
-"""Fused loss kernels vs eager PyTorch vs torch.compile'd eager (and pykeops for the SC loss,
-where it is installed), each loss in isolation.
+"""Fused loss kernels vs eager PyTorch, the GEMM-form baseline and torch.compile'd eager (and
+pykeops for the SC loss, where it is installed), each loss in isolation.
 
     python -m benchmarks.kernels            # GPU: the full sweep
     python -m benchmarks.kernels --sizes headline   # GPU: SC / triplet at B=4,096 D=128; InvP bank
@@ -7,17 +7,28 @@ where it is installed), each loss in isolation.
     python -m benchmarks.kernels --losses sc --b 1024 4096 --d 128 --dtypes bfloat16
     python -m benchmarks.kernels --tiny     # any machine: a few small sizes (CPU: Triton interpreter)
 
+Implementations: ``fused`` (the Triton kernel), ``eager`` (its twin, the reference: fp32
+maths), ``gemm`` (the strongest plain PyTorch: the distances or logits as one matrix product in
+the inputs' dtype, ``cdist(..., compute_mode="use_mm_for_euclid_dist")`` for SC and the
+triplet mining, ``x @ bank.T`` + ``topk`` for the bank), ``compiled`` (torch.compile of eager).
+Precisions: bfloat16, float16, float32, and tf32 (fp32 inputs, the fused kernels on the TF32
+tensor cores: the InvP bank's default in mixed-precision runs).
+
 For every loss and size: forward+backward time (median, min, max), peak memory above the
-inputs, the ratio of each implementation to eager, and the fused kernel's achieved fraction of
-the FLOP and memory-bandwidth ceilings, both measured in the same run (a large bf16/fp32 matrix
-product and a device-to-device copy).  Writes kernels.json, kernels.md and kernels.png under
-benchmarks/results/<device>/ (or --out).  On a CPU, timings are of the interpreter and only
-show that the script works: the report says so.
+inputs, each implementation against eager and the fused kernel against GEMM form and compiled,
+the fused kernel's fraction of the FLOP and bandwidth ceilings (a large matrix product and a
+device-to-device copy, measured in the same run), for the InvP bank also the scan alone (the
+streaming top-K pass: the bank's bytes / its time, against the copy), and whether the fused
+values and gradients equal eager's at that size (per-tensor relative error, the one-time check's
+tolerances; the exit status is 1 when one does not).  Writes kernels.json, kernels.md and
+kernels.png under benchmarks/results/<device>/ (or --out).  On a CPU, timings are of the
+interpreter and only show that the script works: the report says so.
 
 An implementation that fails at a size (e.g. torch.compile without a working compiler) gives an
-error cell and a note under the table, not a crash, and is not tried again for that loss; fused
-and eager run for every size first, torch.compile'd eager (slow to compile) after them, and the
-JSON and markdown are rewritten after every row, so a run cut short keeps what it measured.
+error cell and a note under the table, not a crash, and is not tried again for that loss.  At
+the headline sizes torch.compile runs first (a time limit must not cut its slow compile),
+otherwise last; the JSON and markdown are rewritten after every row, so a run cut short keeps
+what it measured.
 """
 
 from __future__ import annotations
@@ -35,8 +46,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import device_name, write_results  # noqa: E402
-from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused  # noqa: E402
+from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused, bank_lse, invp_losses  # noqa: E402
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused  # noqa: E402
+from fastssl.kernels.selfcheck import TOL  # noqa: E402
 from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -47,14 +59,43 @@ def triplet_hard(fn):
     return lambda a, p, n: fn(a, p, n, margin=0.5, distance="euclidean", hardest=True)
 
 
-def invp_bank(fn, K):
+def invp_bank(fn, K, **kw):
     """InvP's loss on a bank: L_ins + 0.6 L_inv (rows with positives), hard positives P = 20."""
 
     def loss(f, bank, index, pos):
-        l_ins, l_inv = fn(f, bank, index, pos, 0.07, K, 20)
+        l_ins, l_inv = fn(f, bank, index, pos, 0.07, K, 20, **kw)
         return l_ins.mean() + 0.6 * l_inv.nan_to_num(0.0).mean()
 
     return loss
+
+
+def bank_loss_gemm(f, bank, index, pos, tau, background, hard_pos):
+    """The strongest plain-PyTorch form: one GEMM in the bank's dtype (tensor cores for bf16, and
+    TF32 where torch allows it), then ``topk`` and the same per-row terms; the B x N logits exist."""
+    logits = (f.to(bank.dtype) @ bank.t()).float() / tau
+    return invp_losses(logits, index, pos, background, hard_pos)
+
+
+def sc_loss_gemm(f1, f2):
+    """The SC loss with distances in GEMM form (``cdist``'s matrix-product mode, fp32)."""
+    a, b = f1.float(), f2.float()
+    d = torch.cdist(a, b, compute_mode="use_mm_for_euclid_dist")
+    return ((-d).logsumexp(dim=1) + (a - b).norm(dim=1)).mean()
+
+
+def triplet_gemm(a, p, n):
+    """The hardest-negative triplet loss with the anchor-candidate distances in GEMM form (the
+    mining); the loss on the gathered rows, as the eager twin."""
+    c = torch.cat([p, n]).float()
+    d = torch.cdist(a.float(), c, compute_mode="use_mm_for_euclid_dist")
+    d[torch.arange(len(a)), torch.arange(len(a))] = float("inf")  # an anchor's own positive is not a negative
+    d_ap, d_an = (a.float() - p.float()).norm(dim=1), (a.float() - c[d.argmin(1)]).norm(dim=1)
+    return torch.relu(d_ap - d_an + 0.5).mean()
+
+
+def scan_only(_, K, tf32):
+    """InvP's bank scan alone (forward: the streaming pass, no loss algebra or gradient)."""
+    return lambda f, bank, index, pos: bank_lse(f, bank, 0.07, K, tf32=tf32)[0]
 
 
 def sc_loss_keops(f1, f2):
@@ -108,7 +149,9 @@ LOSSES = {
     #       FLOPs of the fused fwd+bwd(size), least bytes it must move(size, element size)
     "sc": dict(
         fused=sc_loss_fused,
+        fused_tf32=lambda f1, f2: sc_loss_fused(f1, f2, True),
         eager=sc_loss_eager,
+        gemm=sc_loss_gemm,
         keops=sc_loss_keops,
         sizes=pair_sizes,
         make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(2)],
@@ -118,7 +161,9 @@ LOSSES = {
     ),
     "triplet-hardest": dict(
         fused=triplet_hard(triplet_loss_fused),
+        fused_tf32=lambda a, p, n: triplet_loss_fused(a, p, n, margin=0.5, hardest=True, tf32=True),
         eager=triplet_hard(triplet_loss_eager),
+        gemm=triplet_gemm,
         sizes=pair_sizes,
         grads=3,
         make=lambda s, dt: [torch.randn(s["B"], s["D"], device=DEV, dtype=dt) for _ in range(3)],
@@ -128,7 +173,11 @@ LOSSES = {
     # the bank loss's floor is one pass over the bank (its FLOPs: the B x N logits, once)
     "invp-bank": dict(
         fused=lambda *x: invp_bank(bank_loss_fused, x[-1])(*x[:-1]),
+        fused_tf32=lambda *x: invp_bank(bank_loss_fused, x[-1], tf32=True)(*x[:-1]),
         eager=lambda *x: invp_bank(bank_loss_eager, x[-1])(*x[:-1]),
+        gemm=lambda *x: invp_bank(bank_loss_gemm, x[-1])(*x[:-1]),
+        scan=lambda *x: scan_only(None, x[-1], False)(*x[:-1]),
+        scan_tf32=lambda *x: scan_only(None, x[-1], True)(*x[:-1]),
         sizes=bank_sizes,
         grads=1,
         make=lambda s, dt: bank_inputs(s, dt) + [s["K"]],
@@ -158,9 +207,25 @@ def fwd_bwd(fn, inputs, grads):
 
     def go():
         loss = fn(*xs)
-        loss.backward()
+        if grads:
+            loss.backward()
+        return loss, [x.grad for x in xs[:grads]]
 
     return go
+
+
+def check_values(spec, inputs, fused, tol):
+    """The fused kernel against the eager twin at this size: max |fused - eager| / max |eager|
+    over the value and each gradient (each tensor on its own), and whether it is within ``tol``."""
+    outs = []
+    for fn in (fused, spec["eager"]):
+        loss, grads = fwd_bwd(fn, inputs, spec["grads"])()
+        outs.append([loss.detach().float(), *[g.float() for g in grads]])
+    err = 0.0
+    for a, b in zip(*outs):
+        scale = b.abs().max().item()
+        err = max(err, (a - b).abs().max().item() / (scale if scale > 0 else 1.0))
+    return {"max_rel_err": err, "tol": tol, "ok": bool(err <= tol)}
 
 
 def peak_mem(fn, inputs, grads):
@@ -237,9 +302,10 @@ def main(argv=None):
     p.add_argument(
         "--dtypes",
         nargs="+",
-        choices=("bfloat16", "float16", "float32"),
+        choices=("bfloat16", "float16", "float32", "tf32"),
         default=None,
-        help="default: bfloat16 float32 (float32 with --tiny)",
+        help="input precisions (tf32: fp32 inputs, the fused kernels on the TF32 tensor cores); "
+        "default: bfloat16 float32 tf32 (float32 with --tiny)",
     )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile'd eager")
@@ -256,45 +322,44 @@ def main(argv=None):
     if not CUDA and not tiny:
         print("benchmarks.kernels: no CUDA GPU here; the full sweep needs one (use --tiny to check the script)")
         return 0
-    dtypes = (
-        [getattr(torch, d) for d in a.dtypes]
-        if a.dtypes
-        else [torch.float32]
-        if tiny
-        else [torch.bfloat16, torch.float32]
-    )
+    precisions = a.dtypes or (["float32"] if tiny else ["bfloat16", "float32", "tf32"])
     repeats = 2 if a.tiny else a.repeats
     use_compile = not (a.no_compile or a.tiny)
     ceil = ceilings()
-    # fused and eager (and pykeops) for every size first, then torch.compile (slow to compile)
-    phases = [["fused", "eager"] + (["keops"] if have_keops() and not tiny else [])] + (
-        [["compiled"]] if use_compile else []
-    )
+    # fused, the GEMM-form baseline and eager (and pykeops; the InvP bank scan alone) for every
+    # size, and torch.compile'd eager: first at the headline sizes (so that a time limit cannot cut
+    # it), last otherwise (its compile time would hold up the rest of a sweep)
+    measured = ["fused", "gemm", "eager", "scan"] + (["keops"] if have_keops() and not tiny else [])
+    phases = [measured] + ([["compiled"]] if use_compile else [])
+    if a.sizes == "headline":
+        phases.reverse()
     rows, by_key, broken, compiled = [], {}, {}, {}
     out = None
     for phase in phases:
         for name in a.losses:
             spec = LOSSES[name]
-            for dt in dtypes:
+            for prec in precisions:
+                dt, tf32 = (torch.float32, True) if prec == "tf32" else (getattr(torch, prec), False)
                 for size in sizes_of(name, a):
-                    key = (name, str(dt), tuple(sorted(size.items())))
+                    key = (name, prec, tuple(sorted(size.items())))
                     if key not in by_key:
-                        by_key[key] = {"loss": name, **size, "dtype": str(dt).split(".")[-1]}
+                        by_key[key] = {"loss": name, **size, "dtype": prec}
                         rows.append(by_key[key])
                     row = by_key[key]
+                    impls = [i for i in phase if i in spec or (i == "compiled")]
                     if deadline is not None and time.perf_counter() > deadline:
-                        for impl in phase:
+                        for impl in impls:
                             row[impl] = {"error": "not run: --time-budget spent"}
                         continue
                     torch.manual_seed(0)
                     try:
                         inputs = spec["make"](size, dt)
                     except torch.OutOfMemoryError:
-                        for impl in phase:
+                        for impl in impls:
                             row[impl] = {"oom": True}
                         torch.cuda.empty_cache()
                         continue
-                    for impl in phase:
+                    for impl in impls:
                         if (name, impl) in broken:
                             row[impl] = {"error": f"not run: failed at {broken[(name, impl)]}"}
                             continue
@@ -305,9 +370,12 @@ def main(argv=None):
                             if impl == "compiled":
                                 fn = compiled.setdefault(name, torch.compile(spec["eager"]))
                             else:
-                                fn = spec[impl]
-                            row[impl] = time_it(fwd_bwd(fn, inputs, spec["grads"]), repeats)
-                            row[impl]["peak_mem_bytes"] = peak_mem(fn, inputs, spec["grads"])
+                                fn = spec[f"{impl}_tf32" if tf32 and f"{impl}_tf32" in spec else impl]
+                            grads = 0 if impl == "scan" else spec["grads"]
+                            row[impl] = time_it(fwd_bwd(fn, inputs, grads), repeats)
+                            row[impl]["peak_mem_bytes"] = peak_mem(fn, inputs, grads)
+                            if impl == "fused":  # values checked at the size measured
+                                row["check"] = check_values(spec, inputs, fn, TOL[prec_key(prec)])
                         except torch.OutOfMemoryError:
                             row[impl] = {"oom": True}
                         except Exception as e:  # one implementation failing gives an error cell, not a crash
@@ -320,7 +388,8 @@ def main(argv=None):
                     ratios(row, spec, size, dt, ceil)
                     print(
                         f"  {name:16s} {size_label(row):28s} {row['dtype']:9s} "
-                        + "  ".join(f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in phase if i in row),
+                        + "  ".join(f"{i}={row[i].get('median_ms', float('nan')):.3f}ms" for i in impls if i in row)
+                        + (f"  check {row['check']['max_rel_err']:.1e}" if "check" in row else ""),
                         flush=True,
                     )
                     out = write_results("kernels", rows, render(rows, impls_of(rows), ceil, tiny), a.out)
@@ -329,11 +398,23 @@ def main(argv=None):
     out = write_results("kernels", rows, table, a.out)
     plot(rows, os.path.join(out, "kernels.png"))
     print("written to", out)
-    return 0
+    bad = [r for r in rows if not r.get("check", {}).get("ok", True)]
+    for r in bad:
+        print(
+            f"benchmarks.kernels: fused differs from eager at {r['loss']} {size_label(r)} {r['dtype']}", file=sys.stderr
+        )
+    return 1 if bad else 0
+
+
+def prec_key(prec: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "tf32": "tf32"}[prec]
+
+
+IMPLS = ("fused", "gemm", "eager", "compiled", "keops")
 
 
 def impls_of(rows):
-    return [i for i in ("fused", "eager", "compiled", "keops") if any(i in r for r in rows)]
+    return [i for i in IMPLS if any(i in r for r in rows)]
 
 
 def ratios(row, spec, size, dt, ceil):
@@ -342,13 +423,16 @@ def ratios(row, spec, size, dt, ceil):
     for impl in impls_of([row]):
         m = row[impl].get("median_ms")
         row[impl]["speedup_vs_eager"] = e / m if (e and m) else None
+    element = torch.empty((), dtype=dt).element_size()
     if CUDA and "median_ms" in row.get("fused", {}):
         t = row["fused"]["median_ms"] / 1e3
         peak = ceil["matmul_bfloat16_tflops" if dt == torch.bfloat16 else "matmul_float32_tflops"]
         row["fused"]["flop_fraction"] = spec["flops"](size) / t / 1e12 / peak
-        row["fused"]["bandwidth_fraction"] = (
-            spec["bytes"](size, torch.empty((), dtype=dt).element_size()) / t / 1e12 / ceil["copy_tb_s"]
-        )
+        row["fused"]["bandwidth_fraction"] = spec["bytes"](size, element) / t / 1e12 / ceil["copy_tb_s"]
+    if "median_ms" in row.get("scan", {}):  # one pass over the bank: its bytes / time
+        tb_s = size["N"] * size["D"] * element / (row["scan"]["median_ms"] / 1e3) / 1e12
+        row["scan"]["tb_s"] = tb_s
+        row["scan"]["bandwidth_fraction"] = tb_s / ceil["copy_tb_s"] if CUDA else None
 
 
 def _mb(x):
@@ -372,23 +456,32 @@ def render(rows, impls, ceil, tiny):
     head = (
         "| loss | size | dtype | "
         + " | ".join(f"{i} ms" for i in impls)
-        + " | fused vs eager | fused vs compiled | peak MiB fused / eager | fused FLOP frac. | fused BW frac. |"
+        + " | fused vs eager | fused vs GEMM form | fused vs compiled | peak MiB fused / eager | fused FLOP frac. "
+        "| fused BW frac. | bank scan TB/s (frac.) | fused = eager |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     errors = []
     for r in rows:
         ms = " | ".join(_cell(r, i) for i in impls)
         f, e = r.get("fused", {}), r.get("eager", {})
-        vs_c = (
-            f"{r['compiled']['median_ms'] / f['median_ms']:.2f}x"
-            if "median_ms" in r.get("compiled", {}) and "median_ms" in f
-            else "-"
+        vs_c, vs_g = (
+            f"{r[i]['median_ms'] / f['median_ms']:.2f}x" if "median_ms" in r.get(i, {}) and "median_ms" in f else "-"
+            for i in ("compiled", "gemm")
         )
         sp = f"{f['speedup_vs_eager']:.2f}x" if f.get("speedup_vs_eager") else "-"
+        sc = r.get("scan", {})
+        scan = (
+            f"{sc['tb_s']:.3f}" + (f" ({sc['bandwidth_fraction']:.2f})" if sc.get("bandwidth_fraction") else "")
+            if "tb_s" in sc
+            else "-"
+        )
+        chk = r.get("check")
+        same = "-" if chk is None else f"{'yes' if chk['ok'] else 'NO'} ({chk['max_rel_err']:.0e})"
         lines.append(
-            f"| {r['loss']} | {size_label(r)} | {r['dtype']} | {ms} | {sp} | {vs_c} | "
+            f"| {r['loss']} | {size_label(r)} | {r['dtype']} | {ms} | {sp} | {vs_g} | {vs_c} | "
             f"{_mb(f.get('peak_mem_bytes'))} / {_mb(e.get('peak_mem_bytes'))} | "
-            f"{f.get('flop_fraction', float('nan')):.2f} | {f.get('bandwidth_fraction', float('nan')):.2f} |"
+            f"{f.get('flop_fraction', float('nan')):.2f} | {f.get('bandwidth_fraction', float('nan')):.2f} | "
+            f"{scan} | {same} |"
         )
         errors += [
             f"* {i} at {r['loss']} {size_label(r)} {r['dtype']}: {r[i]['error']}"
@@ -423,7 +516,7 @@ def plot(rows, path):
     for ax, name in zip(axes[0], losses):
         mine = [r for r in rows if r["loss"] == name]
         ref, x = mine[0], "N" if "N" in mine[0] else "B"  # the sweep through the first size
-        for impl in ("fused", "eager", "compiled", "keops"):
+        for impl in IMPLS:
             pts = [
                 (r[x], r[impl]["median_ms"])
                 for r in mine

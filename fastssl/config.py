@@ -67,6 +67,7 @@ class OptimConfig:
     gamma: float = 0.1
     gammas: List[float] = field(default_factory=list)  # one factor per milestone (empty: gamma at each)
     scale_lr: bool = True
+    impl: str = "auto"  # auto (fused on CUDA, foreach on the CPU) | fused | foreach
 
 
 @dataclass
@@ -82,6 +83,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     deterministic: bool = False
+    cudnn_benchmark: str = "auto"  # auto (on for CUDA unless deterministic: the inputs have fixed sizes) | true | false
+    compile: bool = False  # torch.compile the backbone's stages (minutes of compiling, then faster steps)
     monitor_every: int = 1  # epochs between kNN-monitor probes (0 = off; off without labels)
     monitor_bank: int = 1024  # labeled training images in the monitor's bank (a fixed subset)
     monitor_test: int = 1024  # test images it classifies (the first ones)
@@ -122,7 +125,9 @@ class EvalConfig:
 @dataclass
 class LossConfig:
     impl: str = "auto"  # auto = fused Triton kernels on CUDA (after a one-time check), eager elsewhere | fused | eager
-    tf32: bool = False  # fp32 loss inputs on the TF32 tensor cores in the fused kernels (faster, ~1e-3 relative)
+    # fp32 loss inputs on the TF32 tensor cores in the fused kernels (faster, ~1e-3 relative);
+    # None = auto: on CUDA in mixed-precision runs (where InvP's fp32 bank is the one fp32 input)
+    tf32: Optional[bool] = None
 
 
 @dataclass
@@ -213,6 +218,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "model.stem", ("auto", "small", "imagenet"))
     _choice(cfg, "optim.name", ("sgd", "adamw"))
     _choice(cfg, "optim.schedule", ("cosine", "step", "constant"))
+    _choice(cfg, "optim.impl", ("auto", "fused", "foreach"))
     _choice(cfg, "train.precision", PRECISIONS)
     _choice(cfg, "loss.impl", ("auto", "fused", "eager"))
     if cfg.loss.impl == "fused":
@@ -252,6 +258,16 @@ def validate(cfg: DictConfig) -> None:
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     _check(t.ckpt_every_steps >= 1, "train.ckpt_every_steps", f"must be >= 1, got {t.ckpt_every_steps}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
+    _check(
+        str(t.cudnn_benchmark).lower() in ("auto", "true", "false"),
+        "train.cudnn_benchmark",
+        f"{t.cudnn_benchmark!r} is not one of auto, true, false",
+    )
+    _check(
+        not (str(t.cudnn_benchmark).lower() == "true" and t.deterministic),
+        "train.cudnn_benchmark",
+        "true picks convolution kernels by timing them, which train.deterministic=true rules out; use auto",
+    )
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
     _check(t.monitor_every >= 0, "train.monitor_every", f"must be >= 0 (0 = off), got {t.monitor_every}")

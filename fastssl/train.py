@@ -30,11 +30,10 @@ import torch
 
 from fastssl.config import load_config, save_config
 from fastssl.data.dali_check import PipelineBuildError
-from fastssl.data.executors import resolve_pipeline
 from fastssl.data.executors import steps_per_epoch as loader_steps
 from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
-from fastssl.engine import dist, run
+from fastssl.engine import dist, run, sync
 from fastssl.engine.metrics import MetricsLogger, StepTimer
 from fastssl.engine.monitors import KNNMonitor
 from fastssl.engine.optim import autocast, build_optimizer, build_scheduler, grad_scaler, resolve_precision
@@ -42,7 +41,7 @@ from fastssl.engine.signals import FaultInjection, StopRequest
 from fastssl.engine.state import RunState, Schedule
 from fastssl.errors import ConfigError
 from fastssl.methods import get_method
-from fastssl.models import build_backbone
+from fastssl.models import build_backbone, compile_stages
 
 
 def parse_args(argv):
@@ -66,12 +65,21 @@ def resolve_config(args):
     return load_config(path, args.overrides)
 
 
-def banner(cfg, source, d, precision, opt_name, steps_per_epoch, num_stages, state, resumed) -> str:
+def cudnn_benchmark(cfg, device) -> bool:
+    """``train.cudnn_benchmark``: auto = on for CUDA, off in deterministic mode."""
+    choice = str(cfg.train.cudnn_benchmark).lower()
+    if choice == "auto":
+        return device.type == "cuda" and not cfg.train.deterministic
+    return choice == "true"
+
+
+def banner(cfg, source, d, pipeline, precision, opt_name, steps_per_epoch, num_stages, state, resumed) -> str:
     """The line each stage starts with: what trains on what, how, and from where."""
     return (
         f"fastssl: {cfg.method.name} on {source.name} ({len(source.pretrain)} images, {source.image_size}px) | "
-        f"{cfg.model.arch} | {d.world} x {d.device.type} | pipeline {resolve_pipeline(cfg.data.pipeline)} | "
+        f"{cfg.model.arch} | {d.world} x {d.device.type} | pipeline {pipeline} | "
         f"{precision} | {opt_name} | batch {cfg.data.batch_size} x {d.world} | {steps_per_epoch} steps/epoch"
+        + (" | compiled" if cfg.train.compile else "")
         + (f" | stage {state.stage + 1}/{num_stages}" if num_stages > 1 else "")
         + (f" | resumed at epoch {state.epoch} step {state.step}" if resumed else "")
     )
@@ -113,6 +121,10 @@ def main(argv=None) -> int:
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else d.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # every step's inputs have the same sizes, so cuDNN's timed choice of kernels pays off at once
+    torch.backends.cudnn.benchmark = cudnn_benchmark(cfg, d.device)
+    if cfg.train.compile:
+        compile_stages(model.backbone)
     precision = resolve_precision(cfg, d.device)
     knn = KNNMonitor.build(cfg, source, type(model), d.device) if d.is_main else None  # (rank 0 probes)
     global_batch = cfg.data.batch_size * d.world
@@ -142,6 +154,7 @@ def main(argv=None) -> int:
     plan = Schedule(model.num_stages, cfg.train.epochs, steps_per_epoch, cfg.train.max_steps)
     log = MetricsLogger(cfg.out_dir, d.is_main, plan.total_steps, state.step, cfg.train.tensorboard, cfg.train.progress)
     timer = StepTimer(d.device)
+    votes, stopping = sync.Votes(d.device), False  # (every rank's skip and stop flags, read a step late)
 
     while state.stage < model.num_stages and not state.done(plan):
         loader = None  # the previous stage's loader goes first (the tensor executor holds the dataset on the device)
@@ -163,7 +176,18 @@ def main(argv=None) -> int:
         if resumed is not None and not at_start:  # this is the stage the checkpoint was written in
             ckpt.restore_stage(resumed, optim, d.rank)
         log.write(
-            banner(cfg, source, d, precision, opt_name, steps_per_epoch, model.num_stages, state, resumed is not None)
+            banner(
+                cfg,
+                source,
+                d,
+                getattr(loader, "pipeline", cfg.data.pipeline),
+                precision,
+                opt_name,
+                steps_per_epoch,
+                model.num_stages,
+                state,
+                resumed is not None,
+            )
         )
         # every rank calls save(reason, position) at the same steps; False: the file could not be written
         save = functools.partial(ckpt.save, ck_path, model=model, optim=optim, config=cfg, d=d, log=log, fault=fault)
@@ -184,41 +208,48 @@ def main(argv=None) -> int:
                 with autocast(precision, d.device):
                     out = ddp(views, batch["index"].to(d.device, non_blocking=True))
                 out["loss"] = fault.loss(state.step + 1, out["loss"])
-                # one all-reduce per step: every rank skips a non-finite step and stops on a signal together
-                bad, stopping = dist.any_ranks([~torch.isfinite(out["loss"].detach()), stop.requested], d.device)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out["loss"]).backward()  # (also when bad: DDP's gradient buckets expect it)
-                if bad:
-                    optimizer.zero_grad(set_to_none=True)  # no update from a non-finite loss
-                else:
-                    if cfg.train.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    model.after_step()
+                scaler.scale(out["loss"]).backward()  # (DDP averages the gradients here)
+                norm = None
+                if cfg.train.grad_clip:
+                    scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                # a non-finite gradient skips the update on the device: no host read (engine/sync.py)
+                skip = sync.skip_flag(model.parameters(), norm)
+                sync.optimizer_step(optimizer, scaler, skip)
+                model.after_step(skip)
                 scheduler.step()  # (a skipped step still moves the schedule: resume positions stay whole steps)
-                state.advance(bad)
+                state.advance()
                 timer.step_done()
                 log.advance()
 
-                if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
+                # the host learns of skips and stop requests a step late, except where it syncs anyway
+                log_due = state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps
+                ckpt_due = state.step % cfg.train.ckpt_every_steps == 0
+                votes.cast(state.step, skip, stop.requested)
+                for step_no, bad, stop_voted in votes.take(
+                    now=log_due or ckpt_due or state.epoch_done(plan) or state.done(plan)
+                ):
+                    state.count_skipped(bad)
+                    stopping = stopping or stop_voted
+                    if bad:
+                        log.write(
+                            f"fastssl: step {step_no}: non-finite loss, step skipped ({state.bad_in_row} in a "
+                            f"row, {state.skipped} in all)"
+                        )
+                    if state.bad_in_row >= cfg.train.max_bad_steps:
+                        return run.abort_bad_steps(log, state, cfg.train.max_bad_steps, ck_path)
+                if log_due:
                     rec = {"step": state.step, "epoch": state.progress(plan)}
                     if model.num_stages > 1:
                         rec["stage"] = state.stage
-                    rec.update({k: dist.mean_over_ranks(v.detach().float()).item() for k, v in out.items()})
+                    with sync.intended_read("a logging step"):
+                        rec.update({k: dist.mean_over_ranks(v.detach().float()).item() for k, v in out.items()})
                     rec["lr"] = scheduler.get_last_lr()[0]
                     rec["skipped_steps"] = state.skipped
                     rec.update(timer.read(global_batch))
                     log.log(rec)
-                if bad:
-                    log.write(
-                        f"fastssl: step {state.step}: non-finite loss, step skipped ({state.bad_in_row} in a "
-                        f"row, {state.skipped} in all)"
-                    )
-                    if state.bad_in_row >= cfg.train.max_bad_steps:
-                        return run.abort_bad_steps(log, state, cfg.train.max_bad_steps, ck_path)
-                if stopping or state.step % cfg.train.ckpt_every_steps == 0:
+                if stopping or ckpt_due:
                     if not save(f"signal {stop.name}" if stopping else "periodic", state.restart_point(plan)):
                         return run.abort_unsaved(log, state.step)
                 if stopping:

@@ -186,6 +186,24 @@ def eval_trained_and_random(run_dir, protocol, *overrides):
     return tuple(res)
 
 
+def blocked_imports(folder, *modules) -> dict:
+    """Environment additions that make ``import <module>`` (and its sub-modules) raise ImportError
+    in a child process, as on a machine without the package: a ``sitecustomize`` in ``folder``,
+    first on PYTHONPATH, puts a finder at the front of ``sys.meta_path``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(
+            "import sys\n"
+            f"BLOCKED = {tuple(modules)!r}\n"
+            "class _Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if any(name == m or name.startswith(m + '.') for m in BLOCKED):\n"
+            "            raise ImportError(f'No module named {name!r} (blocked by the test)')\n"
+            "sys.meta_path.insert(0, _Block())\n"
+        )
+    return {"PYTHONPATH": str(folder) + os.pathsep + ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 

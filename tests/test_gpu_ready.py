@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from conftest import PY, ROOT, run, train_cmd
+from conftest import PY, ROOT, TINY, run, train_cmd
+from fastssl.kernels.compiled import problems
 
 # ---------------------------------------------------------------- compiled for a GPU target
 
@@ -26,16 +27,15 @@ def compiled(tmp_path_factory):
 
 
 def test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits(compiled):
-    """Each launch the kernel files can make (one per kernel variant and input precision, for any
-    B, N and D) compiles, fits the target's shared memory (the SC backward needed 786,432 B at
-    D = 2,048 before the feature dimension was tiled), and uses the tensor cores for bf16, fp16
-    and TF32 inputs; on sm_90 (H100/H200) nothing spills."""
-    from fastssl.kernels.compiled import launches, problems
-
+    """Each launch the kernel files make (one per kernel variant and input precision), compiled as
+    a real launch specialises it, at training's sizes (every size a multiple of 16) and at sizes
+    divisible by nothing: it compiles, fits the target's shared memory (the SC backward needed
+    786,432 B at D = 2,048 before the feature dimension was tiled), and uses the tensor cores for
+    bf16, fp16 and TF32 inputs; on sm_90 (H100/H200) nothing spills (the exact fp32 SC backward
+    launched at D = 128 spilled 16 B before its D chunk went from 32 to 16)."""
     p, rows = compiled
     assert p.returncode == 0, p.stderr[-2000:]
-    assert len(rows) == 2 * len(launches())
-    assert {r["kernel"] for r in rows} >= {
+    kernels = {
         "sc_fwd",
         "sc_bwd_f1",
         "sc_bwd_f2",
@@ -46,6 +46,13 @@ def test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits(compiled
         "bank_grad_full",
         "bank_grad_topk",
     }
+    assert {r["kernel"] for r in rows} == kernels
+    for arch in ("sm_90", "sm_80"):
+        for prec in ("fp32", "tf32", "bf16", "fp16"):
+            for variant in ("aligned", "odd"):
+                have = {r["kernel"] for r in rows if (r["arch"], r["precision"], r["variant"]) == (arch, prec, variant)}
+                # (the TF32 top-K gather has no product: it is the fp32 row)
+                assert have == kernels - ({"bank_grad_topk"} if prec == "tf32" else set()), (arch, prec, variant)
     for r in rows:
         assert not problems(r), (r, problems(r))
         assert r["shared"] <= {"sm_90": 232448, "sm_80": 166912}[r["arch"]]
@@ -53,8 +60,28 @@ def test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits(compiled
             expected = "none" if r["precision"] == "fp32" else ("wgmma" if r["arch"] == "sm_90" else "mma")
             assert r["tensor_cores"] == expected, r
         if r["arch"] == "sm_90":
-            assert r["stack"] == 0, f"{r['kernel']} {r['precision']} spills on sm_90: {r}"
+            assert r["stack"] == 0, f"{r['kernel']} {r['precision']} {r['variant']} spills on sm_90: {r}"
             assert r["registers"] <= 255
+
+
+def test_the_one_time_check_compiles_the_variants_training_launches():
+    """The self-check's sizes keep training's sizes modulo 16, so each kernel it checks is the
+    variant training launches (compared through Triton's own specialisation of the recorded
+    launches); the old fixed 37 x 70 check compiled other variants."""
+    p = run([PY, "-m", "fastssl.kernels.compiled", "--selfcheck"], check=False, env_extra={"TRITON_INTERPRET": "0"})
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert p.returncode == 0 and len(rows) == 2 * 2 * 9 and all(r["same"] for r in rows), p.stdout + p.stderr[-2000:]
+    old = run(
+        [
+            PY,
+            "-c",
+            "import torch; from fastssl.kernels.compiled import variant_keys as v, VARIANTS as V\n"
+            "t, c = v(torch.float32, dict(V['aligned'], K=4096)), v(torch.float32, dict(B=37, D=70, N=301, K=16))\n"
+            "print(sorted(k for k in t if t[k] != c.get(k)))",
+        ],
+        env_extra={"TRITON_INTERPRET": "0"},
+    )
+    assert "sc_bwd_f1" in old.stdout and "bank_scan_topk" in old.stdout, old.stdout
 
 
 def test_launch_configurations_do_not_depend_on_the_feature_dimension():
@@ -170,6 +197,49 @@ def test_training_continues_on_eager_when_the_kernel_check_fails(tmp_path):
             lines = [x for x in p.stderr.splitlines() if "fused sc_loss kernel is not used" in x]
             assert len(lines) == 1 and "fault injected" in lines[0], p.stderr[-2000:]
     assert len(losses["auto"]) == 3 and losses["auto"] == losses["eager"]
+
+
+def test_a_fused_backward_returning_half_the_gradient_is_caught_in_bf16(tmp_path, monkeypatch, capsys):
+    """A planted bug: the fused SC backward returns half the gradient.  In bf16 (the GPU default;
+    the interpreter runs bf16 too) SC's gradients are about 0.01, which the old check, an error
+    divided by max(|reference|, 1) against 3e-2, let through; the check relative to each tensor
+    sees it, and training falls back to the eager twin with its one line."""
+    from fastssl import train
+    from fastssl.kernels import sc_loss, selfcheck
+
+    monkeypatch.setattr(selfcheck, "_RESULTS", {})
+    monkeypatch.setattr(selfcheck, "_SAID", set())
+    monkeypatch.setenv("FASTSSL_AUTO_INTERPRETED", "1")
+    backward = sc_loss.SCLossFused.backward
+
+    def half(ctx, gout):
+        g1, g2, none = backward(ctx, gout)
+        return g1 / 2, g2 / 2, none
+
+    monkeypatch.setattr(sc_loss.SCLossFused, "backward", staticmethod(half))
+    args = ["--config", os.path.join(ROOT, "configs/sc/builtin.yaml"), f"out_dir={tmp_path}", *TINY]
+    assert train.main([*args, "train.max_steps=2", "train.precision=bf16", "loss.impl=auto"]) == 0
+    said = [x for x in capsys.readouterr().err.splitlines() if "fused sc_loss kernel is not used" in x]
+    assert len(said) == 1 and "gradient differs from the eager twin by 5.00e-01 of its size" in said[0], said
+    ok, _ = selfcheck.check("sc_loss", "cpu", torch.bfloat16, sizes=selfcheck.check_sizes(B=32, D=64))
+    assert not ok
+    # the old criterion on the same tensors would have passed it
+    run_ = selfcheck._cases("sc_loss", selfcheck.check_sizes(B=32, D=64), False)
+    fused, eager = (
+        run_("fused", torch.device("cpu"), torch.bfloat16),
+        run_("eager", torch.device("cpu"), torch.bfloat16),
+    )
+    old = max(((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item() for a, b in zip(fused, eager))
+    assert old <= 3e-2
+
+
+def test_the_check_follows_loss_tf32(monkeypatch):
+    from fastssl.kernels import selfcheck
+
+    monkeypatch.setattr(selfcheck, "_RESULTS", {})
+    monkeypatch.setenv("FASTSSL_AUTO_INTERPRETED", "1")
+    assert selfcheck.resolve("auto", "triplet", torch.zeros(2), True, B=256, D=128) == "fused"
+    assert [k[3] for k in selfcheck._RESULTS] == [True]  # (name, device, dtype, tf32, sizes)
 
 
 # ---------------------------------------------------------------- engine: devices, determinism, DDP

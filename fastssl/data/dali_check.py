@@ -11,7 +11,7 @@ operator runs (the tests check that the heavy ones are on the GPU).
 from __future__ import annotations
 
 import re
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 _PREFIX = "nvidia.dali."
 _ADVICE = "use data.pipeline=dali-cpu or data.pipeline=torch"
@@ -46,13 +46,26 @@ def describe(e: Exception) -> str:
     return f"{op[1]}: {msg.replace(_PREFIX, '')}" if op else msg
 
 
+def dali_problem() -> Optional[str]:
+    """Why NVIDIA DALI cannot be used in this process, in one line (None: it loads).  Importing
+    it loads its native libraries, so a build for another CUDA, or a missing library, shows here
+    as well as a missing package."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401  (the iterator every DALI executor uses)
+    except Exception as e:  # ImportError, OSError from a native library, anything its import raises
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first}"[:300] if first else type(e).__name__
+    return None
+
+
 def check_gpu_graph(build: Callable[[], object], what: str) -> None:
     """Define (``build()``, returning the pipeline) and build the Python graph of a dali-gpu
     pipeline; raise PipelineBuildError (one line: the operator, the reason, the way out) when
-    DALI refuses it."""
+    DALI refuses it, or fails in any other way while building it."""
     try:
         graph_ops(build())
-    except (ValueError, TypeError, RuntimeError) as e:  # what DALI raises for a graph it refuses
+    except Exception as e:  # ValueError/TypeError/RuntimeError for a refused graph; anything else is as fatal
         raise PipelineBuildError(f"data.pipeline=dali-gpu: {what} cannot be built: {describe(e)}; {_ADVICE}") from e
 
 

@@ -1,7 +1,7 @@
 """Optimiser, learning-rate schedule and mixed precision.
 
-apex's fused optimisers are used when apex is importable and the model is on CUDA (NGC
-images ship apex); otherwise torch's own (``fused=True`` on CUDA).  The parameter groups are
+torch's own optimisers, fused on CUDA: their ``found_inf`` path skips a non-finite step on the
+device (apex's fused optimisers, which NGC images ship, have none, so they are not used).  The parameter groups are
 the method's (``Method.param_groups``: by default biases and norm parameters get no weight
 decay; Exemplar-CNN sets per-layer learning rates and L2).  The schedule is a per-step multiplier (LambdaLR), so a
 resumed run continues it exactly.
@@ -14,28 +14,27 @@ import math
 
 import torch
 
+from fastssl.engine.sync import zero_momentum
+
 
 def build_optimizer(cfg, model, global_batch: int, device: torch.device):
     """The optimiser over ``model.param_groups`` (a ``fastssl.methods.base.Method``), lr scaled
-    linearly with the global batch (``optim.scale_lr``); returns it and its name for the log."""
+    linearly with the global batch (``optim.scale_lr``); returns it and its name for the log.
+
+    ``optim.impl``: ``fused`` (one kernel per step, and a non-finite step skipped on the device:
+    ``fastssl.engine.sync``), ``foreach``, or ``auto`` = fused on CUDA, foreach on the CPU (whose
+    numbers every CPU result so far was measured with; fused rounds differently in the last bit)."""
     o = cfg.optim
     lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
     groups = model.param_groups(lr, o.weight_decay)
-    cuda = device.type == "cuda"
-    if cuda:
-        try:  # apex, where installed
-            from apex.optimizers import FusedAdam, FusedSGD
-
-            if o.name == "sgd":
-                return FusedSGD(groups, lr=lr, momentum=o.momentum, nesterov=False), "apex.FusedSGD"
-            return FusedAdam(groups, lr=lr, adam_w_mode=True), "apex.FusedAdam"
-        except ImportError:
-            pass
+    fused = o.impl == "fused" or (o.impl == "auto" and device.type == "cuda")
+    kw = {"fused": True} if fused else {"foreach": True}
     if o.name == "sgd":
-        kw = {"fused": True} if cuda else {"foreach": True}
-        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, **kw), "torch.SGD" + (" (fused)" if cuda else "")
-    kw = {"fused": True} if cuda else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, **kw), "torch.AdamW" + (" (fused)" if cuda else "")
+        opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, **kw)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, **kw)
+    zero_momentum(opt)
+    return opt, f"torch.{type(opt).__name__} ({'fused' if fused else 'foreach'})"
 
 
 def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:

@@ -79,10 +79,16 @@ class RunState:
     def stage_done(self, plan: Schedule) -> bool:
         return self.epoch >= plan.epochs
 
-    def advance(self, bad: bool) -> None:
-        """One step taken; ``bad``: its loss was not finite, so it was skipped (no update)."""
+    def advance(self, bad: Optional[bool] = None) -> None:
+        """One step taken; ``bad``: its loss was not finite, so it was skipped (no update).  The
+        training loop learns that a step late and counts it then (``count_skipped``)."""
         self.step += 1
         self.step_in_epoch += 1
+        if bad is not None:
+            self.count_skipped(bad)
+
+    def count_skipped(self, bad: bool) -> None:
+        """Count a step taken earlier: skipped (``bad``) or not; steps are counted in order."""
         if bad:
             self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
         else:

@@ -235,7 +235,7 @@ def _bank_scan(
             tl.store(ps_ptr + pid * B + rows, s, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])  # (SPLIT: a count, not a size; one variant for any)
 def _bank_grad_full(
     f_ptr,
     bank_ptr,

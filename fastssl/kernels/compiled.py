@@ -7,15 +7,20 @@ whether the PTX uses the tensor cores.
 Triton compiles for ``GPUTarget("cuda", arch, 32)`` with its bundled ptxas; the bundled
 ``cuobjdump -res-usage`` reads the registers and the stack frame (a frame above zero means
 spilled registers) off the cubin.  Each kernel file's ``configs(dtype, tf32)`` is the one place
-the launchers read their tiles from, and it gives one configuration per input precision for
-any batch, bank and feature size (D is tiled), so the table below covers every launch the code
-can make.  Must run with TRITON_INTERPRET unset or 0 (the interpreter replaces ``triton.jit``);
-``launches()`` and ``compile_row()`` are what tests/test_compiled.py checks.
+the launchers read their tiles from (one configuration per input precision, D tiled).  What a
+launch compiles also depends on its arguments: Triton specialises every integer argument
+divisible by 16 and every pointer aligned to 16 B, and those variants differ in registers and
+spills.  So the rows are not written by hand: the launchers themselves run on CPU tensors at
+training's sizes and at sizes divisible by nothing (``VARIANTS``), their launches are recorded
+instead of run (``captured``), and each is compiled exactly as Triton's JIT would
+(``specialise``).  Must run with TRITON_INTERPRET unset or 0 (the interpreter replaces
+``triton.jit``); tests/test_gpu_ready.py checks every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,20 +44,31 @@ PRECISIONS: Dict[str, Tuple[torch.dtype, bool]] = {
 # Largest shared memory one block may use (opt-in), in bytes: CUDA programming guide,
 # "Technical Specifications per Compute Capability" (227 KB on 9.0, 163 KB on 8.0).
 SHARED_LIMIT = {90: 232448, 80: 166912}
-_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-_FLOATS = {"inv_tau"}  # the kernels' fp32 scalar arguments (the other scalars are int32)
+# The sizes a launch is made at.  Triton compiles one variant per pattern of integer arguments
+# divisible by 16 (and pointers aligned to 16 B): "aligned" is training's (batch 256, D = 128,
+# a bank of 65,536 rows: every size, stride and count a multiple of 16), "odd" none of them
+# (batch 250, D = 100, 65,537 rows: e.g. ImageNet's 1,281,167-image bank).  Any other size
+# compiles one of these two per argument; the two cover the extremes.
+VARIANTS: Dict[str, Dict[str, int]] = {
+    "aligned": {"B": 256, "D": 128, "N": 65536},
+    "odd": {"B": 250, "D": 100, "N": 65537},
+}
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel configuration: the kernel, its pointer types and constexprs."""
+    """One compiled variant: the kernel, its precision, the sizes it was launched at, and what
+    Triton's JIT compiles for that launch (signature, constexprs, divisibility attributes and
+    options), taken from a real call of the launcher (``captured``)."""
 
     name: str
     precision: str
+    variant: str
     kernel: str  # "module:function" (picklable, for the compile pool)
-    pointers: Tuple[Tuple[str, str], ...]  # non-fp32 pointer arguments
-    constexprs: Tuple[Tuple[str, object], ...]
-    num_warps: int
+    signature: Tuple[Tuple[str, str], ...]
+    constexprs: Tuple[Tuple[tuple, object], ...]
+    attrs: Tuple[Tuple[tuple, tuple], ...]
+    options: Tuple[Tuple[str, object], ...]
     uses_dot: bool = True
 
     def fn(self):
@@ -61,99 +77,144 @@ class Launch:
         mod, name = self.kernel.split(":")
         return getattr(importlib.import_module(mod), name)
 
+    @property
+    def num_warps(self) -> int:
+        return dict(self.options)["num_warps"]
 
-def _launch(name, precision, kernel, pointers, cfg, uses_dot=True) -> Launch:
-    cfg = dict(cfg)
-    warps = cfg.pop("num_warps")
-    return Launch(name, precision, kernel, tuple(sorted(pointers.items())), tuple(sorted(cfg.items())), warps, uses_dot)
+    def key(self):
+        """What makes two launches the same compiled kernel (and the row's identity)."""
+        return (self.kernel, self.signature, self.constexprs, self.attrs, self.options)
 
 
-def launches() -> List[Launch]:
-    """Every configuration the launchers of fastssl/kernels/ can launch, one per kernel variant and
-    input precision (as compiled for a GPU: no interpreter workarounds)."""
+@contextlib.contextmanager
+def captured():
+    """Record Triton kernel launches instead of running them: yields the list of
+    ``(JITFunction, args, kwargs)`` the code inside makes.  Every tensor argument is zeroed (what
+    a kernel would have written is read back as indices, minima, counts), so the launchers' own
+    torch code runs on to the next launch: the values mean nothing, and a launch's
+    specialisation depends on its sizes and addresses alone."""
+    from triton.runtime.jit import JITFunction
+
+    calls, run = [], JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        calls.append((self, args, kwargs))
+        with torch.no_grad():
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    a.zero_()
+
+    JITFunction.run = record
+    try:
+        yield calls
+    finally:
+        JITFunction.run = run
+
+
+def specialise(fn, args, kwargs, arch: int = 90):
+    """What Triton's JIT compiles for the launch ``fn[grid](*args, **kwargs)`` on sm_``arch``:
+    (signature, constexprs, attrs, options), through the JIT's own binder and argument packing
+    (so the divisibility specialisation is exactly a real launch's), without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, spec, options)
+
+
+def _row_name(fn, constexprs) -> str:
+    c = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
+    names = [fn.arg_names[i] if isinstance(i, int) else i for i in c]
+    named = dict(zip(names, c.values()))
+    base = fn.__name__.lstrip("_")
+    if base == "sc_bwd":
+        return f"sc_bwd_{'f1' if named['ROWS'] else 'f2'}"
+    if base == "hardest_kernel":
+        return f"triplet_hardest_{'cosine' if named['COSINE'] else 'euclidean'}"
+    if base == "bank_scan":
+        return f"bank_scan_{'topk' if named['COLLECT'] else 'full'}"
+    return base
+
+
+def run_launchers(dtype: torch.dtype, tf32: bool, B: int, D: int, N: int, K: int = 4096) -> None:
+    """Every fused loss forward and backward once, at these sizes (inside ``captured``)."""
     from . import bank_loss, sc_loss, triplet
 
-    out = []
-    for prec, (dtype, tf32) in PRECISIONS.items():
-        p = _PTR[dtype]
-        sc = sc_loss.configs(dtype, tf32, interp=False)
-        out.append(_launch("sc_fwd", prec, "fastssl.kernels.sc_loss:_sc_fwd", {"a_ptr": p, "b_ptr": p}, sc["fwd"]))
-        for rows, which in ((True, "f1"), (False, "f2")):
-            out.append(
-                _launch(
-                    f"sc_bwd_{which}",
-                    prec,
-                    "fastssl.kernels.sc_loss:_sc_bwd",
-                    {"x_ptr": p, "y_ptr": p},
-                    dict(sc["bwd"], ROWS=rows),
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt).requires_grad_()
+
+    sc_loss.sc_loss_fused(leaf(B, D), leaf(B, D), tf32).backward()
+    for distance in ("euclidean", "cosine"):
+        triplet.triplet_loss_fused(leaf(B, D), leaf(B, D), None, 0.5, distance, hardest=True, tf32=tf32).backward()
+    bank = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(dtype)
+    index, pos = torch.arange(B), torch.randint(0, N, (B, 5), generator=g)
+    for background in (K, 0):
+        f = leaf(B, D, dt=torch.float32)
+        l_ins, l_inv = bank_loss.bank_loss_fused(f, bank, index, pos, 0.1, background, 2, tf32=tf32)
+        (l_ins.mean() + l_inv.nan_to_num().mean()).backward()
+
+
+def launches(variants=tuple(VARIANTS), arch: int = 90) -> List[Launch]:
+    """Every kernel variant the launchers of fastssl/kernels/ compile, per input precision and
+    size pattern (``VARIANTS``), as a real launch specialises it (no interpreter workarounds:
+    TRITON_INTERPRET must be unset); duplicates (e.g. the TF32 top-K gather, which has no
+    product) are listed once."""
+    out, seen = [], set()
+    for variant in variants:
+        for prec, (dtype, tf32) in PRECISIONS.items():
+            with captured() as calls:
+                run_launchers(dtype, tf32, **VARIANTS[variant])
+            for fn, args, kwargs in calls:
+                options, signature, constexprs, attrs = specialise(fn, args, kwargs, arch)
+                launch = Launch(
+                    name=_row_name(fn, constexprs),
+                    precision=prec,
+                    variant=variant,
+                    kernel=f"{fn.fn.__module__}:{fn.__name__}",
+                    signature=tuple(signature.items()),
+                    constexprs=tuple(constexprs.items()),
+                    attrs=tuple((k, tuple(map(tuple, v))) for k, v in attrs.items()),
+                    options=tuple((k, options.__dict__[k]) for k in ("num_warps", "num_stages", "num_ctas")),
+                    uses_dot=fn.__name__ != "_bank_grad_topk",  # (a gather and a weighted sum)
                 )
-            )
-        tr = triplet.configs(dtype, tf32, interp=False)["hardest"]
-        for cosine in (False, True):
-            out.append(
-                _launch(
-                    f"triplet_hardest_{'cosine' if cosine else 'euclidean'}",
-                    prec,
-                    "fastssl.kernels.triplet:_hardest_kernel",
-                    {"a_ptr": p, "c_ptr": p, "out_i_ptr": "*i32"},
-                    dict(tr, COSINE=cosine),
-                )
-            )
-        bk = bank_loss.configs(dtype, tf32, interp=False)
-        out.append(
-            _launch(
-                "bank_scan_topk",
-                prec,
-                "fastssl.kernels.bank_loss:_bank_scan",
-                {"f_ptr": p, "bank_ptr": p, "cnt_ptr": "*i32", "cidx_ptr": "*i32"},
-                dict(bk["scan"], COLLECT=True),
-            )
-        )
-        out.append(
-            _launch(
-                "bank_scan_full",
-                prec,
-                "fastssl.kernels.bank_loss:_bank_scan",
-                {"f_ptr": p, "bank_ptr": p},
-                dict(bk["scan"], COLLECT=False),
-            )
-        )
-        out.append(
-            _launch(
-                "bank_grad_full",
-                prec,
-                "fastssl.kernels.bank_loss:_bank_grad_full",
-                {"f_ptr": p, "bank_ptr": p},
-                bk["grad_full"],
-            )
-        )
-        if not tf32:  # a gather and a weighted sum: no product to put on the tensor cores
-            out.append(
-                _launch(
-                    "bank_grad_topk",
-                    prec,
-                    "fastssl.kernels.bank_loss:_bank_grad_topk",
-                    {"bank_ptr": p, "idx_ptr": "*i64"},
-                    bk["grad_topk"],
-                    uses_dot=False,
-                )
-            )
+                if launch.key() not in seen:
+                    seen.add(launch.key())
+                    out.append(launch)
     return out
 
 
-def signature(fn, launch: Launch) -> Dict[str, str]:
-    """Triton's signature of ``fn`` for ``launch``: constexprs, pointer types (fp32 unless
-    named), fp32 scalars by name, int32 for the other scalars."""
-    ptrs, consts = dict(launch.pointers), dict(launch.constexprs)
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptrs.get(name, "*fp32")
-        else:
-            sig[name] = "fp32" if name in _FLOATS else "i32"
-    return sig
+def variant_keys(dtype: torch.dtype, sizes: Dict[str, int], arch: int = 90) -> Dict[str, tuple]:
+    """Kernel row name -> what its launch compiles (signature and divisibility attributes) when
+    the launchers run at ``sizes`` (B, D, N, K)."""
+    with captured() as calls:
+        run_launchers(dtype, False, **sizes)
+    out = {}
+    for fn, args, kwargs in calls:
+        _, signature, constexprs, attrs = specialise(fn, args, kwargs, arch)
+        out[_row_name(fn, constexprs)] = (tuple(signature.items()), tuple(sorted(attrs)))
+    return out
+
+
+def selfcheck_variants() -> List[Dict]:
+    """Per training size pattern (``VARIANTS``, K = 4,096) and dtype: whether the one-time check
+    (``selfcheck.check_sizes``) compiles each kernel's variant that training launches."""
+    from .selfcheck import check_sizes
+
+    rows = []
+    for variant, sizes in VARIANTS.items():
+        sizes = dict(sizes, K=4096)
+        for dtype in (torch.float32, torch.bfloat16):
+            train, check = variant_keys(dtype, sizes), variant_keys(dtype, check_sizes(**sizes))
+            for name in sorted(train):
+                rows.append(
+                    {"kernel": name, "variant": variant, "dtype": str(dtype), "same": train[name] == check.get(name)}
+                )
+    return rows
 
 
 def _cuobjdump() -> str:
@@ -170,19 +231,21 @@ def compile_row(launch: Launch, arch: int = 90) -> Dict:
 
     fn = launch.fn()
     t0 = time.perf_counter()
+    consts = {k: v for k, v in launch.constexprs}
     row = {
         "kernel": launch.name,
         "precision": launch.precision,
+        "variant": launch.variant,
         "arch": f"sm_{arch}",
         "num_warps": launch.num_warps,
-        "tiles": " ".join(f"{k}={v}" for k, v in launch.constexprs if k.startswith("B")),
+        "tiles": " ".join(f"{fn.arg_names[k[0]]}={v}" for k, v in consts.items() if fn.arg_names[k[0]].startswith("B")),
         "uses_dot": launch.uses_dot,
     }
     try:
         k = triton.compile(
-            ASTSource(fn, signature(fn, launch), constexprs=dict(launch.constexprs)),
+            ASTSource(fn, dict(launch.signature), consts, {k: [list(a) for a in v] for k, v in launch.attrs}),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": launch.num_warps},
+            options=dict(launch.options),
         )
     except Exception as e:  # a configuration that does not compile is a row, not a crash
         return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
@@ -206,13 +269,16 @@ def _row(args):
 
 def table(archs=(90,), workers: int = 2, progress: bool = False) -> List[Dict]:
     """Every launch compiled for every arch in ``archs`` (``workers`` processes)."""
-    jobs = [(launch, arch) for arch in archs for launch in launches()]
+    jobs = [(launch, arch) for arch in archs for launch in launches(arch=arch)]
     rows = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for i, row in enumerate(pool.map(_row, jobs), 1):
             rows.append(row)
             if progress:
-                print(f"[{i}/{len(jobs)}] {row['kernel']} {row['precision']} {row['arch']}", file=sys.stderr)
+                print(
+                    f"[{i}/{len(jobs)}] {row['kernel']} {row['precision']} {row['variant']} {row['arch']}",
+                    file=sys.stderr,
+                )
     return rows
 
 
@@ -237,18 +303,19 @@ def spills(row: Dict) -> bool:
 
 def markdown(rows: List[Dict]) -> str:
     head = (
-        "| kernel | precision | arch | warps | tiles | shared (B) | limit (B) | registers | stack (B) | tensor cores |"
+        "| kernel | precision | sizes | arch | warps | tiles | shared (B) | limit (B) | registers | stack (B) "
+        "| tensor cores |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['kernel']} | {r['precision']} | {r['arch']} | {r['num_warps']} | {r['tiles']} | "
-                f"error: {r['error']} | | | | |"
+                f"| {r['kernel']} | {r['precision']} | {r['variant']} | {r['arch']} | {r['num_warps']} | "
+                f"{r['tiles']} | error: {r['error']} | | | | |"
             )
             continue
         lines.append(
-            f"| {r['kernel']} | {r['precision']} | {r['arch']} | {r['num_warps']} | {r['tiles']} | "
+            f"| {r['kernel']} | {r['precision']} | {r['variant']} | {r['arch']} | {r['num_warps']} | {r['tiles']} | "
             f"{r['shared']} | {r['shared_limit']} | {r['registers']} | {r['stack']} | {r['tensor_cores']} |"
         )
     return "\n".join(lines)
@@ -260,12 +327,19 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print a markdown table (default: one line per row)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--selfcheck", action="store_true", help="only say whether the one-time check compiles training's variants"
+    )
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print(
             "fastssl.kernels.compiled: unset TRITON_INTERPRET (the interpreter cannot compile kernels)", file=sys.stderr
         )
         return 2
+    if a.selfcheck:
+        rows = selfcheck_variants()
+        print("\n".join(json.dumps(r) for r in rows))
+        return 0 if all(r["same"] for r in rows) else 1
     rows = table(tuple(a.arch), a.workers, progress=True)
     if a.json:
         with open(a.json, "w") as f:
@@ -274,13 +348,16 @@ def main(argv=None) -> int:
     for r in rows:
         if spills(r):
             print(
-                f"fastssl.kernels.compiled: note: {r['kernel']} {r['precision']} {r['arch']} spills "
+                f"fastssl.kernels.compiled: note: {r['kernel']} {r['precision']} {r['variant']} {r['arch']} spills "
                 f"({r['stack']} B stack frame)",
                 file=sys.stderr,
             )
     bad = [(r, why) for r in rows for why in problems(r)]
     for r, why in bad:
-        print(f"fastssl.kernels.compiled: {r['kernel']} {r['precision']} {r['arch']}: {why}", file=sys.stderr)
+        print(
+            f"fastssl.kernels.compiled: {r['kernel']} {r['precision']} {r['variant']} {r['arch']}: {why}",
+            file=sys.stderr,
+        )
     return 1 if bad else 0
 
 

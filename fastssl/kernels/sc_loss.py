@@ -64,7 +64,7 @@ def _dist_tile(
     return tl.where(rows[:, None] == cols[None, :], dpos[:, None], d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])  # (SPLIT: a count, not a size; one variant for any)
 def _sc_fwd(
     a_ptr,
     b_ptr,
@@ -122,7 +122,7 @@ def _sc_fwd(
     tl.store(ps_ptr + at, s, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])  # (SPLIT: a count, not a size; one variant for any)
 def _sc_bwd(
     x_ptr,
     y_ptr,
@@ -214,15 +214,19 @@ def configs(dtype: torch.dtype, tf32: bool = False, interp: bool | None = None):
     ``dtype``: the one place the launchers and the compile tests (fastssl/kernels/compiled.py) read
     them.  ``interp``: for the Triton interpreter (default: as this process runs).
 
-    One configuration per dtype, whatever B and D: 64 x 64 logit tiles, D in chunks of 32, the
-    backward's output dimensions in blocks of 64 (32 for exact fp32) along a third grid axis, so
+    One configuration per dtype, whatever B and D: 64 x 64 logit tiles, D in chunks of 32 (16 in
+    the exact fp32 backward), the backward's output dimensions in blocks of 64 (32 for exact fp32)
+    along a third grid axis, so
     shared memory and registers are bounded for any D.  8 warps; compiled for sm_90 none of them
     spills (exact fp32 on sm_80 spills a little in the backward; fastssl/kernels/compiled.py prints the
     table)."""
     up = upcast(dtype, interp)
     common = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PREC=dot_precision(dtype, tf32), UPCAST=up, num_warps=8)
     fma = dtype == torch.float32 and not tf32  # exact fp32 products on the FMA units hold more registers
-    return {"fwd": common, "bwd": dict(common, BLOCK_DO=32 if fma else 64, HALF_DOT=half(dtype) and not up)}
+    # exact fp32 backward: D in chunks of 16 (of 32, the variant launched at D % 16 == 0 capped
+    # itself at 128 registers and spilled 16 B on sm_90)
+    bwd = dict(common, BLOCK_DO=32 if fma else 64, HALF_DOT=half(dtype) and not up, **({"BLOCK_D": 16} if fma else {}))
+    return {"fwd": common, "bwd": bwd}
 
 
 def splits(B: int, D: int, cfg) -> tuple:

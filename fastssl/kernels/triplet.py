@@ -94,7 +94,7 @@ def triplet_loss_eager(
     return _loss_from(anchor, positive, _candidates(positive, negative)[idx], margin, distance)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])  # (SPLIT: a count, not a size; one variant for any)
 def _hardest_kernel(
     a_ptr,
     c_ptr,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -69,8 +69,11 @@ class Method(nn.Module):
         """Before an epoch's first step on every rank; ``fresh`` is False when a resumed run
         re-enters the epoch mid-way (state built at the epoch's start is in the checkpoint)."""
 
-    def after_step(self) -> None:
-        """After each optimiser step, on every rank: update method state (e.g. a memory bank)."""
+    def after_step(self, skipped: Optional[torch.Tensor] = None) -> None:
+        """After each optimiser step, on every rank: update method state (e.g. a memory bank).
+        ``skipped`` (None: not skipped): a 0-d bool tensor on the device, true when the step's gradients were not
+        finite and the optimiser left the parameters alone; the state must then stay as it was,
+        decided on the device (``torch.where``), not by reading the flag on the host."""
 
     def end_epoch(self, epoch: int, source) -> Dict[str, float]:
         """After an epoch, on every rank: method state upkeep and monitors, returned for the log."""
@@ -85,13 +88,24 @@ class Method(nn.Module):
                 (no_decay if p.ndim <= 1 else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def loss_impl(self, t: torch.Tensor, kernel: str) -> str:
+    def loss_impl(self, t: torch.Tensor, kernel: str, **sizes: int) -> str:
         """``loss.impl`` resolved for the fused ``kernel`` (a name in fastssl.kernels.selfcheck)
-        on tensors like ``t``: auto = fused on CUDA when the kernel passed its one-time check
-        against the eager twin in this process, eager otherwise (said once)."""
+        on tensors like ``t`` launched at ``sizes`` (B, D; for the bank also N and K): auto =
+        fused on CUDA when the kernel passed its one-time check against the eager twin in this
+        process (at sizes that compile the same variant, with ``loss.tf32``), eager otherwise
+        (said once)."""
         from fastssl.kernels.selfcheck import resolve
 
-        return resolve(self.cfg.loss.impl, kernel, t)
+        return resolve(self.cfg.loss.impl, kernel, t, self.loss_tf32(t), **sizes)
+
+    def loss_tf32(self, t: torch.Tensor) -> bool:
+        """Whether a fused loss puts fp32 inputs like ``t`` on the TF32 tensor cores
+        (``loss.tf32``; None = auto: on CUDA in a mixed-precision run, i.e. under autocast, where
+        only InvP's fp32 memory bank still reaches a loss in fp32; an fp32 run stays exact)."""
+        choice = self.cfg.loss.tf32
+        if choice is None:
+            return t.is_cuda and torch.is_autocast_enabled(t.device.type)
+        return bool(choice)
 
     def monitor_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features the online kNN monitor probes (engine/monitors.py): the backbone's pooled

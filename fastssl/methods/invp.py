@@ -294,8 +294,9 @@ class InvariancePropagation(Method):
         )
         args = (f, self.bank, index, pos, m.temperature, m.background, m.hard_positives)
         most = {"most_similar": True} if m.hard_mode == "most_similar" else {}
-        if self.loss_impl(self.bank, "bank_loss") == "fused":  # (the kernel reads f in the bank's dtype)
-            l_ins, l_inv = bank_loss_fused(*args, tf32=self.cfg.loss.tf32, **most)
+        sizes = dict(B=f.shape[0], D=f.shape[1], N=len(self.bank), K=m.background)
+        if self.loss_impl(self.bank, "bank_loss", **sizes) == "fused":  # (the kernel reads f in the bank's dtype)
+            l_ins, l_inv = bank_loss_fused(*args, tf32=self.loss_tf32(self.bank), **most)
         else:
             l_ins, l_inv = bank_loss_eager(*args, **most)
         w = 1.0 if self.epoch >= m.rampup_epoch else 0.0
@@ -308,14 +309,16 @@ class InvariancePropagation(Method):
             "loss_inv": l_inv_mean.detach(),
         }
 
-    def after_step(self) -> None:
+    def after_step(self, skipped: Optional[torch.Tensor] = None) -> None:
         """EMA update of the visited bank entries, with every rank's batch (all-gather);
         ``graph_refresh=step``: first their graph rows, from the step's features against the
-        bank before the update (the authors' ``update_nn``, also with every rank's batch)."""
+        bank before the update (the authors' ``update_nn``, also with every rank's batch).  A
+        skipped step (``skipped``, a device flag) writes the rows back unchanged."""
         if self.cfg.method.graph_refresh == "step" and self._pending is not None:
             f, idx = all_gather_batch(*self._pending)
-            self.graph[idx] = refresh_neighbours(f, self.bank, idx, self.graph.shape[1])
-        self.memory.step()
+            rows = refresh_neighbours(f, self.bank, idx, self.graph.shape[1])
+            self.graph[idx] = rows if skipped is None else torch.where(skipped, self.graph[idx], rows)
+        self.memory.step(skipped)
 
     def param_groups(self, lr: float, weight_decay: float):
         """``weight_decay_scope=weights``: the base class's groups (no decay on biases and norm

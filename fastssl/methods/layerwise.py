@@ -287,7 +287,7 @@ class LayerwiseContrastive(Method):
         if m.mining == "semihard":
             e, labels, pairs = self.groups(views)
             u = torch.rand(pairs.shape[0], dtype=torch.float64, device=e.device)  # the draw among semi-hard negatives
-            fused = self.loss_impl(e, "triplet") == "fused"
+            fused = self.loss_impl(e, "triplet", B=e.shape[0], D=e.shape[1]) == "fused"
             fn = semihard_triplet_loss_fused if fused else semihard_triplet_loss_eager
             loss, kept = fn(e, labels, pairs, margin=m.margin, distance=m.distance, u=u)
             return {"loss": loss, "triplets": torch.tensor(kept / pairs.shape[0], device=e.device)}  # kept fraction
@@ -299,8 +299,8 @@ class LayerwiseContrastive(Method):
             a, p, n = self.embed(torch.cat(views, 0)).chunk(3)
             n = n.roll(1, dims=0)  # image i's third patch is the negative of image i+1
         kw = dict(margin=m.margin, distance=m.distance, hardest=m.hardest)
-        if self.loss_impl(a, "triplet") == "fused":
-            loss = triplet_loss_fused(a, p, n, tf32=self.cfg.loss.tf32, **kw)
+        if self.loss_impl(a, "triplet", B=a.shape[0], D=a.shape[1]) == "fused":
+            loss = triplet_loss_fused(a, p, n, tf32=self.loss_tf32(a), **kw)
         else:
             loss = triplet_loss_eager(a, p, n, **kw)
         return {"loss": loss}

@@ -112,7 +112,9 @@ class SpatialContrasting(Method):
         for name, w in zip(self.layers, self.weights):
             # pooled in fp32, then in the autocast dtype (bf16 on GPUs: the fused kernel's tensor cores)
             f1, f2 = loss_input(feats[name].float().mean(dim=(2, 3))).chunk(2)
-            loss = spatial_contrasting_loss(f1, f2, self.loss_impl(f1, "sc_loss"), self.cfg.loss.tf32)
+            loss = spatial_contrasting_loss(
+                f1, f2, self.loss_impl(f1, "sc_loss", B=f1.shape[0], D=f1.shape[1]), self.loss_tf32(f1)
+            )
             out[f"loss_{name}"] = loss.detach()
             total = total + w * loss
         out["loss"] = total

@@ -275,6 +275,23 @@ def _exemplar_cnn(m, image_size: int) -> Backbone:
 ARCHS = BACKBONES.names()
 
 
+def compile_stages(backbone: nn.Module) -> int:
+    """``torch.compile`` every stem and stage of ``backbone`` (and of the backbones inside it, e.g.
+    Split-Brain's halves) in place (``nn.Module.compile``: the state-dict keys stay as they are,
+    so checkpoints and exports do not change).  Stages, not ``forward``: methods call stages
+    and ``features`` directly, which would bypass a compiled ``forward``.  Returns how many
+    modules were compiled."""
+    n = 0
+    for net in [m for m in backbone.modules() if type(m) is not SplitBackbone and isinstance(m, Backbone)]:
+        for module in [net.stem, *net.stages.values()]:
+            # (not an Identity stem: a frame with nothing to compile makes dynamo skip its code
+            # object, Module._call_impl, which every module shares: no stage would be compiled)
+            if not isinstance(module, nn.Identity):
+                module.compile()
+                n += 1
+    return n
+
+
 def build_backbone(model_cfg, image_size: int) -> Backbone:
     """The backbone ``model_cfg.arch`` (a registered name) for images of side ``image_size``."""
     return BACKBONES.get(model_cfg.arch)(model_cfg, image_size)

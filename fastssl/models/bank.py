@@ -3,8 +3,8 @@ average of the features the network gives the image each time it is visited (Ins
 
     bank[i] <- normalize(m * bank[i] + (1 - m) * f_i)          for every i in the step's batch
 
-Use: ``stash(features, index)`` in ``forward`` (detached), ``step()`` after the optimiser step
-(``update`` with the stashed batch).  Under DDP the update uses every rank's batch
+Use: ``stash(features, index)`` in ``forward`` (detached), ``step(skipped)`` after the optimiser
+step (``update`` with the stashed batch; nothing changes when the step was skipped).  Under DDP the update uses every rank's batch
 (all-gathered, in rank order), so each rank applies the same writes and the banks stay equal
 without a broadcast; ``check_agreement`` verifies that (a fingerprint compared across ranks,
 ``fastssl.engine.dist.same_on_all_ranks``).
@@ -96,21 +96,25 @@ class MemoryBank(nn.Module):
         self._pending = (features.detach(), index)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
+    def update(self, features: torch.Tensor, index: torch.Tensor, skipped: Optional[torch.Tensor] = None) -> None:
         """``bank[idx] = normalize(m * bank[idx] + (1 - m) * f)`` with every rank's batch.
         A row repeated in the batch gets one of its writes (index assignment: the last one on the
-        CPU; CUDA does not promise which), each computed from the bank before the update."""
+        CPU; CUDA does not promise which), each computed from the bank before the update.
+        ``skipped`` (a 0-d bool on the bank's device): write the rows back as they were (a
+        skipped training step), decided on the device without a host read."""
         f, idx = all_gather_batch(features, index)
         bank, mom = self.tensor, self.momentum
-        bank[idx] = F.normalize(mom * bank[idx] + (1 - mom) * f, dim=1)
+        old = bank[idx]
+        new = F.normalize(mom * old + (1 - mom) * f, dim=1)
+        bank[idx] = new if skipped is None else torch.where(skipped, old, new)
 
-    def step(self) -> None:
+    def step(self, skipped: Optional[torch.Tensor] = None) -> None:
         """``update`` with the stashed batch, and clear it."""
         if self._pending is None:
             raise RuntimeError("MemoryBank.step: nothing stashed since the last step (call stash in forward)")
         f, idx = self._pending
         self._pending = None
-        self.update(f, idx)
+        self.update(f, idx, skipped)
 
     def check_agreement(self, *extra: torch.Tensor) -> bool:
         """Whether every rank holds the bit-identical bank (and ``extra`` tensors, e.g. a kNN graph
