@@ -81,14 +81,30 @@ def _paths(root: str, n: int, classes: int):
     return [os.path.join(root, "train", f"class{i % classes:02d}", f"{i:06d}.jpg") for i in range(n)]
 
 
-def _make_image(seed: int, i: int) -> np.ndarray:
-    """Image ``i``: a random box of a random photograph rescaled to H x W (each side uniform in
-    300-500 px, independent), flipped half the time, with a small per-channel gain."""
+# ImageNet-like shapes (``shape="imagenet"``): mostly landscape 4:3, mean about 400 x 350 px
+# (ILSVRC-2012 train: mean 400 x 350, most images 500 x 375 or 375 x 500 and smaller)
+ASPECTS = ((4 / 3, 0.6), (1.0, 0.12), (3 / 4, 0.16), (3 / 2, 0.12))  # (width / height, share)
+HEIGHT = (280, 420)
+
+
+def _shape(rng, shape: str):
+    """(height, width) of the next image: ``square``-ish (each side uniform in SIDE) or
+    ``imagenet`` (a height in HEIGHT and an aspect drawn from ASPECTS)."""
+    if shape == "imagenet":
+        h = int(rng.integers(HEIGHT[0], HEIGHT[1] + 1))
+        aspect = ASPECTS[rng.choice(len(ASPECTS), p=[p for _, p in ASPECTS])][0]
+        return h, int(round(h * aspect))
+    return tuple(int(v) for v in rng.integers(SIDE[0], SIDE[1] + 1, 2))
+
+
+def _make_image(seed: int, i: int, shape: str = "square") -> np.ndarray:
+    """Image ``i``: a random box of a random photograph rescaled to H x W (``_shape``), flipped
+    half the time, with a small per-channel gain."""
     from PIL import Image
 
     rng = np.random.default_rng([seed, i])
     photo = _photo(PHOTOS[rng.integers(len(PHOTOS))])
-    h, w = (int(v) for v in rng.integers(SIDE[0], SIDE[1] + 1, 2))
+    h, w = _shape(rng, shape)
     h0, w0 = photo.shape[:2]
     scale = max(h / h0, w / w0) * rng.uniform(1.0, 1.6)  # >= the smallest scale that covers h x w
     ch, cw = h / scale, w / scale  # the box in the photograph's pixels
@@ -101,11 +117,11 @@ def _make_image(seed: int, i: int) -> np.ndarray:
     return np.clip(a * gain, 0, 255).astype(np.uint8)
 
 
-def _write(path: str, seed: int, i: int) -> None:
+def _write(path: str, seed: int, i: int, shape: str = "square") -> None:
     from PIL import Image
 
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    Image.fromarray(_make_image(seed, i)).save(tmp, "JPEG", quality=QUALITY)
+    Image.fromarray(_make_image(seed, i, shape)).save(tmp, "JPEG", quality=QUALITY)
     os.replace(tmp, path)  # a file that exists is complete
 
 
@@ -116,7 +132,7 @@ def _image_files(train: str):
     return out
 
 
-def make_folder(root: str, n: int, seed: int = 0, classes: int = 10, progress: bool = True):
+def make_folder(root: str, n: int, seed: int = 0, classes: int = 10, progress: bool = True, shape: str = "square"):
     """An ImageFolder tree ``root/train/class<c>/<i>.jpg`` of ``n`` JPEGs (image i in class
     i % classes), deterministic from ``seed``; returns the file paths.  A folder made before with
     the same settings is reused as it is (only missing files are written, stray ones removed);
@@ -129,6 +145,7 @@ def make_folder(root: str, n: int, seed: int = 0, classes: int = 10, progress: b
         "quality": QUALITY,
         "photos": list(PHOTOS),
         "version": 1,
+        **({"shape": shape} if shape != "square" else {}),  # (folders made before keep their key)
     }
     paths = _paths(root, n, classes)
     man = os.path.join(root, MANIFEST)
@@ -156,7 +173,7 @@ def make_folder(root: str, n: int, seed: int = 0, classes: int = 10, progress: b
     every = max(1, len(todo) // 10)
     t = time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL resizes and encodes without the GIL
-        for k, _ in enumerate(pool.map(lambda i: _write(paths[i], seed, i), todo), 1):
+        for k, _ in enumerate(pool.map(lambda i: _write(paths[i], seed, i, shape), todo), 1):
             if progress and len(todo) >= 200 and (k % every == 0 or k == len(todo)):
                 print(f"make_folder: {k}/{len(todo)} images written ({time.perf_counter() - t:.1f} s)", flush=True)
     with open(man, "w") as f:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Tuple
 from fastssl.errors import ConfigError
 
 # the config's fixed choices (the open-ended ones are registries below, filled where defined)
-PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "tensor")
+PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "tensor", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -40,6 +40,8 @@ class StepTimer:
             "data_stall": self.data / max(total, 1e-9),
             "step_time_s": total / max(self.steps, 1),
         }
+        if self.device.type == "cuda":  # (the allocator's own count: no device read)
+            out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.reset()
         return out
 

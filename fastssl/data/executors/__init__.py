@@ -3,7 +3,9 @@ iterate for ``{"views", "index"}`` batches):
 
 * ``dali-gpu`` / ``dali-cpu``: the recipe's DALI faces, one graph for both backends (``dali.py``);
 * ``torch``: its torch faces in DataLoader worker processes, the baseline (``dataloader.py``);
-* ``tensor``: its torch faces on the in-memory dataset resident on the training device (``tensor.py``).
+* ``tensor``: its torch faces on the in-memory dataset resident on the training device (``tensor.py``);
+* ``synthetic``: the first batch of the ``auto`` executor, served at every step: the ceiling a
+  benchmark compares the real pipelines with (``synthetic.py``).
 
 ``data.pipeline=auto`` is dali-gpu on a CUDA machine where DALI loads and the recipe's GPU
 graph builds, dali-cpu on a machine without CUDA where DALI loads; where DALI cannot be used it
@@ -93,7 +95,13 @@ def build_loader(cfg, source, split, recipe: Recipe, rank: int = 0, world: int =
         mean=source.mean,
         std=source.std,
     )
-    loader = _executor(kind, cfg, source, common, device, device_id)
+    if kind == "synthetic":  # (the ceiling: the real executor's first batch, every step)
+        from fastssl.data.executors.synthetic import SyntheticExecutor
+
+        inner = _executor(choose_pipeline("auto", split, gpu_graph), cfg, source, common, device, device_id)
+        loader = SyntheticExecutor(inner, device)
+    else:
+        loader = _executor(kind, cfg, source, common, device, device_id)
     loader.pipeline = kind  # (what the run's banner names)
     return loader
 
