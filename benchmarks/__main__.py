@@ -1,8 +1,8 @@
 """Run every benchmark suite that applies to this machine and write one report.
 
-    python -m benchmarks [--tiny] [--suites pipelines kernels knn lab exemplar train_step] [--out DIR]
+    python -m benchmarks [--tiny] [--suites imagenet pipelines kernels knn lab exemplar train_step] [--out DIR]
 
-Suites: data pipelines per method (DALI GPU / DALI CPU / torchvision DataLoader), fused loss
+Suites: the headline (pre-training from an ImageNet-shaped JPEG folder: benchmarks/imagenet.py), data pipelines per method (DALI GPU / DALI CPU / torchvision DataLoader), fused loss
 kernels (fused / eager / torch.compile; GPU only, or the interpreter with --tiny), kNN graph
 (FAISS / torch / scikit-learn), Lab conversion + quantisation (DALI GPU / DALI CPU /
 scikit-image), Exemplar-CNN surrogate patches (DALI GPU / DALI CPU / DataLoader), end-to-end training steps per method and pipeline
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import exemplar, folder, kernels, knn, lab, pipelines, train_step  # noqa: E402
+from benchmarks import exemplar, folder, imagenet, kernels, knn, lab, pipelines, train_step  # noqa: E402
 from benchmarks.common import RESULTS, device_name, environment  # noqa: E402
 
 METHODS = ("sc", "layerwise", "invp", "splitbrain")
-SUITES = ("pipelines", "folder", "kernels", "knn", "lab", "exemplar", "train_step")
+SUITES = ("imagenet", "pipelines", "folder", "kernels", "knn", "lab", "exemplar", "train_step")
 
 
 def main(argv=None):
@@ -43,7 +43,9 @@ def main(argv=None):
     tiny = a.tiny
     for suite in a.suites:
         print(f"== {suite}", flush=True)
-        if suite == "pipelines":
+        if suite == "imagenet":
+            imagenet.main(["--out", out] + (["--tiny"] if tiny else []))
+        elif suite == "pipelines":
             for m in METHODS:
                 pipelines.main(
                     ["--method", m, "--out", out]
@@ -96,16 +98,21 @@ def write_report(out: str) -> None:
         f"# fastssl benchmarks on {device_name()}\n",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n",
     ]
-    names = [f"pipelines-{m}" for m in METHODS] + [
-        "folder",
-        "kernels",
-        "knn",
-        "knn-scale",
-        "knn-ivf-recall",
-        "lab",
-        "exemplar",
-        "train_step",
-    ]
+    names = (
+        ["imagenet"]
+        + [f"pipelines-{m}" for m in METHODS]
+        + [
+            "folder",
+            "kernels",
+            "knn",
+            "knn-scale",
+            "knn-ivf-recall",
+            "bank-precision",
+            "lab",
+            "exemplar",
+            "train_step",
+        ]
+    )
     for name in names:
         if os.path.isfile(os.path.join(out, f"{name}.md")):
             parts.append("## " + _body(os.path.join(out, f"{name}.md")))

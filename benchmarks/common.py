@@ -58,6 +58,27 @@ def summary(times, items: int) -> dict:
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": len(times)}
 
 
+ROWS_ENV, SECTION_ENV, STALL_ENV = "FASTSSL_BENCH_ROWS", "FASTSSL_BENCH_SECTION", "FASTSSL_BENCH_STALL_AFTER"
+_EMITTED = [0]
+
+
+def emit(row: dict) -> None:
+    """Append one measured row, at once, to the JSON-lines file ``$FASTSSL_BENCH_ROWS`` (the GPU
+    acceptance run's ``acceptance.jsonl``), tagged with ``$FASTSSL_BENCH_SECTION``; nothing without
+    it.  A suite calls it as each row is measured, so a suite stopped by its time limit has given
+    every row it finished.  (``$FASTSSL_BENCH_STALL_AFTER=N``: hang after the N-th row, as a
+    stuck measurement would: the test of that guarantee.)"""
+    path = os.environ.get(ROWS_ENV)
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({"section": os.environ.get(SECTION_ENV, ""), **row}, default=str) + "\n")
+    _EMITTED[0] += 1
+    stall = os.environ.get(STALL_ENV)
+    if stall and _EMITTED[0] >= int(stall):
+        time.sleep(10**6)
+
+
 def write_results(suite: str, rows: list, table_md: str, out_dir: str | None = None) -> str:
     out_dir = out_dir or os.path.join(RESULTS, device_name())
     os.makedirs(out_dir, exist_ok=True)

@@ -40,7 +40,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import device_name, write_results  # noqa: E402
+from benchmarks.common import device_name, emit, write_results  # noqa: E402
 from benchmarks.folder import make_folder  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -186,6 +186,7 @@ def main(argv=None) -> int:
                 row = {"run": run, "label": RUNS[run]["label"], "pipeline": pipe, "error": str(e)}
                 print(f"  {RUNS[run]['label']:24s} {pipe:9s} FAILED: {e}", file=sys.stderr, flush=True)
             rows.append(row)
+            emit(row)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
     table = render(rows, a.tiny)

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import device_name, write_results  # noqa: E402
+from benchmarks.common import device_name, emit, write_results  # noqa: E402
 from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused, bank_lse, invp_losses  # noqa: E402
 from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused  # noqa: E402
 from fastssl.kernels.selfcheck import TOL  # noqa: E402
@@ -392,6 +392,7 @@ def main(argv=None):
                         + (f"  check {row['check']['max_rel_err']:.1e}" if "check" in row else ""),
                         flush=True,
                     )
+                    emit(row)
                     out = write_results("kernels", rows, render(rows, impls_of(rows), ceil, tiny), a.out)
     table = render(rows, impls_of(rows), ceil, tiny)
     print(table)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import device_name, environment, publish, timed, write_results  # noqa: E402
+from benchmarks.common import device_name, emit, environment, publish, timed, write_results  # noqa: E402
 from fastssl.knn import KNNIndex, gpu_count  # noqa: E402
 
 IMPLS = ("faiss-flat", "torch", "sklearn", "faiss-hnsw")
@@ -102,6 +102,7 @@ def run(n, d, k, repeats, impls=IMPLS, warmup=1):
             why = next((ln for ln in str(e).splitlines() if ln.strip()), "")
             rows.append({"impl": name, "n": n, "d": d, "k": k, "error": f"{type(e).__name__}: {why}"[:200]})
             print(f"  knn {name:24s} FAILED: {rows[-1]['error']}", file=sys.stderr, flush=True)
+            emit(rows[-1])
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
@@ -117,6 +118,7 @@ def run(n, d, k, repeats, impls=IMPLS, warmup=1):
             }
         )
         print(f"  knn {name:24s} {rows[-1]['seconds_median']:.3f}s", flush=True)
+        emit(rows[-1])
     base = next((r for r in rows if r["impl"].startswith("torch") and "error" not in r), None)
     for r in rows:
         if "error" not in r:

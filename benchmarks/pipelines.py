@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import publish, summary, timed  # noqa: E402
+from benchmarks.common import emit, publish, summary, timed  # noqa: E402
 from fastssl.config import load_config  # noqa: E402
 from fastssl.data.executors.dali import DaliExecutor  # noqa: E402
 from fastssl.data.executors.dataloader import TorchExecutor  # noqa: E402
@@ -86,24 +86,22 @@ def bench(method: str, size: int, images: int, batch: int, workers: int, repeats
         print("  dali-gpu: skipped (no CUDA GPU on this machine)")
     rows = []
     for name, make in executors.items():
-        loader = make()
-        n = len(loader) * batch
-        rows.append(
-            {
-                "method": method,
-                "image_size": size,
-                "executor": name,
-                "workers": workers,
-                "batch": batch,
-                "images_per_s": summary(timed(epochs_of(loader, device), repeats), n),
-            }
-        )
-        del loader  # free the DALI pipeline before the next executor starts
+        row = {"method": method, "image_size": size, "executor": name, "workers": workers, "batch": batch}
+        try:
+            loader = make()
+            row["images_per_s"] = summary(timed(epochs_of(loader, device), repeats), len(loader) * batch)
+            del loader  # free the DALI pipeline before the next executor starts
+            print(f"  {method} {size}px {name:17s} {row['images_per_s']['median']:10.0f} images/s", flush=True)
+        except Exception as e:  # e.g. DALI that cannot load: an error row, the other executors still run
+            row["error"] = f"{type(e).__name__}: {next((ln for ln in str(e).splitlines() if ln.strip()), '')}"[:200]
+            print(f"  {method} {size}px {name:17s} FAILED: {row['error']}", file=sys.stderr, flush=True)
+        rows.append(row)
+        emit(row)
         gc.collect()
-        print(f"  {method} {size}px {name:17s} {rows[-1]['images_per_s']['median']:10.0f} images/s", flush=True)
-    base = next(r for r in rows if r["executor"] == "torch-dataloader")["images_per_s"]["median"]
+    base = next((r for r in rows if r["executor"] == "torch-dataloader" and "error" not in r), None)
     for r in rows:
-        r["ratio_vs_torch"] = r["images_per_s"]["median"] / base
+        if base is not None and "error" not in r:
+            r["ratio_vs_torch"] = r["images_per_s"]["median"] / base["images_per_s"]["median"]
     return rows
 
 
@@ -126,22 +124,27 @@ def main(argv=None):
             "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | {r['image_size']}px | {r['executor']} | failed: {r['error']} | | | |")
+                continue
             ips = r["images_per_s"]
+            ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else "-"
             lines.append(
                 f"| {r['method']} | {r['image_size']}px | {r['executor']} | {ips['median']:.0f} | "
-                f"{ips['min']:.0f} | {ips['max']:.0f} | {r['ratio_vs_torch']:.2f}x |"
+                f"{ips['min']:.0f} | {ips['max']:.0f} | {ratio} |"
             )
         table = (
             "\n".join(lines)
             + f"\n\n{a.images} images, batch {a.batch}, {a.workers} workers/threads, {a.repeats} repeats."
         )
+        ok = [r for r in rows if "ratio_vs_torch" in r]
         publish(
             f"pipelines-{method}",
             rows,
             table,
             a.out,
-            [f"{r['image_size']}px {r['executor']}" for r in rows],
-            [r["ratio_vs_torch"] for r in rows],
+            [f"{r['image_size']}px {r['executor']}" for r in ok],
+            [r["ratio_vs_torch"] for r in ok],
             "images/s vs torchvision DataLoader",
             f"{method} data pipeline",
         )

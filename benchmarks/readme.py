@@ -1,7 +1,7 @@
 """Copy the benchmark reports (benchmarks/results/<device>/report.md) into docs/benchmarks.md
 (``TARGET``; the README links to it and quotes a few figures), between the markers
-``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->``, and, when the folder
-benchmarks/results/gpu-acceptance/ exists (``bash benchmarks/gpu_acceptance.sh``), its files as
+``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->``, and, when
+benchmarks/results/gpu-acceptance/acceptance.jsonl exists (``bash benchmarks/gpu_acceptance.sh``), its rows as
 the "GPU acceptance" section between ``<!-- gpu-acceptance:begin -->`` and
 ``<!-- gpu-acceptance:end -->`` (inserted after the benchmark section the first time).
 
@@ -22,27 +22,15 @@ TARGET = os.path.join(ROOT, "docs", "benchmarks.md")  # the page holding the tab
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 ACC_BEGIN, ACC_END = "<!-- gpu-acceptance:begin -->", "<!-- gpu-acceptance:end -->"
 ACCEPTANCE = os.path.join(ROOT, "benchmarks", "results", "gpu-acceptance")
-# The acceptance script's files: (section, file, heading).
+# The acceptance run's sections (benchmarks/acceptance.py), in its order, with their headings.
 ACC_SECTIONS = (
-    ("doctor", "doctor.json", "Doctor: every component against its reference (`python -m fastssl.doctor`)"),
-    (
-        "kernels",
-        "kernels.json",
-        "Fused loss kernels: fused vs eager vs torch.compile (`benchmarks.kernels --sizes headline`)",
-    ),
-    ("compiled", "compiled.md", "Compiled kernel configurations (`python -m fastssl.kernels.compiled`)"),
-    (
-        "pipelines",
-        "pipelines.json",
-        "Data pipelines per method: DALI GPU / DALI CPU / DataLoader (`benchmarks.pipelines`)",
-    ),
-    (
-        "train_losses",
-        "train_losses.json",
-        "Training losses, `loss.impl=fused` vs `eager` (`benchmarks.train_step --compare-impls`)",
-    ),
-    ("train_step", "train_step.json", "Training images/s and data-stall per method (`benchmarks.train_step`)"),
-    ("knn", "knn.json", "kNN graph (`benchmarks.knn`)"),
+    ("imagenet", "Headline: pre-training from an ImageNet-shaped JPEG folder (`benchmarks.imagenet`)"),
+    ("kernels", "Fused loss kernels vs GEMM form vs eager vs torch.compile (`benchmarks.kernels --sizes headline`)"),
+    ("compiled", "Compiled kernel variants (`python -m fastssl.kernels.compiled`)"),
+    ("pipelines", "Data pipelines per method: DALI GPU / DALI CPU / DataLoader (`benchmarks.pipelines`)"),
+    ("train_losses", "Training losses, `loss.impl=fused` vs `eager` (`benchmarks.train_step --compare-impls`)"),
+    ("knn", "kNN graph (`benchmarks.knn`)"),
+    ("doctor", "Doctor: every component against its reference (`python -m fastssl.doctor --quick`)"),
 )
 
 
@@ -74,8 +62,8 @@ def _cell(x) -> str:
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
-def _doctor_md(doc: dict) -> str:
-    v = doc.get("versions", {})
+def _doctor_md(versions: dict, components: list, verdict: str = "") -> str:
+    v = versions
     keys = (
         "python",
         "torch",
@@ -86,7 +74,6 @@ def _doctor_md(doc: dict) -> str:
         "nvidia.dali",
         "faiss",
         "faiss_gpus",
-        "apex",
         "omegaconf",
     )
     ver = ", ".join(
@@ -95,50 +82,72 @@ def _doctor_md(doc: dict) -> str:
         if k in v and v[k] not in (None, [])
     )
     lines = [f"Versions: {ver}" if ver else "", "", "| component | status | detail | s |", "|---|---|---|---|"]
-    for r in doc.get("components", []):
+    for r in components:
         st = r.get("status", "?") + (f": {r['why']}" if r.get("why") else "")
         lines.append(
             f"| {_cell(r.get('component', r.get('id', '?')))} | {_cell(st)} | {_cell(r.get('detail', ''))} | "
             f"{'' if r.get('seconds') is None else r['seconds']} |"
         )
-    if doc.get("verdict"):
-        lines += ["", f"{doc['verdict']}."]
+    if verdict:
+        lines += ["", f"{verdict}."]
     return "\n".join(lines).strip()
 
 
-def acceptance_section(folder: str = ACCEPTANCE):
-    """The "GPU acceptance" section of docs/benchmarks.md from ``folder`` (the acceptance script's files), or
-    None when the folder does not exist."""
-    if not os.path.isdir(folder):
-        return None
-    envs, bodies = [], []
-    for name, fname, heading in ACC_SECTIONS:
-        path = os.path.join(folder, fname)
-        if not os.path.isfile(path):
-            envs.append({"section": name, "status": "missing", "why": f"no {fname}"})
-            continue
-        if fname.endswith(".md"):
-            text = open(path).read()
-            first, _, rest = text.partition("\n")
-            env = {"section": name, "status": "?"}
-            if first.startswith("<!-- acceptance ") and first.rstrip().endswith("-->"):
-                try:
-                    env.update(json.loads(first.strip()[len("<!-- acceptance ") : -len("-->")]))
-                    text = rest
-                except ValueError:
-                    pass
-            body = text.strip()
-        else:
-            try:
-                env = json.load(open(path))
-            except ValueError as e:
-                envs.append({"section": name, "status": "unreadable", "why": f"{fname}: {e}"})
+def _rows_md(rows: list) -> str:
+    """A plain table of the rows a section emitted (a section stopped before its own table)."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "section"]
+    keys = [k for k in keys if all(not isinstance(r.get(k), (dict, list)) for r in rows)][:10]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else _cell(r.get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_acceptance(folder: str):
+    """(rows by section, the last section record by section) from ``folder``/acceptance.jsonl."""
+    rows, records = {}, {}
+    with open(os.path.join(folder, "acceptance.jsonl")) as f:
+        for line in f:
+            if not line.strip():
                 continue
-            body = _doctor_md(env) if name == "doctor" else env.get("markdown", "").strip()
-            if env.get("status") not in ("ok", None) and env.get("stderr_tail"):
-                tail = "\n".join(env["stderr_tail"].splitlines()[-12:])
-                body += f"\n\nLast lines of its stderr:\n\n```\n{tail}\n```"
+            try:
+                obj = json.loads(line)
+            except ValueError:  # (a line cut by a kill)
+                continue
+            kind = obj.get("record")
+            if kind == "section":
+                records[obj["section"]] = obj
+            elif kind is None:
+                rows.setdefault(obj.get("section", "?"), []).append(obj)
+            else:
+                records.setdefault((obj.get("section"), kind), obj)
+    return rows, records
+
+
+def acceptance_section(folder: str = ACCEPTANCE):
+    """The "GPU acceptance" section of docs/benchmarks.md from ``folder``/acceptance.jsonl (the
+    acceptance run's rows and section records), or None when there is none."""
+    if not os.path.isfile(os.path.join(folder, "acceptance.jsonl")):
+        return None
+    rows, records = read_acceptance(folder)
+    envs, bodies = [], []
+    for name, heading in ACC_SECTIONS:
+        env = records.get(name)
+        mine = rows.get(name, [])
+        if env is None:
+            if not mine:
+                continue  # (not run this time: --only)
+            env = {"section": name, "status": "stopped", "why": "the run ended inside this section"}
         envs.append(env)
+        if name == "doctor":
+            ver = records.get((name, "versions"), {})
+            body = _doctor_md(ver.get("versions", {}), mine, ver.get("verdict", ""))
+        else:
+            body = (env.get("markdown") or "").strip() or (_rows_md(mine) if mine else "")
+        if env.get("status") not in ("ok",) and env.get("stderr_tail"):
+            tail = "\n".join(env["stderr_tail"].splitlines()[-12:])
+            body += f"\n\nLast lines of its stderr:\n\n```\n{tail}\n```"
         status = "" if env.get("status") == "ok" else f"Status: {_status(env)}.\n\n"
         bodies.append(f"#### {heading}\n\n{status}{body or '(no output)'}")
     first = next((e for e in envs if e.get("device")), {})
@@ -152,13 +161,15 @@ def acceptance_section(folder: str = ACCEPTANCE):
         f"### GPU acceptance on {device}{tiny}",
         "",
         f"`bash benchmarks/gpu_acceptance.sh{' --tiny' if first.get('tiny') else ''}` wrote `{where}/`; "
-        f"{total:.0f} s in all, one command, each section under its own time limit.",
+        f"{total:.0f} s in all, one command, each section under its own time limit, every row kept as measured.",
         "",
-        "| section | status | seconds | limit |",
-        "|---|---|---|---|",
+        "| section | status | rows | seconds | limit |",
+        "|---|---|---|---|---|",
     ]
     head += [
-        f"| {e['section']} | {_cell(_status(e))} | {e.get('seconds', '-')} | {e.get('limit_s', '-')} |" for e in envs
+        f"| {e['section']} | {_cell(_status(e))} | {len(rows.get(e['section'], []))} | {e.get('seconds', '-')} | "
+        f"{e.get('limit_s', '-')} |"
+        for e in envs
     ]
     return "\n".join(head) + "\n\n" + "\n\n".join(bodies)
 
@@ -175,7 +186,7 @@ def render(readme: str, acceptance: str = ACCEPTANCE) -> str:
         _, t = r.split(ACC_END, 1)
         acc = acc or (
             "No GPU acceptance run yet: `bash benchmarks/gpu_acceptance.sh` on a GPU machine writes "
-            "`benchmarks/results/gpu-acceptance/`."
+            "`benchmarks/results/gpu-acceptance/acceptance.jsonl`."
         )
         out = f"{h}{ACC_BEGIN}\n{acc}\n{ACC_END}{t}"
     elif acc is not None:  # the first time: the markers go right after the benchmark section

@@ -32,7 +32,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import publish  # noqa: E402
+from benchmarks.common import emit, publish  # noqa: E402
 
 PIPELINES = ("torch", "dali-cpu", "tensor", "dali-gpu")
 # The fused-vs-eager verdict: the largest per-step relative loss difference allowed, per precision.
@@ -95,6 +95,7 @@ def throughput(a) -> int:
         for pipe in pipes:
             try:
                 rows.append(one(m, pipe, a.steps, a.overrides))
+                emit(rows[-1])
                 print(
                     f"  train {m:10s} {pipe:9s} {rows[-1]['images_per_s']:8.0f} images/s  "
                     f"data-stall {rows[-1]['data_stall']:.1%}",
@@ -164,11 +165,13 @@ def compare_impls(a) -> int:
             print(f"  {m} {prec} {impl} FAILED: {e}", file=sys.stderr, flush=True)
             return job, None, _first_line(e)
 
+    rows, bad, done = [], 0, {}
     with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as ex:
-        done = {job: (losses, err) for job, losses, err in ex.map(go, jobs)}
-    rows, bad = [], 0
-    for m in a.methods:
-        for prec in a.precisions:
+        for job, losses, err in ex.map(go, jobs):  # (in order: each method and precision's pair together)
+            done[job] = (losses, err)
+            m, prec, _ = job
+            if (m, prec, "fused") not in done or (m, prec, "eager") not in done:
+                continue
             (fl, fe), (el, ee) = done[(m, prec, "fused")], done[(m, prec, "eager")]
             row = {
                 "method": m,
@@ -192,6 +195,7 @@ def compare_impls(a) -> int:
                 )
                 bad += not row["within_tolerance"]
             rows.append(row)
+            emit(row)
             print(
                 f"  losses {m:10s} {prec:5s} "
                 + (

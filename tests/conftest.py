@@ -31,6 +31,8 @@ TINY = [
 SLOW = {
     "test_bank.py": {"test_two_ranks_apply_every_ranks_batch_and_agree"},
     "test_benchmarks.py": {
+        "test_imagenet_headline_tiny_prints_its_table",
+        "test_bank_precision_benchmark_tiny",
         "test_entry_point_tiny_writes_report",
         "test_exemplar_benchmark_tiny",
         "test_kernel_benchmark_tiny",
@@ -56,10 +58,23 @@ SLOW = {
         "test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering",
     },
     "test_gpu_acceptance.py": {
-        "test_acceptance_tiny_writes_every_section_and_the_readme_renders_it",
+        "test_acceptance_tiny_gives_every_sections_rows_and_the_readme_renders_them",
+        "test_a_section_stopped_half_way_keeps_the_rows_it_finished",
+        "test_acceptance_without_dali_still_gives_pipeline_and_loss_rows",
         "test_train_step_failure_row_has_the_stderr_and_knn_impls",
     },
+    "test_fallback.py": {
+        "test_auto_trains_on_the_tensor_executor_without_dali",
+        "test_explicit_dali_pipeline_without_dali_stops_in_one_line",
+    },
+    "test_step_settings.py": {
+        "test_compile_compiles_the_backbone_and_keeps_the_checkpoint",
+        "test_nan_step_skipped_on_the_device_with_the_fused_optimiser",
+    },
+    "test_sync.py": {"test_host_reads_do_not_grow_with_the_steps", "test_the_counter_sees_the_old_per_step_read"},
     "test_gpu_ready.py": {
+        "test_the_one_time_check_compiles_the_variants_training_launches",
+        "test_a_fused_backward_returning_half_the_gradient_is_caught_in_bf16",
         "test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent",
         "test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits",
         "test_training_continues_on_eager_when_the_kernel_check_fails",

@@ -40,8 +40,11 @@ def test_kernel_benchmark_tiny(tmp_path):
     losses = {r["loss"] for r in res["rows"]}
     assert losses == {"sc", "triplet-hardest", "invp-bank"}
     for r in res["rows"]:
-        assert r["fused"]["median_ms"] > 0 and r["eager"]["median_ms"] > 0
+        assert r["fused"]["median_ms"] > 0 and r["eager"]["median_ms"] > 0 and r["gemm"]["median_ms"] > 0
         assert r["eager"]["speedup_vs_eager"] == 1.0
+        assert r["check"]["ok"] and r["check"]["max_rel_err"] <= r["check"]["tol"]  # values checked at the size
+    bank = next(r for r in res["rows"] if r["loss"] == "invp-bank")
+    assert bank["scan"]["median_ms"] > 0 and bank["scan"]["tb_s"] > 0  # the bank scan alone
     assert (tmp_path / "kernels.png").stat().st_size > 1000
     md = (tmp_path / "kernels.md").read_text()
     assert "| sc | B=64 D=32 | float32 |" in md and "| invp-bank | B=16 N=3000 D=32 K=64 | float32 |" in md
@@ -117,3 +120,34 @@ def test_exemplar_benchmark_tiny(tmp_path):
     assert names[:2] == ["torch-dataloader", "dali-cpu"] and names[-1] == "materialised"
     assert rows[0]["ratio_vs_dataloader"] == 1.0 and all(r["patches_per_s"]["median"] > 0 for r in rows)
     assert all(r["patches"] == 256 for r in rows) and (tmp_path / "exemplar.png").stat().st_size > 1000
+
+
+def test_imagenet_headline_tiny_prints_its_table(tmp_path):
+    """The headline benchmark at tiny sizes: an ImageNet-shaped JPEG folder made here, InvP and SC
+    trained from it on the DataLoader, DALI CPU and the synthetic ceiling, rows in its table."""
+    p = run([PY, "-m", "benchmarks.imagenet", "--tiny", "--root", str(tmp_path / "jpegs"), "--out", str(tmp_path)])
+    from PIL import Image
+
+    sizes = [Image.open(f).size for f in sorted((tmp_path / "jpegs" / "train").rglob("*.jpg"))]
+    assert len(sizes) == 48 and sum(w > h for w, h in sizes) > len(sizes) / 2  # mostly landscape, as ImageNet
+    rows = json.loads((tmp_path / "imagenet.json").read_text())["rows"]
+    assert {(r["run"], r["pipeline"]) for r in rows} == {
+        (run_, pipe) for run_ in ("invp", "sc") for pipe in ("torch", "dali-cpu", "synthetic")
+    }
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_stall"] <= 1 for r in rows), rows
+    assert all(r["data_stall"] < 0.05 for r in rows if r["pipeline"] == "synthetic")  # (no data work at all)
+    assert "| run | pipeline | images/s | data-stall | vs synthetic (ceiling) |" in p.stdout
+    assert [json.loads(x)["pipeline"] for x in (tmp_path / "imagenet.jsonl").read_text().splitlines()] == [
+        r["pipeline"] for r in rows
+    ]
+
+
+def test_bank_precision_benchmark_tiny(tmp_path):
+    p = run([PY, "-m", "benchmarks.bank_precision", "--n", "4096", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bank-precision.json").read_text())["rows"]
+    assert {(r["bank"], r["precision"]) for r in rows} == {
+        (b, q) for b in ("random", "clustered") for q in ("bf16", "tf32")
+    }
+    for r in rows:
+        assert 0.9 < r["topk_overlap_mean"] <= 1 and r["l_ins_max_abs_diff"] < 0.05
+    assert "| bank | precision |" in p.stdout

@@ -159,14 +159,15 @@ def run_launchers(dtype: torch.dtype, tf32: bool, B: int, D: int, N: int, K: int
         (l_ins.mean() + l_inv.nan_to_num().mean()).backward()
 
 
-def launches(variants=tuple(VARIANTS), arch: int = 90) -> List[Launch]:
+def launches(variants=tuple(VARIANTS), arch: int = 90, precisions=tuple(PRECISIONS)) -> List[Launch]:
     """Every kernel variant the launchers of fastssl/kernels/ compile, per input precision and
     size pattern (``VARIANTS``), as a real launch specialises it (no interpreter workarounds:
     TRITON_INTERPRET must be unset); duplicates (e.g. the TF32 top-K gather, which has no
     product) are listed once."""
     out, seen = [], set()
     for variant in variants:
-        for prec, (dtype, tf32) in PRECISIONS.items():
+        for prec in precisions:
+            dtype, tf32 = PRECISIONS[prec]
             with captured() as calls:
                 run_launchers(dtype, tf32, **VARIANTS[variant])
             for fn, args, kwargs in calls:
@@ -267,13 +268,24 @@ def _row(args):
     return compile_row(*args)
 
 
-def table(archs=(90,), workers: int = 2, progress: bool = False) -> List[Dict]:
-    """Every launch compiled for every arch in ``archs`` (``workers`` processes)."""
-    jobs = [(launch, arch) for arch in archs for launch in launches(arch=arch)]
+def table(
+    archs=(90,),
+    workers: int = 2,
+    progress: bool = False,
+    jsonl: str | None = None,
+    variants=tuple(VARIANTS),
+    precisions=tuple(PRECISIONS),
+) -> List[Dict]:
+    """Every launch compiled for every arch in ``archs`` (``workers`` processes); ``jsonl``: append
+    each row to this file as it is compiled (a run stopped half way keeps them)."""
+    jobs = [(launch, arch) for arch in archs for launch in launches(variants, arch, precisions)]
     rows = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for i, row in enumerate(pool.map(_row, jobs), 1):
             rows.append(row)
+            if jsonl:
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             if progress:
                 print(
                     f"[{i}/{len(jobs)}] {row['kernel']} {row['precision']} {row['variant']} {row['arch']}",
@@ -326,6 +338,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80")
     p.add_argument("--markdown", action="store_true", help="print a markdown table (default: one line per row)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--jsonl", help="append each row to this JSON-lines file as it is compiled")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument(
         "--selfcheck", action="store_true", help="only say whether the one-time check compiles training's variants"
@@ -340,7 +355,7 @@ def main(argv=None) -> int:
         rows = selfcheck_variants()
         print("\n".join(json.dumps(r) for r in rows))
         return 0 if all(r["same"] for r in rows) else 1
-    rows = table(tuple(a.arch), a.workers, progress=True)
+    rows = table(tuple(a.arch), a.workers, True, a.jsonl, tuple(a.variants), tuple(a.precisions))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
