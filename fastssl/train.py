@@ -5,10 +5,12 @@
 
 Read top to bottom: config -> processes -> data -> model -> optimiser -> (resume) -> loop.
 Every config value is checked before anything heavy is built; a SIGTERM/SIGUSR1 finishes the
-current step, writes a checkpoint and exits 0; ``--resume`` continues from it exactly.  A step
-whose loss is not finite is skipped (no update) and counted; ``train.max_bad_steps`` of them in
-a row stop the run (exit 3) with the last checkpoint intact, as does a checkpoint that cannot
-be written (e.g. a full disk: the previous one stays loadable).
+step after it, writes a checkpoint and exits 0; ``--resume`` continues from it exactly.  A step
+whose gradients are not finite (a non-finite loss gives such gradients) is skipped on the device
+(no update) and counted; ``train.max_bad_steps`` of them in a row stop the run (exit 3) with the
+last checkpoint intact, as does a checkpoint that cannot be written (e.g. a full disk: the
+previous one stays loadable).  A steady-state step reads nothing from the device on the host
+(engine/sync.py: the skip decided on the device, the host told a step late).
 
 That machinery lives in fastssl/engine/: the loop's position and its arithmetic in state.py
 (``RunState``, ``Schedule``), checkpoints in checkpoint.py, the early exits in run.py, the
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
                     stopping = stopping or stop_voted
                     if bad:
                         log.write(
-                            f"fastssl: step {step_no}: non-finite loss, step skipped ({state.bad_in_row} in a "
+                            f"fastssl: step {step_no}: non-finite loss or gradients, step skipped ({state.bad_in_row} in a "
                             f"row, {state.skipped} in all)"
                         )
                     if state.bad_in_row >= cfg.train.max_bad_steps:
