@@ -252,7 +252,7 @@ def validate(cfg: DictConfig) -> None:
     )
     for i, g in enumerate(o.gammas):
         _check(0 < g <= 1, f"optim.gammas[{i}]", f"must be in (0, 1], got {g}")
-    for i, ms in enumerate(o.milestones):
+    for i, ms in enumerate(o.milestones if o.schedule == "step" else ()):  # (read by the step schedule only)
         _check(0 < ms <= t.epochs, f"optim.milestones[{i}]", f"{ms} is outside (0, train.epochs={t.epochs}]")
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import PY, ROOT, run
+from conftest import PY, ROOT, TINY, run
 from fastssl.config import ConfigError, load_config
 
 CFG = os.path.join(ROOT, "configs/sc/builtin.yaml")
@@ -90,3 +90,13 @@ def test_shipped_configs_parse(path, tmp_path):
     else:  # the real data is not here: the error must be about the path, nothing else
         with pytest.raises(ConfigError, match=r"^data.path"):
             load_config(os.path.join(ROOT, path), [f"data.path={tmp_path}"])
+
+
+def test_milestones_are_checked_only_by_the_step_schedule():
+    """Shortening a run whose config has step milestones, with another schedule, is accepted (the
+    milestones are not used); with the step schedule they are still checked."""
+    path = os.path.join(ROOT, "configs/invp/builtin.yaml")
+    cfg = load_config(path, [*TINY, "train.epochs=4", "optim.schedule=cosine", "optim.milestones=[400.0]"])
+    assert cfg.optim.schedule == "cosine"
+    with pytest.raises(ConfigError, match=r"^optim.milestones\[0\]: 400.0 is outside \(0, train.epochs=4\]"):
+        load_config(path, [*TINY, "train.epochs=4", "optim.schedule=step", "optim.milestones=[400.0]"])
