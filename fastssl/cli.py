@@ -204,8 +204,7 @@ def _bench(argv):
 COMMANDS: dict[str, Command] = {
     "train": Command(
         "pre-train a method (fastssl/train.py); --nproc N runs it under torchrun with N processes",
-        "fastssl train --config sc/builtin train.epochs=1 out_dir=runs/x   "
-        "(or: fastssl train --nproc 2 --config ...)",
+        "fastssl train --config sc/builtin train.epochs=1 out_dir=runs/x   (or: fastssl train --nproc 2 --config ...)",
         _train,
         "  --nproc N   run under torchrun: python -m torch.distributed.run --standalone --nproc_per_node=N "
         "fastssl/train.py ...\n              (the config is checked first; Ctrl-C stops every rank after its step, "

@@ -221,6 +221,7 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
         _verify(ref, sd, f"{fmt}'s {arch}")
 
     from fastssl import __version__ as fastssl_version
+
     meta = {
         "format": fmt,
         "arch": arch,
