@@ -26,8 +26,8 @@ def names() -> list:
     for method in sorted(os.listdir(CONFIG_DIR)):
         d = os.path.join(CONFIG_DIR, method)
         if os.path.isdir(d):
-            out += [f"{method}/{f[:-5]}" for f in sorted(os.listdir(d)) if f.endswith(".yaml")]
-    return out
+            out += [f"{method}/{f[:-5]}" for f in os.listdir(d) if f.endswith(".yaml")]
+    return sorted(out)
 
 
 def _short(name: str) -> str:

@@ -64,6 +64,11 @@ SLOW = {
         "test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits",
         "test_training_continues_on_eager_when_the_kernel_check_fails",
     },
+    "test_install.py": {
+        "test_wheel_installs_and_runs_outside_the_checkout",
+        "test_core_install_without_dali_or_faiss_trains_evaluates_and_reports",
+        "test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint",
+    },
     "test_invp_authors.py": {"test_each_authors_mode_trains"},
     "test_invp.py": {
         "test_ablations_run",
@@ -112,6 +117,7 @@ DDP = {
     "test_bank.py": {"test_two_ranks_apply_every_ranks_batch_and_agree"},
     "test_cli.py": {"test_train_nproc_runs_torchrun"},
     "test_folder.py": {"test_two_rank_run_checks_the_folder_once"},
+    "test_install.py": {"test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint"},
     "test_gpu_ready.py": {"test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent"},
     "test_invp.py": {"test_bank_consistent_under_two_process_ddp"},
     "test_multinode.py": {"test_two_nodes_one_process_each"},
