@@ -54,6 +54,7 @@ SLOW = {
         "test_materialise_then_train_from_the_file",
         "test_processes_do_not_import_torchvision_unless_a_resnet_is_built",
         "test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering",
+        "test_torch_pipeline_resumes_bit_exactly_after_a_kill_mid_epoch",
     },
     "test_gpu_acceptance.py": {
         "test_acceptance_tiny_writes_every_section_and_the_readme_renders_it",
