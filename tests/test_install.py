@@ -292,3 +292,49 @@ def test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
     assert "SIGINT: checkpoint written at step" in so + se and "continue with --resume" in so + se
     assert (out / "checkpoints" / "last.pt").is_file()
     assert sys.platform.startswith("linux")
+
+
+def test_status_lines_by_time_from_the_first_step(tmp_path, monkeypatch, capsys):
+    """No progress bar (a log file): a status line after the first step, whatever
+    train.log_every_steps is, then one whenever STATUS_EVERY_S has passed; slow rates are not "0"."""
+    from fastssl.engine import metrics
+
+    log = metrics.MetricsLogger(str(tmp_path), True, total_steps=100, initial_step=0, tensorboard=False, progress=True)
+    assert log.bar is None  # (stderr is not a terminal under pytest)
+    log.advance()
+    first = capsys.readouterr().out
+    assert re.fullmatch(r"step 1/100: [\d.]+ m?s/step, \d+ s to go\n", first), first
+    log.advance()
+    assert capsys.readouterr().out == ""  # not due yet
+    rec = {"step": 2, "epoch": 0.02, "loss": 3.5, "lr": 0.1, "images_per_s": 0.42, "data_stall": 0.01}
+    log.log(rec)  # a logged step within the 30 s: in metrics.jsonl, not on the console
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(metrics, "STATUS_EVERY_S", 0.0)
+    log.advance()
+    line = capsys.readouterr().out
+    assert line.startswith("step 3/100: ") and "at step 2: loss 3.5000, 0.42 img/s, data-stall 1%" in line
+    log.log({**rec, "step": 100, "images_per_s": 0.004})
+    assert "0.004 img/s" in capsys.readouterr().out
+    assert [metrics.rate(x) for x in (1234.4, 12.34, 0.42, 0.0)] == ["1234", "12.3", "0.42", "0"]
+    log.log_epoch({"step": 100, "epoch": 1, "ranks_agree": 1.0}, echo=False)
+    assert capsys.readouterr().out == ""
+    log.close()
+    assert '"ranks_agree": 1.0' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_check_says_the_classes_and_splits_it_found(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "fox"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 30), (30 * i, 80, 0)).save(tmp_path / "d" / split / cls / f"{i}.png")
+    env = {"FASTSSL_CACHE": str(tmp_path / "cache")}
+    p = run(FASTSSL + ["check", str(tmp_path / "d")], env_extra=env)
+    assert (
+        f"{tmp_path / 'd'}: as training reads it: 3 classes (cat, dog, fox); splits train 6, val 6, unlabeled 0; "
+        "pre-training sees 6 images" in p.stdout
+    )
+    p = run(FASTSSL + ["check", str(tmp_path / "d" / "train" / "cat")], env_extra=env)
+    assert "no class folders (unlabeled" in p.stdout and "one split (2 images" in p.stdout
