@@ -21,7 +21,7 @@ def missing(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except ImportError as e:
-        return f"{module} is not installed ({type(e).__name__}; pip install 'fastssl[cpu]' or [cu12]/[cu13])"
+        return f"{module} is not installed ({type(e).__name__}; fastssl's [cpu], [cu12] or [cu13] extra brings it)"
     return None
 
 

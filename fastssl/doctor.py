@@ -122,7 +122,7 @@ def extra_line(v: dict) -> str:
     want = f"cu{major}" if major in ("12", "13") else "cpu"
     why = f"torch's CUDA {cuda} and a GPU" if want != "cpu" else "no CUDA GPU visible"
     have = [f"{n} {_dist_version(n)}" for n in DALI_DISTS + FAISS_DISTS if _dist_version(n)]
-    return f"{want} ({why}: pip install 'fastssl[{want}]'); installed: {', '.join(have) or 'neither DALI nor FAISS'}"
+    return f"{want} ({why}: install fastssl with its [{want}] extra); installed: {', '.join(have) or 'neither DALI nor FAISS'}"
 
 
 def versions() -> dict:

@@ -25,8 +25,8 @@ _SAID: set = set()  # keys of the notes already printed by this process
 
 
 NO_FAISS = (
-    "FAISS is not installed: kNN search runs exact on torch (install the extra for this machine, "
-    "e.g. pip install 'fastssl[cpu]', for FAISS indices)"
+    "FAISS is not installed: kNN search runs exact on torch (fastssl's [cpu], [cu12] or [cu13] extra "
+    "brings FAISS: fastssl doctor says which fits)"
 )
 
 
