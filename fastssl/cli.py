@@ -93,11 +93,18 @@ def _train(argv):
         return train.main(rest)
     from fastssl.errors import ConfigError
 
+    world = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(nproc)  # (what the ranks will see: e.g. the batch against the images)
     try:  # the config is checked here, once: a mistake is one line and exit 2, as in one process
         train.resolve_config(train.parse_args(rest))
     except ConfigError as e:
         print(f"fastssl: config error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if world is None:
+            os.environ.pop("WORLD_SIZE")
+        else:
+            os.environ["WORLD_SIZE"] = world
     return run_torchrun(torchrun_argv(nproc, rest))
 
 

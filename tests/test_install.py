@@ -259,6 +259,10 @@ def test_train_nproc_config_error_is_one_line_before_torchrun(tmp_path):
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("fastssl: config error: method.patch_fraction")
     assert "torch.distributed" not in p.stderr and not (tmp_path / "config.yaml").exists()
+    # checked as the N ranks will see it: the global batch against the images
+    over = ["data.builtin.num_train=512", "data.batch_size=128"]
+    p = run(FASTSSL + ["train", "--nproc", "8", "--config", "sc/builtin", f"out_dir={tmp_path}", *over], check=False)
+    assert p.returncode == 2 and "data.batch_size: 128 x 8 processes is more than the 512" in p.stderr, p.stderr
 
 
 def test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
