@@ -13,6 +13,18 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def missing(module: str) -> str | None:
+    """Why ``module`` (nvidia.dali, faiss) cannot be used here, or None when it imports: a core
+    install (no cpu/cu12/cu13 extra) has neither, and the suites that measure them say so and skip."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"{module} is not installed ({type(e).__name__}; fastssl's [cpu], [cu12] or [cu13] extra brings it)"
+    return None
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace(" ", "-")

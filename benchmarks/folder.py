@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import publish, summary, timed  # noqa: E402
+from benchmarks.common import missing, publish, summary, timed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = ".make_folder.json"  # a dot-file: neither the sources nor the data check list it
@@ -248,6 +248,9 @@ def bench(method: str, root: str, size: int, batch: int, workers: int, repeats: 
     for p in pipelines:
         if p == "dali-gpu" and not torch.cuda.is_available():
             print("  dali-gpu: skipped (no CUDA GPU on this machine)", flush=True)
+            continue
+        if p.startswith("dali") and missing("nvidia.dali"):
+            print(f"  {p}: skipped ({missing('nvidia.dali')})", flush=True)
             continue
         runs.append((p, LABELS[p], []))
         if p == "dali-cpu":

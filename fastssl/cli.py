@@ -88,16 +88,90 @@ def split_nproc(argv: list[str]):
 
 def _train(argv):
     nproc, rest = split_nproc(argv)
+    train = _module("fastssl.train", "train")
     if nproc is None or any(a in ("-h", "--help") for a in rest):
-        return _module("fastssl.train", "train").main(rest)
-    cmd = torchrun_argv(nproc, rest)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.name == "posix":  # become torchrun: signals (SLURM's SIGUSR1/SIGTERM) reach it exactly as before
-        os.execv(cmd[0], cmd)
+        return train.main(rest)
+    from fastssl.errors import ConfigError
+
+    world = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(nproc)  # (what the ranks will see: e.g. the batch against the images)
+    try:  # the config is checked here, once: a mistake is one line and exit 2, as in one process
+        train.resolve_config(train.parse_args(rest))
+    except ConfigError as e:
+        print(f"fastssl: config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world is None:
+            os.environ.pop("WORLD_SIZE")
+        else:
+            os.environ["WORLD_SIZE"] = world
+    return run_torchrun(torchrun_argv(nproc, rest))
+
+
+def _children(pid: int) -> list:
+    """The processes whose parent is ``pid`` (torchrun's workers), from /proc."""
+    out = []
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def run_torchrun(cmd: list) -> int:
+    """Run torchrun in its own session and hand it no terminal signal: Ctrl-C, SIGTERM and SIGUSR1
+    go straight to its workers, which finish their step, write a checkpoint and exit 0 (one line,
+    as a single process does), so torchrun ends normally instead of tearing them down with a
+    traceback.  Returns torchrun's exit status."""
+    import signal
     import subprocess
 
-    return subprocess.call(cmd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, frame):
+        workers = _children(proc.pid)
+        for pid in workers or [proc.pid]:  # (no workers yet: torchrun itself stops)
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    old = {s: signal.signal(s, forward) for s in handled}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _configs(argv):
+    import argparse
+
+    from fastssl import config_files
+
+    p = argparse.ArgumentParser(
+        prog="fastssl configs",
+        description="List the configs that ship with fastssl, or print one (to copy and edit).",
+    )
+    p.add_argument("name", nargs="?", help="a config's name, e.g. sc/builtin: print its file")
+    a = p.parse_args(argv)
+    if a.name is None:
+        print(config_files.listing())
+        return 0
+    path = config_files.shipped_path(a.name)
+    if path is None:
+        raise CommandError(f"configs: no shipped config is named {a.name!r} (fastssl configs lists them)")
+    with open(path) as f:
+        sys.stdout.write(f.read())
+    return 0
 
 
 def _eval(argv):
@@ -137,11 +211,16 @@ def _bench(argv):
 COMMANDS: dict[str, Command] = {
     "train": Command(
         "pre-train a method (fastssl/train.py); --nproc N runs it under torchrun with N processes",
-        "fastssl train --config configs/sc/builtin.yaml train.epochs=1 out_dir=runs/x   "
-        "(or: fastssl train --nproc 2 --config ...)",
+        "fastssl train --config sc/builtin train.epochs=1 out_dir=runs/x   (or: fastssl train --nproc 2 --config ...)",
         _train,
         "  --nproc N   run under torchrun: python -m torch.distributed.run --standalone --nproc_per_node=N "
-        "fastssl/train.py ...\n              (torchrun fastssl/train.py ... works as before)",
+        "fastssl/train.py ...\n              (the config is checked first; Ctrl-C stops every rank after its step, "
+        "with a checkpoint)",
+    ),
+    "configs": Command(
+        "list the configs that ship with fastssl (use one by name: --config sc/builtin), or print one",
+        "fastssl configs   (fastssl configs sc/builtin > my.yaml: a copy to edit)",
+        _configs,
     ),
     "eval": Command(
         "evaluate a checkpoint's backbone: linear, knn, finetune, transfer, svm-folds (python -m fastssl.eval)",
@@ -188,7 +267,7 @@ def _epilog(name: str, c: Command) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         print(usage(), file=sys.stderr)
@@ -197,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if name in ("-h", "--help", "help"):
         print(usage())
         return 0
-    if name == "--version":
+    if name in ("--version", "-V"):
         from fastssl import __version__
 
         print(f"fastssl {__version__}")
@@ -229,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     if wants_help:  # a tool whose --help returned instead of exiting
         print(_epilog(name, cmd), flush=True)
     return int(rc or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``fastssl`` command; its output piped into a reader that stops early (``| head``) ends
+    quietly: exit 0 for help and listings, 141 (as a process killed by SIGPIPE) for a tool's run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (Python's own flush at exit would fail again)
+        quiet = not argv or argv[0] in ("-h", "--help", "help", "configs") or any(a in ("-h", "--help") for a in argv)
+        return 0 if quiet else 141
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fastssl import config_files
 from fastssl.errors import ConfigError  # noqa: F401  (re-exported: fastssl.config.ConfigError)
 from fastssl.registry import PIPELINES, PRECISIONS  # noqa: F401  (the fixed choices; re-exported)
 
@@ -162,8 +163,7 @@ def load_config(path, overrides: List[str] = ()) -> DictConfig:
     if isinstance(path, DictConfig):  # e.g. the config stored in a checkpoint
         file_cfg, path = OmegaConf.create(OmegaConf.to_container(path, resolve=True)), None
     elif path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"--config: file not found: {path}")
+        path = config_files.find(path)  # a file, or a shipped config by name (sc/stl10)
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # yaml syntax error

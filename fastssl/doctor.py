@@ -110,6 +110,21 @@ def _dist_version(*names):
     return None
 
 
+DALI_DISTS = ("nvidia-dali-cuda130", "nvidia-dali-cuda120")  # (NGC images install DALI under these names too)
+FAISS_DISTS = ("faiss-cuda", "faiss-gpu", "faiss-gpu-cu12", "faiss-cpu")
+
+
+def extra_line(v: dict) -> str:
+    """Which install extra fits this machine (pyproject.toml: cpu, cu12, cu13) and the DALI and
+    FAISS builds installed now."""
+    cuda = v.get("cuda_runtime")
+    major = str(cuda).split(".")[0] if cuda and v.get("gpus") else None
+    want = f"cu{major}" if major in ("12", "13") else "cpu"
+    why = f"torch's CUDA {cuda} and a GPU" if want != "cpu" else "no CUDA GPU visible"
+    have = [f"{n} {_dist_version(n)}" for n in DALI_DISTS + FAISS_DISTS if _dist_version(n)]
+    return f"{want} ({why}: install fastssl with its [{want}] extra); installed: {', '.join(have) or 'neither DALI nor FAISS'}"
+
+
 def versions() -> dict:
     """Versions of everything fastssl uses (None: not installed; a string saying why otherwise)."""
     v = {"fastssl": None, "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
@@ -158,6 +173,7 @@ def versions() -> dict:
     except Exception as e:
         v["apex"] = None if isinstance(e, ImportError) else f"import failed: {_err(e)}"
     v["omegaconf"] = _dist_version("omegaconf")
+    v["extra"] = extra_line(v)
     return v
 
 
@@ -224,7 +240,7 @@ def _first_batch(method, pipeline):
     from fastssl.models import build_backbone
 
     over = PIPE_SIZES + (EXEMPLAR_SMALL if method == "exemplar" else []) + [f"data.pipeline={pipeline}"]
-    cfg = load_config(os.path.join(ROOT, "configs", method, "builtin.yaml"), over)
+    cfg = load_config(f"{method}/builtin", over)  # (the shipped config, by name)
     source = build_source(cfg)
     model = get_method(cfg.method.name)(
         cfg, build_backbone(cfg.model, source.image_size), source.image_size, len(source.pretrain)
@@ -328,7 +344,10 @@ def _knn_check(x, idx, k, ref_name):
 
 
 def work_faiss():
-    from fastssl.knn import KNNIndex
+    from fastssl.knn import KNNIndex, have_faiss
+
+    if not have_faiss():
+        return "not available", "FAISS is not installed (kNN search runs exact on torch)", ""
 
     n, d, k = 2000, 64, 10
     x = _unit(n, d, 0)
@@ -342,10 +361,13 @@ def work_faiss():
 
 
 def work_faiss_gpu():
-    import faiss
     import torch
 
-    from fastssl.knn import KNNIndex
+    from fastssl.knn import KNNIndex, have_faiss
+
+    if not have_faiss():
+        return "not available", "FAISS is not installed (kNN search runs exact on torch)", ""
+    import faiss
 
     if not (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0):
         return "not available", "faiss has no GPU support (a CPU-only build: get_num_gpus() = 0)", ""
@@ -517,7 +539,7 @@ def run_train(method, limit, cuda):
             sys.executable,
             os.path.join(ROOT, "fastssl", "train.py"),
             "--config",
-            os.path.join(ROOT, "configs", method, "builtin.yaml"),
+            f"{method}/builtin",
             f"out_dir={out}",
             *TRAIN_TINY,
             *(EXEMPLAR_SMALL if method == "exemplar" else []),
@@ -618,6 +640,7 @@ def main(argv=None) -> int:
         "apex",
         "omegaconf",
         "cpus",
+        "extra",
     ):
         val = v.get(k)
         if k == "gpus":

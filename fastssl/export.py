@@ -95,15 +95,15 @@ def input_spec(cfg):
 
 
 def _load_checkpoint(path: str):
-    import torch
+    from fastssl.engine.checkpoint import CheckpointError, read
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ExportError(
-            f"{path} is not a fastssl checkpoint (not readable by torch.load: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
+        state = read(path)
+    except CheckpointError as e:
+        msg = str(e)
+        if "unreadable or corrupt" in msg:  # (not a file torch.load reads at all)
+            msg = f"{path} is not a fastssl checkpoint ({msg})"
+        raise ExportError(msg) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ExportError(
             f"{path} is not a fastssl checkpoint (no 'model' and 'config' entries; "
@@ -220,12 +220,8 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
         ref.fc = torch.nn.Identity()
         _verify(ref, sd, f"{fmt}'s {arch}")
 
-    try:
-        from importlib.metadata import version
+    from fastssl import __version__ as fastssl_version
 
-        fastssl_version = version("fastssl")
-    except Exception:
-        fastssl_version = None
     meta = {
         "format": fmt,
         "arch": arch,
@@ -240,7 +236,8 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
         "step": int(state.get("step", -1)),
         "checkpoint": os.path.abspath(checkpoint),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "fastssl_version": fastssl_version,
+        "fastssl_version": fastssl_version,  # the fastssl that exported it
+        "trained_with": state.get("fastssl_version"),  # the one that wrote the checkpoint (None: before 0.1.0's record)
         "load": snippet(fmt, arch, stem, out),
     }
     try:

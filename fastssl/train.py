@@ -284,7 +284,8 @@ def main(argv=None) -> int:
 
     agree = dist.same_on_all_ranks(model, d.device)
     if d.world > 1:
-        log.log_epoch({"step": state.step, "epoch": state.epoch, "ranks_agree": float(agree)})
+        rec = {"step": state.step, "epoch": state.epoch, "ranks_agree": float(agree)}
+        log.log_epoch(rec, echo=False)  # (in metrics.jsonl only: the last line below says it)
     log.write(
         f"fastssl: done after {state.step} steps; checkpoint {ck_path}"
         + (f"; parameters identical on all {d.world} ranks: {agree}" if d.world > 1 else "")

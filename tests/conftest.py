@@ -56,6 +56,7 @@ SLOW = {
         "test_materialise_then_train_from_the_file",
         "test_processes_do_not_import_torchvision_unless_a_resnet_is_built",
         "test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering",
+        "test_torch_pipeline_resumes_bit_exactly_after_a_kill_mid_epoch",
     },
     "test_gpu_acceptance.py": {
         "test_acceptance_tiny_gives_every_sections_rows_and_the_readme_renders_them",
@@ -78,6 +79,12 @@ SLOW = {
         "test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent",
         "test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits",
         "test_training_continues_on_eager_when_the_kernel_check_fails",
+    },
+    "test_folder_configs.py": {"test_train_on_your_own_images"},
+    "test_install.py": {
+        "test_wheel_installs_and_runs_outside_the_checkout",
+        "test_core_install_without_dali_or_faiss_trains_evaluates_and_reports",
+        "test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint",
     },
     "test_invp_authors.py": {"test_each_authors_mode_trains"},
     "test_invp.py": {
@@ -127,6 +134,7 @@ DDP = {
     "test_bank.py": {"test_two_ranks_apply_every_ranks_batch_and_agree"},
     "test_cli.py": {"test_train_nproc_runs_torchrun"},
     "test_folder.py": {"test_two_rank_run_checks_the_folder_once"},
+    "test_install.py": {"test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint"},
     "test_gpu_ready.py": {"test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent"},
     "test_invp.py": {"test_bank_consistent_under_two_process_ddp"},
     "test_multinode.py": {"test_two_nodes_one_process_each"},

@@ -4,7 +4,11 @@ Dockerfile's base image and GPU packages are ones fastssl works with."""
 import os
 import re
 
+import pytest
+
 from conftest import ROOT
+
+tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
 
 # First NGC PyTorch release whose Triton returns tl.atomic_add's result to every thread of a block
 # (fastssl/kernels/bank_loss.py, _bank_scan, relies on it): the bug is triton-lang/triton#7402, fixed by #7460
@@ -15,20 +19,25 @@ FIRST_FIXED_NGC = (25, 10)
 # NGC releases from 25.10 on are CUDA 13 (NVIDIA release notes: Triton server 25.10 CUDA 13.0.2, PyTorch 25.12
 # CUDA 13.1.0, 26.06 CUDA 13.3.0), so an image that passes the check above needs CUDA 13 packages.
 NGC_CUDA_MAJOR = 13
-# CUDA major of the FAISS GPU wheels on PyPI (their METADATA "Environment :: GPU :: NVIDIA CUDA" classifier).
-FAISS_WHEEL_CUDA = {"faiss-gpu": 12, "faiss-gpu-cu12": 12, "faiss-cuda-cu128": 12, "faiss-cuda==1.14.1.post4": 13}
+# CUDA major of the FAISS GPU wheels on PyPI (their METADATA "Environment :: GPU :: NVIDIA CUDA :: N" classifier;
+# faiss-cuda went back to CUDA 12 from 1.14.3 on).
+FAISS_WHEEL_CUDA = {
+    "faiss-gpu": 12,
+    "faiss-gpu-cu12": 12,
+    "faiss-cuda-cu128": 12,
+    "faiss-cuda==1.14.3.post0": 12,
+    "faiss-cuda==1.14.1.post4": 13,
+}
+PYPROJECT = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
 
 
 def _dockerfile() -> str:
     return open(os.path.join(ROOT, "docker", "Dockerfile")).read()
 
 
-def _pip_installs(text: str) -> list:
-    """Package requirements named by the Dockerfile's ``pip install`` lines (options dropped)."""
-    pkgs = []
-    for line in re.findall(r"^RUN pip install (.+)$", text, re.M):
-        pkgs += [w for w in line.split() if not w.startswith("-") and w != "."]
-    return pkgs
+def _installed_extras(text: str) -> list:
+    """The extras the Dockerfile's pip install of the fastssl wheel asks for (fastssl-*.whl[cu13] -> [cu13])."""
+    return [e.strip() for m in re.findall(r"fastssl-\*\.whl\)?\[([\w,]+)\]", text) for e in m.split(",")]
 
 
 def _cuda_suffix_major(pkg: str):
@@ -46,7 +55,24 @@ def test_dockerfile_copies_existing_paths():
         *srcs, _dest = line.split()
         for s in srcs:
             assert os.path.exists(os.path.join(ROOT, s)), f"Dockerfile copies missing {s}"
-    assert "--no-deps" in text
+    # what a wheel build needs: the project file, the readme it names, the package
+    copied = {s for line in copies for s in line.split()[:-1]}
+    assert {"pyproject.toml", PYPROJECT["project"]["readme"], "fastssl"} <= copied
+
+
+def test_dockerfile_installs_the_wheel_with_an_extra_that_exists_and_keeps_the_image_stack():
+    text = _dockerfile()
+    extras = _installed_extras(text)
+    assert extras == ["cu13"], extras
+    assert set(extras) <= set(PYPROJECT["project"]["optional-dependencies"])
+    assert re.search(r"pip wheel .*--no-deps", text) and "-e ." not in text  # a wheel, not an editable install
+    assert re.search(r"--constraint /tmp/keep\.txt", text)  # the image's torch/Triton/DALI are not replaced
+
+
+def test_driver_capabilities_include_video():
+    m = re.search(r"^ENV NVIDIA_DRIVER_CAPABILITIES=(\S+)\s*$", _dockerfile(), re.M)
+    assert m, "no ENV NVIDIA_DRIVER_CAPABILITIES: the container would get no hardware JPEG decoder"
+    assert {"compute", "utility", "video"} <= set(m.group(1).split(","))
 
 
 def test_base_image_has_the_triton_atomic_fix():
@@ -63,12 +89,23 @@ def test_build_checks_the_image_triton_and_dali_versions():
 
 
 def test_gpu_packages_match_the_image_cuda_major():
-    pkgs = _pip_installs(_dockerfile())
-    faiss = [p for p in pkgs if p.startswith("faiss")]
-    assert len(faiss) == 1, f"expected one FAISS package, got {faiss}"
+    (extra,) = _installed_extras(_dockerfile())
+    pkgs = [re.split(r"[<>!~;\[ ]", r)[0] for r in PYPROJECT["project"]["optional-dependencies"][extra]]
+    reqs = PYPROJECT["project"]["optional-dependencies"][extra]
+    faiss = [r for r in reqs if r.startswith("faiss")]
+    assert len(faiss) == 1, f"expected one FAISS package in [{extra}], got {faiss}"
     assert FAISS_WHEEL_CUDA.get(faiss[0]) == NGC_CUDA_MAJOR, f"{faiss[0]} is not a CUDA {NGC_CUDA_MAJOR} FAISS build"
-    for p in pkgs:  # the image's own DALI is used; any CUDA-suffixed extra must match too
+    dali = [p for p in pkgs if p.startswith("nvidia-dali")]
+    assert [_cuda_suffix_major(p) for p in dali] == [NGC_CUDA_MAJOR], dali
+    for p in pkgs:  # any CUDA-suffixed package must match too
         assert _cuda_suffix_major(p) in (None, NGC_CUDA_MAJOR), f"{p} does not match CUDA {NGC_CUDA_MAJOR}"
+
+
+def test_the_cu12_extra_is_cuda_12_throughout():
+    reqs = PYPROJECT["project"]["optional-dependencies"]["cu12"]
+    faiss = [r.split(">")[0].split("=")[0] for r in reqs if r.startswith("faiss")]
+    assert [FAISS_WHEEL_CUDA.get(f) for f in faiss] == [12]
+    assert [_cuda_suffix_major(r) for r in reqs if r.startswith("nvidia-dali")] == [12]
 
 
 def test_cuda_suffix_major():

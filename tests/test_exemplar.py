@@ -503,3 +503,27 @@ def test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init(tmp_pa
     assert sizes.min() >= 2 and sizes.max() <= 7  # every class is a cluster of 2-7 images
     trained, random = eval_trained_and_random(out, "svm-folds")
     assert trained["accuracy"] >= random["accuracy"] + 5, (trained, random)
+
+
+def test_torch_pipeline_resumes_bit_exactly_after_a_kill_mid_epoch(tmp_path):
+    """data.pipeline=torch (DataLoader worker processes), killed mid-epoch between two checkpoints
+    and resumed: the same weights as the uninterrupted run.  dali-cpu always did; on the torch
+    executor the DataLoader drew its workers' seed from torch's global RNG when an epoch's
+    iterator started, so a resumed run drew it again after restoring the RNG and its dropout
+    masks differed from the first step after the checkpoint on (fixed and per_epoch surrogate sets
+    alike; in any epoch)."""
+    from conftest import kill_and_resume
+
+    common = [
+        *SMALL,
+        "method.cluster.enabled=false",
+        "train.epochs=1",
+        "train.ckpt_every_steps=5",
+        "data.pipeline=torch",
+        "data.num_workers=2",
+    ]
+    ref, crashed, resumed, kill_at = kill_and_resume(tmp_path, common, CFG, (12, 14))
+    assert ref["step"] == resumed["step"] == 16 and crashed["step"] == 10 and crashed["step_in_epoch"] == 10
+    for k, v in ref["model"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, resumed["model"][k]), k

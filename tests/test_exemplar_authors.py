@@ -379,9 +379,8 @@ def test_fixed_set_shows_the_same_patches_every_epoch():
 
 def test_fixed_set_survives_a_kill_and_resume_bit_exactly(tmp_path):
     """Killed in stage 2 (the clustered set's fixed patches) and resumed: the resumed run
-    regenerates the same fixed set and ends with the reference's weights.  (On dali-cpu, as
-    tests/test_exemplar.py's kill-and-resume: a data.pipeline=torch run does not resume
-    bit-exactly today, with either surrogate mode.)"""
+    regenerates the same fixed set and ends with the reference's weights.  (On dali-cpu;
+    tests/test_exemplar.py has the data.pipeline=torch kill-and-resume.)"""
     common = [
         *SMALL,
         "method.cluster.enabled=true",

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import fastssl
 from fastssl.engine import checkpoint as ckpt
 from fastssl.engine import run
 from fastssl.engine.dist import DistInfo
@@ -263,7 +264,9 @@ def test_contents_keep_todays_keys_in_their_order():
         "config",
         "reason",
         "skipped_steps",
+        "fastssl_version",  # (issue 33: the fastssl that wrote it)
     ]
+    assert ck["fastssl_version"] == fastssl.__version__
     assert (ck["stage"], ck["epoch"], ck["step_in_epoch"], ck["step"], ck["skipped_steps"]) == (0, 1, 2, 7, 1)
     fresh = ckpt.contents(model, None, [ckpt.rng_state()], s.next_stage_start(), None, "end of stage")
     assert "optimizer" not in fresh and (fresh["stage"], fresh["epoch"], fresh["step_in_epoch"]) == (1, 0, 0)

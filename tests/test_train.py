@@ -34,6 +34,8 @@ def test_two_process_gloo_ddp_writes_the_run_files(tmp_path):
     recs = [r for r in records(out) if "loss" in r]
     assert [r["step"] for r in recs] == list(range(1, 9))
     assert [r["ranks_agree"] for r in records(out) if "ranks_agree" in r] == [1.0]
+    assert "ranks_agree" not in p.stdout + p.stderr  # (recorded; the last line says it: "identical on all 2 ranks")
+    assert "parameters identical on all 2 ranks: True" in p.stdout + p.stderr
     for r in recs:
         assert FIELDS <= set(r) and 0 <= r["data_stall"] <= 1 and r["images_per_s"] > 0
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))

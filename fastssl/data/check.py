@@ -144,7 +144,7 @@ def _stamps(files: List[str], progress: bool) -> Tuple[np.ndarray, Dict[int, str
         files,
         desc="listing images",
         unit="file",
-        disable=not (progress and len(files) > 100_000),
+        disable=not (progress and len(files) > 100_000 and sys.stderr.isatty()),  # (no bars in log files)
         file=sys.stderr,
         mininterval=1.0,
     )
@@ -264,7 +264,7 @@ def check_files(files: List[str], root: str, use_cache: bool = True, progress: b
                 total=len(idx),
                 desc=f"checking {len(idx)} images",
                 unit="img",
-                disable=not (progress and len(idx) > 200),
+                disable=not (progress and len(idx) > 200 and sys.stderr.isatty()),
                 file=sys.stderr,
             )
             for i, (verdict, reason, h, w) in zip(idx, it):
@@ -353,7 +353,38 @@ def main(argv=None) -> int:
     if rep.usable == 0:
         print(f"fastssl.data.check: no usable image under {a.path}", file=sys.stderr)
         return 2
+    print(folder_layout(a.path))
     return 1 if rep.bad else 0
+
+
+def folder_layout(root: str) -> str:
+    """How training reads the folder (data.source=folder): its classes and splits, in one line."""
+    from omegaconf import OmegaConf
+
+    from fastssl.data.sources import _list_images, build_source
+    from fastssl.errors import ConfigError
+
+    cfg = {"data": {"source": "folder", "path": root, "split": "pretrain", "image_size": None}}
+    try:
+        s = build_source(OmegaConf.create(cfg))  # (the check above is cached: nothing is decoded again)
+    except ConfigError as e:
+        return f"{root}: training cannot read it: {e}"
+    has_splits = os.path.isdir(os.path.join(root, "train"))
+    classes = _list_images(os.path.join(root, "train") if has_splits else root)[2]
+    test = next((n for n in ("val", "test") if has_splits and os.path.isdir(os.path.join(root, n))), None)
+    what = (
+        f"{len(classes)} classes ({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''})"
+        if classes
+        else "no class folders (unlabeled: the kNN monitor and evaluation need labels)"
+    )
+    splits = (
+        f"splits train {len(s.train)}"
+        + (f", {test} {len(s.test)}" if test else ", no val/ or test/")
+        + f", unlabeled {len(s.pretrain) - len(s.train)}"
+        if has_splits
+        else f"one split ({len(s.train)} images; no train/ sub-folder)"
+    )
+    return f"{root}: as training reads it: {what}; {splits}; pre-training sees {len(s.pretrain)} images"
 
 
 if __name__ == "__main__":

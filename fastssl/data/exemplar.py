@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -80,7 +81,13 @@ def materialise(loader, folder: str, sset: SurrogateSet, pca, progress: bool = T
     rows = np.empty(n, np.int64)
     loader.set_epoch(0)
     t0, k = time.perf_counter(), 0
-    for batch in tqdm(loader, total=len(loader), desc="surrogate patches", unit="batch", disable=not progress):
+    for batch in tqdm(
+        loader,
+        total=len(loader),
+        desc="surrogate patches",
+        unit="batch",
+        disable=not (progress and sys.stderr.isatty()),
+    ):
         x = batch["views"][0]
         out[k : k + len(x)] = x.cpu().numpy()
         rows[k : k + len(x)] = batch["index"].cpu().numpy().reshape(-1)

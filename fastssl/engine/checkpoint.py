@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from fastssl import __version__
 from fastssl.engine import dist
 from fastssl.engine.state import RunState
 
@@ -93,13 +94,31 @@ def save_atomic(obj: Dict[str, Any], path: str, fail_after_bytes: int | None = N
         raise
 
 
+def read(path: str, map_location="cpu"):
+    """``torch.load`` of a file that may be a checkpoint; a CheckpointError says why it cannot be
+    read: a Python module its objects need that does not import here (e.g. triton, or a module of
+    another fastssl version: the file itself is fine), or an unreadable / corrupt file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except ImportError as e:  # (ModuleNotFoundError included) raised while unpickling the config
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read here: it needs the Python module {e.name or '?'!r}, which does not "
+            f"import in this installation ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"the file itself may be fine: install what is missing, or read it with the fastssl that wrote it"
+        ) from None
+    except AttributeError as e:  # a class the pickle names is not in this fastssl
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read here: it names something this fastssl "
+            f"({__import__('fastssl').__version__}) does not have ({e}); read it with the fastssl that wrote it"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e})") from None
+
+
 def load(path: str, map_location="cpu") -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e})") from None
+    ck = read(path, map_location)
     for k in ("model", "config", "epoch", "step", "step_in_epoch"):
         if k not in ck:
             raise CheckpointError(f"checkpoint {path} lacks the field {k!r}")
@@ -125,6 +144,7 @@ def contents(model: torch.nn.Module, optim: Optional[Tuple], rngs, position: Run
         "config": config,
         "reason": reason,
         "skipped_steps": skipped,
+        "fastssl_version": __version__,  # (the fastssl that wrote it)
     }
 
 

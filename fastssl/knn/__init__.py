@@ -1,5 +1,7 @@
 """Nearest-neighbour search on FAISS: a GPU index on this process's own CUDA device when CUDA and
-faiss GPU support are present, a CPU index otherwise; torch tensors in and out.
+faiss GPU support are present, a CPU index otherwise; torch tensors in and out.  Without FAISS
+(a core install, no ``[cpu]``/``[cu12]``/``[cu13]`` extra) the search is exact, on torch, on
+the database's device, said once per process.
 
 Used by the kNN evaluation protocol now, and by the methods that build kNN graphs.
 """
@@ -22,10 +24,24 @@ GPU_MAX_K = 2048
 _SAID: set = set()  # keys of the notes already printed by this process
 
 
+NO_FAISS = (
+    "FAISS is not installed: kNN search runs exact on torch (fastssl's [cpu], [cu12] or [cu13] extra "
+    "brings FAISS: fastssl doctor says which fits)"
+)
+
+
 def _faiss():
     import faiss
 
     return faiss
+
+
+def have_faiss() -> bool:
+    try:
+        _faiss()
+    except ImportError:
+        return False
+    return True
 
 
 def say_once(key: str, message: str) -> None:
@@ -100,11 +116,16 @@ class KNNIndex:
         nprobe: int = 16,
         ef_search: int | None = None,
     ):
-        faiss = _faiss()
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
         if kind not in KINDS:
             raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+        self._cpu_copy = None  # made on the first search past GPU_MAX_K
+        if not have_faiss():
+            say_once("no_faiss", NO_FAISS)
+            self.on_gpu, self.index = False, TorchIndex(database, metric)
+            return
+        faiss = _faiss()
         n, d = database.shape
         fmetric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
         if kind == "flat":
@@ -128,7 +149,6 @@ class KNNIndex:
             self.index = faiss.index_cpu_to_gpu(_gpu_resources(device), device, cpu_index)
         else:
             self.index = cpu_index
-        self._cpu_copy = None  # made on the first search past GPU_MAX_K
         self.index.add(_np(database))
 
     @property
@@ -148,9 +168,44 @@ class KNNIndex:
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarities or squared distances, indices), each (Q, k), on the queries' device."""
         k = min(k, self.ntotal)
+        if isinstance(self.index, TorchIndex):
+            sims, idx = self.index.search(queries, k)
+            return sims.to(queries.device), idx.to(queries.device)
         sims, idx = self._index_for(k).search(_np(queries), k)
         dev = queries.device
         return torch.from_numpy(sims).to(dev), torch.from_numpy(idx).to(dev)
+
+
+class TorchIndex:
+    """Exact search on torch, FAISS's stand-in where FAISS is not installed: float32 inner
+    products (``ip``) or squared L2 distances (``l2``) of the queries against every row, in
+    chunks of queries so that no chunk's (chunk x N) matrix passes 2^26 entries."""
+
+    def __init__(self, database: torch.Tensor, metric: str = "ip"):
+        self.x = database.detach().float().contiguous()
+        self.metric = metric
+        self.norms = (self.x * self.x).sum(1) if metric == "l2" else None
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.x)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = queries.detach().float().to(self.x.device)
+        chunk = max(1, 2**26 // max(1, self.ntotal))
+        vals, idxs = [], []
+        for s in range(0, len(q), chunk):
+            sims = q[s : s + chunk] @ self.x.T
+            if self.metric == "ip":
+                v, i = sims.topk(k, dim=1)
+            else:
+                d = (q[s : s + chunk] * q[s : s + chunk]).sum(1, keepdim=True) - 2 * sims + self.norms
+                v, i = d.clamp_min(0).topk(k, dim=1, largest=False)
+            vals.append(v)
+            idxs.append(i)
+        if not vals:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        return torch.cat(vals), torch.cat(idxs).long()
 
 
 def _np(x: torch.Tensor) -> np.ndarray:

@@ -55,6 +55,24 @@ def cut_tree(Z: np.ndarray, n: int, threshold: float, max_size: int = 0) -> np.n
     return lab.astype(np.int64)
 
 
+def _kmeans_parts(x: np.ndarray, parts: int, seed: int) -> np.ndarray:
+    """The k-means part of each row (20 iterations): FAISS's k-means, or scikit-learn's where FAISS
+    is not installed (said once; the parts, hence the clusters, then differ from a FAISS run's)."""
+    from fastssl.knn import NO_FAISS, have_faiss, say_once
+
+    if have_faiss():
+        import faiss
+
+        km = faiss.Kmeans(x.shape[1], parts, niter=20, seed=seed)
+        km.train(x)
+        _, assign = km.index.search(x, 1)
+        return assign.reshape(-1)
+    from sklearn.cluster import KMeans
+
+    say_once("no_faiss", NO_FAISS)
+    return KMeans(parts, n_init=1, max_iter=20, random_state=seed).fit_predict(x).astype(np.int64)
+
+
 def complete_linkage(
     feats: np.ndarray, threshold: float, max_images: int = 20000, seed: int = 0, max_size: int = 0
 ) -> np.ndarray:
@@ -66,13 +84,8 @@ def complete_linkage(
         return np.zeros(n, np.int64)
     if n <= max_images:
         return cut_tree(linkage(np.asarray(feats, np.float64), method="complete"), n, threshold, max_size)
-    import faiss
-
     parts = int(np.ceil(2 * n / max_images))  # k-means parts are uneven: aim at half the cap
-    km = faiss.Kmeans(feats.shape[1], parts, niter=20, seed=seed)
-    km.train(np.ascontiguousarray(feats, np.float32))
-    _, assign = km.index.search(np.ascontiguousarray(feats, np.float32), 1)
-    assign = assign.reshape(-1)
+    assign = _kmeans_parts(np.ascontiguousarray(feats, np.float32), parts, seed)
     out, offset = np.empty(n, np.int64), 0
     for p in range(parts):
         rows = np.flatnonzero(assign == p)

@@ -3,6 +3,7 @@ one whole batch per worker item (PIL decoding for folders)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fastssl.data.decode import load_image_region, split_images
@@ -72,6 +73,14 @@ class TorchExecutor(Executor):
     def __iter__(self):
         ds = self.batch_dataset(self.plan())
         kw = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.num_workers > 0 else {}
+        # The DataLoader draws its workers' base seed when an iterator starts, from ``generator``
+        # or else from torch's global RNG: an epoch's start (the uninterrupted run) and a resume
+        # mid-epoch (the RNG restored from the checkpoint, then this draw) would then leave the
+        # training step's random numbers (e.g. Exemplar-CNN's dropout) different.  Its own
+        # generator leaves the global stream alone; the workers draw nothing (the plan holds it all).
+        g = torch.Generator().manual_seed(
+            int(np.random.default_rng([self.seed, self.epoch, self.rank, 31]).integers(2**62))
+        )
         dl = torch.utils.data.DataLoader(
             ds,
             batch_size=None,
@@ -79,6 +88,7 @@ class TorchExecutor(Executor):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             worker_init_fn=_worker_init,
+            generator=g,
             **kw,
         )
         yield from dl
