@@ -197,7 +197,8 @@ def variant_keys(dtype: torch.dtype, sizes: Dict[str, int], arch: int = 90) -> D
     out = {}
     for fn, args, kwargs in calls:
         _, signature, constexprs, attrs = specialise(fn, args, kwargs, arch)
-        out[_row_name(fn, constexprs)] = (tuple(signature.items()), tuple(sorted(attrs)))
+        divisible = tuple(sorted(k for k, v in attrs.items() if v))  # (every argument has an entry; most empty)
+        out[_row_name(fn, constexprs)] = (tuple(signature.items()), divisible)
     return out
 
 
