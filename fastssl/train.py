@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     log = MetricsLogger(cfg.out_dir, d.is_main, plan.total_steps, state.step, cfg.train.tensorboard, cfg.train.progress)
     timer = StepTimer(d.device)
 
+    KNNMonitor.log_init(knn, model, log, state.step)  # kNN monitor's random-init level, before step 0 (read-only)
     while state.stage < model.num_stages and not state.done(plan):
         loader = None  # the previous stage's loader goes first (the tensor executor holds the dataset on the device)
         at_start = resumed is not None and "optimizer" not in resumed  # a checkpoint written as its stage began
