@@ -41,6 +41,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -487,15 +488,12 @@ def render(out: str, docs: str) -> None:
         os.makedirs(d, exist_ok=True)
         if os.path.abspath(d) != os.path.abspath(out):
             shutil.copyfile(os.path.join(out, "learning.png"), os.path.join(d, "learning.png"))
-        text = (
-            open(docs).read() if os.path.isfile(docs) else "# Learning on real images\n\n" + BEGIN + "\n" + END + "\n"
-        )
-        if BEGIN not in text or END not in text:
-            text = text.rstrip("\n") + "\n\n" + BEGIN + "\n" + END + "\n"
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
+        text = open(docs).read() if os.path.isfile(docs) else "# Learning on real images\n"
+        m = re.search(r"<!-- learning:begin[^>]*-->\n.*?<!-- learning:end -->", text, re.S)
+        block = BEGIN + "\n" + body + END
+        text = text[: m.start()] + block + text[m.end() :] if m else text.rstrip("\n") + "\n\n" + block + "\n"
         with open(docs, "w") as f:
-            f.write(pre + BEGIN + "\n" + body + END + post)
+            f.write(text)
         print("docs:", docs)
     print(md)
     print("written to", out)

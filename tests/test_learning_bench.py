@@ -1,0 +1,60 @@
+"""python -m benchmarks.learning --tiny: every method trains on real images (Fashion-MNIST's IDX
+files, or the colour photo crops for Split-Brain), is evaluated by its paper's protocol next to
+random init, and the table, the curves' plot and the docs block are written."""
+
+import json
+import os
+
+import pytest
+
+from conftest import PY, run
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+METHODS = ("sc", "exemplar", "layerwise", "invp", "splitbrain")
+
+
+@pytest.mark.slow
+def test_learning_benchmark_tiny_writes_table_plot_and_docs(tmp_path):
+    from formats import write_idx
+
+    fmnist = FMNIST
+    if not os.path.isdir(
+        fmnist
+    ):  # (docs/learning.md: apt-get install dataset-fashion-mnist) the same format, made here
+        fmnist = str(tmp_path / "idx")
+        write_idx(fmnist, n_train=600, n_test=300)
+    docs = tmp_path / "docs" / "learning.md"
+    docs.parent.mkdir()
+    docs.write_text("# Learning\n\nprose kept\n\n<!-- learning:begin (x) -->\nOLDBLOCK\n<!-- learning:end -->\ntail kept\n")
+    out = tmp_path / "out"
+    p = run(
+        [PY, "-m", "benchmarks.learning", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")]
+        + ["--fmnist", fmnist, "--docs", str(docs)],
+        timeout=1200,
+    )
+    for m in METHODS:
+        res = json.loads((out / "learning" / f"paper-{m}.json").read_text())
+        assert res["evals"], m
+        for e in res["evals"]:
+            assert 0 <= e["trained"]["accuracy"] <= 100 and 0 <= e["random"]["accuracy"] <= 100, (m, e)
+        init = [r for r in res["monitor"] if "knn_monitor_init" in r]
+        curve = [r for r in res["monitor"] if "knn_monitor" in r]
+        assert len(init) == 1 and init[0]["step"] == 0 and len(curve) >= 2, m  # the level, then one per epoch
+    md = (out / "learning.md").read_text()
+    for label in ("Spatial Contrasting", "Exemplar-CNN", "layer-wise", "Invariance Propagation", "Split-Brain"):
+        assert f"| {label} |" in md, label
+    for protocol in ("finetune", "svm-folds", "transfer", "knn", "linear conv1", "linear conv5"):
+        assert f"| {protocol}" in md, protocol
+    assert (out / "learning.png").stat().st_size > 10_000  # the curves against the random-init lines
+    assert (docs.parent / "learning.png").stat().st_size > 10_000
+    text = docs.read_text()
+    assert "prose kept" in text and "tail kept" in text and "OLDBLOCK" not in text and "| Invariance Propagation |" in text
+    assert "random init" in p.stdout
+
+
+def test_milestones_scale_with_the_length():
+    from benchmarks.learning import scaled
+
+    assert scaled(30, [75, 85, 92, 100], 110) == [20, 23, 25, 27]
+    assert scaled(30, [400, 600, 700], 800) == [15, 22, 26]
+    assert scaled(2, [75, 85, 92, 100], 110) == [1, 2, 2, 2]  # one per mark: per-milestone factors stay aligned
