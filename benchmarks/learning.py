@@ -286,6 +286,26 @@ def epoch_records(run_dir: str) -> List[dict]:
     return rows
 
 
+def run_overrides(rec: Recipe, data: str, epochs: int, run_dir: str, tiny: bool = False) -> List[str]:
+    """The command-line overrides of a run: the data, the length, the bookkeeping, the CPU size."""
+    common = [
+        f"data.source={'idx' if rec.data == 'fmnist' else 'folder'}",
+        f"data.path={data}",
+        "data.image_size=32",
+        "data.num_workers=1",
+        f"train.epochs={epochs}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.monitor_every=1",
+        "train.ckpt_every_steps=100000",
+        f"out_dir={run_dir}",
+    ]
+    overrides = common + rec.overrides + (rec.tiny if tiny else [])
+    if tiny:
+        overrides += ["train.log_every_steps=1", "train.monitor_bank=256", "train.monitor_test=256"]
+    return overrides
+
+
 def run_method(method: str, rec: Recipe, a, data_dirs: Dict[str, str], out: str) -> dict:
     import torch
     from omegaconf import OmegaConf
@@ -299,21 +319,7 @@ def run_method(method: str, rec: Recipe, a, data_dirs: Dict[str, str], out: str)
     if not a.eval_only:
         shutil.rmtree(run_dir, ignore_errors=True)
     data = data_dirs[rec.data]
-    common = [
-        f"data.source={'idx' if rec.data == 'fmnist' else 'folder'}",
-        f"data.path={data}",
-        "data.image_size=32",
-        "data.num_workers=1",
-        f"train.epochs={a.epochs}",
-        "train.progress=false",
-        "train.tensorboard=false",
-        "train.monitor_every=1",
-        "train.ckpt_every_steps=100000",
-        f"out_dir={run_dir}",
-    ]
-    overrides = common + rec.overrides + (rec.tiny if a.tiny else [])
-    if a.tiny:
-        overrides += ["train.log_every_steps=1", "train.monitor_bank=256", "train.monitor_test=256"]
+    overrides = run_overrides(rec, data, a.epochs, run_dir, a.tiny)
     cmd = [sys.executable, os.path.join(ROOT, "fastssl", "train.py"), "--config", rec.config, *overrides]
     os.makedirs(run_dir, exist_ok=True)
     print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
@@ -507,7 +513,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(ORDER), choices=ORDER)
     p.add_argument("--recipe", default="paper", choices=("paper", "fmnist"))
     p.add_argument("--epochs", type=int, default=None, help="default 30 (--tiny: 2)")
-    p.add_argument("--images", type=int, default=None, help="training images (default 4000; --tiny: 512)")
+    p.add_argument("--images", type=int, default=None, help="training images (default 3000; --tiny: 512)")
     p.add_argument("--test", type=int, default=None, help="test images (default 1000; --tiny: 256)")
     p.add_argument("--fmnist", default=FMNIST, help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
@@ -517,7 +523,7 @@ def main(argv=None):
     p.add_argument("--render", action="store_true", help="only rebuild the tables, plot and docs from <out>")
     a = p.parse_args(argv)
     a.epochs = a.epochs or (2 if a.tiny else 30)
-    a.images = a.images or (512 if a.tiny else 4000)
+    a.images = a.images or (512 if a.tiny else 3000)
     a.test = a.test or (256 if a.tiny else 1000)
     out = a.out or os.path.join(RESULTS, device_name())
     a.work = a.work or os.path.join(ROOT, "runs", "learning" + ("-tiny" if a.tiny else ""))

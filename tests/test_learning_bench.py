@@ -25,7 +25,9 @@ def test_learning_benchmark_tiny_writes_table_plot_and_docs(tmp_path):
         write_idx(fmnist, n_train=600, n_test=300)
     docs = tmp_path / "docs" / "learning.md"
     docs.parent.mkdir()
-    docs.write_text("# Learning\n\nprose kept\n\n<!-- learning:begin (x) -->\nOLDBLOCK\n<!-- learning:end -->\ntail kept\n")
+    docs.write_text(
+        "# Learning\n\nprose kept\n\n<!-- learning:begin (x) -->\nOLDBLOCK\n<!-- learning:end -->\ntail kept\n"
+    )
     out = tmp_path / "out"
     p = run(
         [PY, "-m", "benchmarks.learning", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")]
@@ -48,7 +50,9 @@ def test_learning_benchmark_tiny_writes_table_plot_and_docs(tmp_path):
     assert (out / "learning.png").stat().st_size > 10_000  # the curves against the random-init lines
     assert (docs.parent / "learning.png").stat().st_size > 10_000
     text = docs.read_text()
-    assert "prose kept" in text and "tail kept" in text and "OLDBLOCK" not in text and "| Invariance Propagation |" in text
+    assert (
+        "prose kept" in text and "tail kept" in text and "OLDBLOCK" not in text and "| Invariance Propagation |" in text
+    )
     assert "random init" in p.stdout
 
 
@@ -58,3 +62,31 @@ def test_milestones_scale_with_the_length():
     assert scaled(30, [75, 85, 92, 100], 110) == [20, 23, 25, 27]
     assert scaled(30, [400, 600, 700], 800) == [15, 22, 26]
     assert scaled(2, [75, 85, 92, 100], 110) == [1, 2, 2, 2]  # one per mark: per-milestone factors stay aligned
+
+
+# methods whose named Fashion-MNIST config holds the settings of the benchmark's paper-recipe run
+# (docs/learning.md measures those runs; the named config is not run again)
+SAME_AS_PAPER = ("sc",)
+
+
+@pytest.mark.parametrize("method", SAME_AS_PAPER)
+def test_named_config_is_the_measured_paper_run(tmp_path, method):
+    from omegaconf import OmegaConf
+
+    from benchmarks.learning import recipes, run_overrides
+    from fastssl.config import load_config
+    from formats import write_idx
+
+    write_idx(tmp_path, n_train=300, n_test=20)
+    paper, named = recipes(30, "paper")[method], recipes(30, "fmnist")[method]
+    a = load_config(paper.config, run_overrides(paper, str(tmp_path), 30, "x"))
+    b = load_config(named.config, run_overrides(named, str(tmp_path), 30, "x"))
+    for key in ("method", "model", "optim", "train.epochs", "data.batch_size", "seed"):
+        va, vb = OmegaConf.select(a, key), OmegaConf.select(b, key)
+        va = OmegaConf.to_container(va) if OmegaConf.is_config(va) else va
+        vb = OmegaConf.to_container(vb) if OmegaConf.is_config(vb) else vb
+        assert va == vb, f"configs/{method}/fmnist.yaml: {key} differs from the measured run's"
+    for label, _, over in paper.protocols:  # the protocols' settings: the named config's own eval values
+        for o in over:
+            k, v = o.split("=", 1)
+            assert str(OmegaConf.select(b, k)).lower() == v.lower(), f"configs/{method}/fmnist.yaml: {k} != {v}"
