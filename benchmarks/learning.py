@@ -386,17 +386,44 @@ def data_sizes(cfg) -> tuple:
 # --------------------------------------------------------------------------- report
 
 ORDER = ("sc", "exemplar", "layerwise", "invp", "splitbrain")
+NAMES = {
+    "sc": "Spatial Contrasting",
+    "exemplar": "Exemplar-CNN",
+    "layerwise": "layer-wise contrastive",
+    "invp": "Invariance Propagation",
+    "splitbrain": "Split-Brain",
+}
 DATA = {
     "fmnist": "Fashion-MNIST (first {n} train / {m} test images, 32 px)",
     "photos": "colour photo crops (10 photos, {n} train / {m} test crops, 32 px)",
 }
 
 
+def snapshot(run_dir: str, out: str, epochs: int) -> None:
+    """An unfinished run's monitor curve so far, as ``<out>/learning/partial/<recipe>-<method>.json``
+    (rendered as "in progress" until the run's own result file exists)."""
+    name = os.path.basename(os.path.normpath(run_dir))
+    recipe, method = name.split("-", 1)
+    rec = {"method": method, "recipe": recipe, "partial": True, "epochs": epochs, "evals": []}
+    rec["monitor"] = epoch_records(run_dir)
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        rec["config_yaml"] = f.read()
+    os.makedirs(os.path.join(out, "learning", "partial"), exist_ok=True)
+    with open(os.path.join(out, "learning", "partial", f"{name}.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+
+
 def load_results(out: str) -> List[dict]:
-    rows = []
+    rows, done = [], set()
     for path in glob.glob(os.path.join(out, "learning", "*.json")):
         with open(path) as f:
             rows.append(json.load(f))
+            done.add((rows[-1]["recipe"], rows[-1]["method"]))
+    for path in glob.glob(os.path.join(out, "learning", "partial", "*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        if (r["recipe"], r["method"]) not in done:
+            rows.append(r)
     key = {m: i for i, m in enumerate(ORDER)}
     return sorted(rows, key=lambda r: (r["recipe"] != "paper", r["recipe"], key.get(r["method"], 99)))
 
@@ -421,6 +448,13 @@ def table(rows: List[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("partial"):
+            last = max((m["epoch"] for m in r["monitor"] if "knn_monitor" in m), default=0)
+            lines.append(
+                f"| {NAMES[r['method']]} | {r['recipe']} (in progress: {last} of {r['epochs']} epochs when this page was "
+                f"written) | | | {r['epochs']} | not run yet | | | | {monitor_summary(r)} | |"
+            )
+            continue
         data = DATA[r["data"]].format(n=r["num_train"], m=r["num_test"])
         for i, e in enumerate(r["evals"]):
             d = e["trained"]["accuracy"] - e["random"]["accuracy"]
@@ -456,7 +490,8 @@ def plot(rows: List[dict], path: str) -> None:
                     curve = [(i + 1, v) for i, (_, v) in enumerate(curve)]
                 init = [x["knn_monitor_init"] for x in r["monitor"] if "knn_monitor_init" in x]
                 if curve:
-                    ax.plot(*zip(*curve), color=f"C{k}", marker="o", ms=2, lw=1.2, label=f"{rc}: trained")
+                    lab = f"{rc}: trained" + (" (in progress)" if r.get("partial") else "")
+                    ax.plot(*zip(*curve), color=f"C{k}", marker="o", ms=2, lw=1.2, label=lab)
                 if init:
                     ax.axhline(init[0], color=f"C{k}", ls="--", lw=1, label=f"{rc}: random init")
         ax.set_xlabel("epoch")
@@ -475,9 +510,9 @@ def render(out: str, docs: str) -> None:
     rows = load_results(out)
     if not rows:
         raise SystemExit(f"benchmarks.learning: no results in {out}/learning/")
-    env = rows[0]["environment"]
+    env = next(r["environment"] for r in rows if "environment" in r)
     md = table(rows)
-    cmds = "\n".join(f"* {r['recipe']} {r['method']}: `{r['command']}`" for r in rows)
+    cmds = "\n".join(f"* {r['recipe']} {r['method']}: `{r['command']}`" for r in rows if "command" in r)
     body = (
         f"Measured on {device_name()} ({env.get('cpu')}, torch {env.get('torch')}, DALI {env.get('nvidia.dali')}), "
         f"by `python -m benchmarks.learning`{' --tiny' if rows[0].get('tiny') else ''}.\n\n{md}\n\n"
@@ -521,6 +556,12 @@ def main(argv=None):
     p.add_argument("--eval-only", action="store_true", help="evaluate the runs already in --work again")
     p.add_argument("--docs", default=None, help="markdown file whose marked block gets the table and plot")
     p.add_argument("--render", action="store_true", help="only rebuild the tables, plot and docs from <out>")
+    p.add_argument(
+        "--partial",
+        nargs="*",
+        default=[],
+        help="run folders still training: record their curves so far (with --render)",
+    )
     a = p.parse_args(argv)
     a.epochs = a.epochs or (2 if a.tiny else 30)
     a.images = a.images or (512 if a.tiny else 3000)
@@ -528,6 +569,8 @@ def main(argv=None):
     out = a.out or os.path.join(RESULTS, device_name())
     a.work = a.work or os.path.join(ROOT, "runs", "learning" + ("-tiny" if a.tiny else ""))
     docs = a.docs if a.docs is not None else ("" if a.tiny else os.path.join(ROOT, "docs", "learning.md"))
+    for d in a.partial:
+        snapshot(d, out, a.epochs)
     if a.render:
         render(out, docs)
         return

@@ -43,7 +43,13 @@ def test_learning_benchmark_tiny_writes_table_plot_and_docs(tmp_path):
         curve = [r for r in res["monitor"] if "knn_monitor" in r]
         assert len(init) == 1 and init[0]["step"] == 0 and len(curve) >= 2, m  # the level, then one per epoch
     md = (out / "learning.md").read_text()
-    for label in ("Spatial Contrasting", "Exemplar-CNN", "layer-wise", "Invariance Propagation", "Split-Brain"):
+    for label in (
+        "Spatial Contrasting",
+        "Exemplar-CNN",
+        "layer-wise contrastive",
+        "Invariance Propagation",
+        "Split-Brain",
+    ):
         assert f"| {label} |" in md, label
     for protocol in ("finetune", "svm-folds", "transfer", "knn", "linear conv1", "linear conv5"):
         assert f"| {protocol}" in md, protocol
