@@ -72,7 +72,7 @@ def test_milestones_scale_with_the_length():
 
 # methods whose named Fashion-MNIST config holds the settings of the benchmark's paper-recipe run
 # (docs/learning.md measures those runs; the named config is not run again)
-SAME_AS_PAPER = ("sc",)
+SAME_AS_PAPER = ("sc", "exemplar", "layerwise", "splitbrain")
 
 
 @pytest.mark.parametrize("method", SAME_AS_PAPER)
@@ -83,16 +83,24 @@ def test_named_config_is_the_measured_paper_run(tmp_path, method):
     from fastssl.config import load_config
     from formats import write_idx
 
-    write_idx(tmp_path, n_train=300, n_test=20)
     paper, named = recipes(30, "paper")[method], recipes(30, "fmnist")[method]
-    a = load_config(paper.config, run_overrides(paper, str(tmp_path), 30, "x"))
-    b = load_config(named.config, run_overrides(named, str(tmp_path), 30, "x"))
+    if paper.data == "fmnist":
+        data = str(tmp_path)
+        write_idx(data, n_train=600, n_test=20)
+    else:  # the colour photo crops (a few per photo)
+        from benchmarks.learning import photo_crops
+
+        data = photo_crops(str(tmp_path / "photos"), 200, 20)
+    a = load_config(paper.config, run_overrides(paper, data, 30, "x"))
+    b = load_config(named.config, run_overrides(named, data, 30, "x"))
     for key in ("method", "model", "optim", "train.epochs", "data.batch_size", "seed"):
         va, vb = OmegaConf.select(a, key), OmegaConf.select(b, key)
         va = OmegaConf.to_container(va) if OmegaConf.is_config(va) else va
         vb = OmegaConf.to_container(vb) if OmegaConf.is_config(vb) else vb
-        assert va == vb, f"configs/{method}/fmnist.yaml: {key} differs from the measured run's"
-    for label, _, over in paper.protocols:  # the protocols' settings: the named config's own eval values
-        for o in over:
-            k, v = o.split("=", 1)
-            assert str(OmegaConf.select(b, k)).lower() == v.lower(), f"configs/{method}/fmnist.yaml: {k} != {v}"
+        assert va == vb, f"{named.config}: {key} differs from the measured run's"
+    # the protocols' settings that every protocol of the run shares: the named config's eval values
+    # (those that differ between them, e.g. the layer of each probe, are the evaluation command's)
+    settings = [dict(o.split("=", 1) for o in over) for _, _, over in paper.protocols]
+    shared = {k: v for k, v in settings[0].items() if all(st.get(k) == v for st in settings)}
+    for k, v in shared.items():
+        assert str(OmegaConf.select(b, k)).lower() == v.lower(), f"{named.config}: {k} is not {v}"
