@@ -512,7 +512,9 @@ def render(out: str, docs: str) -> None:
         raise SystemExit(f"benchmarks.learning: no results in {out}/learning/")
     env = next(r["environment"] for r in rows if "environment" in r)
     md = table(rows)
-    cmds = "\n".join(f"* {r['recipe']} {r['method']}: `{r['command']}`" for r in rows if "command" in r)
+    cmds = "\n".join(  # (paths relative to the checkout)
+        f"* {r['recipe']} {r['method']}: `{r['command'].replace(ROOT + os.sep, '')}`" for r in rows if "command" in r
+    )
     body = (
         f"Measured on {device_name()} ({env.get('cpu')}, torch {env.get('torch')}, DALI {env.get('nvidia.dali')}), "
         f"by `python -m benchmarks.learning`{' --tiny' if rows[0].get('tiny') else ''}.\n\n{md}\n\n"
