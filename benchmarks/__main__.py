@@ -6,7 +6,8 @@ Suites: the headline (pre-training from an ImageNet-shaped JPEG folder: benchmar
 kernels (fused / eager / torch.compile; GPU only, or the interpreter with --tiny), kNN graph
 (FAISS / torch / scikit-learn), Lab conversion + quantisation (DALI GPU / DALI CPU /
 scikit-image), Exemplar-CNN surrogate patches (DALI GPU / DALI CPU / DataLoader), end-to-end training steps per method and pipeline
-(images/s, data-stall).  Each compares against its baseline in the same run.  Results go to
+(images/s, data-stall); and, asked by name (hours on a CPU), learning: each method's recipe on real
+images against random init (docs/learning.md).  Each compares against its baseline in the same run.  Results go to
 benchmarks/results/<device>/: one JSON and one markdown table per suite, PNG plots, and
 report.md (every suite's latest table in the folder) + environment.json; ``python -m
 benchmarks.readme`` copies the reports into docs/benchmarks.md.  --tiny runs small sizes in a few minutes (used by the tests).
@@ -23,11 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import exemplar, folder, imagenet, kernels, knn, lab, pipelines, train_step  # noqa: E402
+from benchmarks import exemplar, folder, imagenet, kernels, knn, lab, learning, pipelines, train_step  # noqa: E402
 from benchmarks.common import RESULTS, device_name, environment, missing  # noqa: E402
 
 METHODS = ("sc", "layerwise", "invp", "splitbrain")
-SUITES = ("imagenet", "pipelines", "folder", "kernels", "knn", "lab", "exemplar", "train_step")
+SUITES = ("imagenet", "pipelines", "folder", "kernels", "knn", "lab", "exemplar", "train_step", "learning")
 NEEDS = {"lab": "nvidia.dali", "exemplar": "nvidia.dali", "knn": "faiss"}  # (pipelines: DALI rows fail alone)
 
 
@@ -36,7 +37,7 @@ def main(argv=None):
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES)
+    p.add_argument("--suites", nargs="+", default=list(SUITES[:-1]), choices=SUITES)  # (learning: asked by name)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     out = a.out or os.path.join(RESULTS, device_name())
@@ -72,6 +73,8 @@ def main(argv=None):
                 ["--out", out]
                 + (["--images", "128", "--per-class", "4", "--batch", "128", "--repeats", "1"] if tiny else [])
             )
+        elif suite == "learning":  # (each method's recipe on real images vs random init: docs/learning.md)
+            learning.main(["--out", out] + (["--tiny", "--docs", ""] if tiny else []))
         else:
             train_step.main(
                 ["--out", out]
@@ -116,6 +119,7 @@ def write_report(out: str) -> None:
             "lab",
             "exemplar",
             "train_step",
+            "learning",
         ]
     )
     for name in names:

@@ -9,7 +9,8 @@ What it shows, all read from the run folder (nothing in it is changed but ``repo
 1. ``training.png``: loss, learning rate, images/s and data-stall against steps (the step
    records of ``metrics.jsonl``; layer-wise stages marked);
 2. ``knn_monitor.png``: the per-epoch kNN monitors (``knn_monitor``, InvP's ``knn_accuracy``),
-   when the epoch records carry them;
+   when the epoch records carry them, with ``knn_monitor_init`` (the untrained network's level,
+   measured before step 0) as a dashed line;
 3. the evaluation results found in the folder (``eval_<protocol>[_random].json``), trained next
    to random init, as a table;
 4. ``retrieval.png``: test images and their nearest training images by cosine similarity of the
@@ -193,12 +194,15 @@ def number_epochs(epochs: List[Dict]) -> None:
         r["_stage"], r["_x"], last = stage, offset + e, e
 
 
-def plot_monitor(epochs: List[Dict], keys: List[str], path: str) -> None:
+def plot_monitor(epochs: List[Dict], keys: List[str], path: str, init: Optional[float] = None) -> None:
+    """The per-epoch monitors; ``init``: ``knn_monitor_init``, the untrained network's level (a line)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, k in enumerate(keys):
         rs = [r for r in epochs if k in r]
         ax.plot([r["_x"] for r in rs], [r[k] for r in rs], marker="o", ms=3, color=f"C{i}", label=k)
+    if init is not None:
+        ax.axhline(init, color="C0", ls="--", lw=1.2, label=f"knn_monitor at random init (step 0): {init:.1f}%")
     staged = epochs[-1]["_stage"] > 1
     for r0, r1 in zip(epochs, epochs[1:]):
         if r1["_stage"] != r0["_stage"]:
@@ -573,8 +577,10 @@ def main(argv=None) -> int:
     keys = [k for k in MONITOR_KEYS if any(k in r for r in epochs)]
     mon = [r for r in epochs if any(k in r for k in MONITOR_KEYS)]  # (not e.g. the final ranks_agree record)
     number_epochs(mon)
+    inits = [r["knn_monitor_init"] for r in epochs if "knn_monitor_init" in r]
+    init = inits[-1] if inits else None  # (the random-init level, measured before step 0)
     if keys:
-        plot_monitor(mon, keys, os.path.join(pics, "knn_monitor.png"))
+        plot_monitor(mon, keys, os.path.join(pics, "knn_monitor.png"), init)
         say("wrote report/knn_monitor.png")
         md.append("![per-epoch kNN monitor](report/knn_monitor.png)")
         md.append("")
@@ -586,6 +592,12 @@ def main(argv=None) -> int:
             md.append(
                 f"* `{k}`: {rs[-1][k]:.2f}% after {when(rs[-1])} (best {best[k]:.2f}% after {when(best)}; "
                 f"{len(rs)} epochs)"
+            )
+        if init is not None and "knn_monitor" in keys:
+            last = [r for r in mon if "knn_monitor" in r][-1]["knn_monitor"]
+            md.append(
+                f"* `knn_monitor_init`: {init:.2f}%, the same monitor on the untrained network (before step 0); "
+                f"the last epoch is {last - init:+.2f} points from it"
             )
         secs = [r["monitor_s"] for r in mon if "monitor_s" in r]
         if secs:

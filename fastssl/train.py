@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     timer = StepTimer(d.device)
     votes, stopping = sync.Votes(d.device), False  # (every rank's skip and stop flags, read a step late)
 
+    KNNMonitor.log_init(knn, model, log, state.step)  # kNN monitor's random-init level, before step 0 (read-only)
     while state.stage < model.num_stages and not state.done(plan):
         loader = None  # the previous stage's loader goes first (the tensor executor holds the dataset on the device)
         at_start = resumed is not None and "optimizer" not in resumed  # a checkpoint written as its stage began

@@ -66,3 +66,28 @@ def write_folder(root, classes=("cat", "dog"), per_class=3, size=(40, 30), seed=
             Image.fromarray(arr).save(p)
             files.append((p, arr))
     return files
+
+
+def write_idx(root, n_train=12, n_test=6, side=28, num_classes=10, gz=True, prefix="", seed=0):
+    """The MNIST family's IDX files: a big-endian header (magic 0x00000803 for images, 0x00000801 for
+    labels, then each dimension as a 4-byte integer) and the unsigned bytes, row-major; gzipped or
+    not.  Returns {split: (images (N, side, side), labels (N,))}."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    out = {}
+    for split, stem, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        x = rng.integers(0, 256, (n, side, side), dtype=np.uint8)
+        y = rng.integers(0, num_classes, n).astype(np.uint8)
+        y[: min(n, num_classes)] = np.arange(min(n, num_classes))  # every class present in a big enough split
+        for kind, body, head in (
+            ("images-idx3-ubyte", x, struct.pack(">IIII", 0x803, n, side, side)),
+            ("labels-idx1-ubyte", y, struct.pack(">II", 0x801, n)),
+        ):
+            name = os.path.join(root, f"{prefix}{stem}-{kind}" + (".gz" if gz else ""))
+            with (gzip.open if gz else open)(name, "wb") as f:
+                f.write(head + body.tobytes())
+        out[split] = (x, y.astype(np.int64))
+    return out

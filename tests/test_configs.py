@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from formats import write_cifar, write_folder, write_stl10
+from formats import write_cifar, write_folder, write_idx, write_stl10
 
 CONFIGS = sorted(Path(ROOT, "configs").glob("*/*.yaml"))
 
@@ -33,7 +33,14 @@ def data_roots(tmp_path_factory):
     write_cifar(root / "c100", "cifar100", n_per_batch=40)
     for split in ("train", "val"):
         write_folder(root / "folder" / split, per_class=6, size=(48, 40))
-    return {"stl10": root / "stl10", "cifar10": root / "c10", "cifar100": root / "c100", "folder": root / "folder"}
+    write_idx(root / "idx", n_train=40, n_test=10)
+    return {
+        "stl10": root / "stl10",
+        "cifar10": root / "c10",
+        "cifar100": root / "c100",
+        "folder": root / "folder",
+        "idx": root / "idx",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

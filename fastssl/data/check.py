@@ -1,9 +1,11 @@
 """Validate a dataset before training: every bad file is named with its reason.
 
-    python -m fastssl.data.check PATH [--source auto|folder|stl10|cifar10|cifar100] [--no-cache]
+    python -m fastssl.data.check PATH [--source auto|folder|stl10|cifar10|cifar100|idx] [--no-cache]
 
-Array formats (STL-10 binaries, CIFAR pickles) are checked for sizes, shapes and label ranges
-(the same checks the sources run).  Image folders are checked file by file: every
+Array formats (STL-10 binaries, CIFAR pickles, the MNIST family's IDX files, gzipped or not) are
+checked for sizes, shapes and label ranges (the same checks the sources run; IDX: magic numbers,
+header dimensions against the file's length, image and label counts, test labels within the
+train labels' range, each problem named in one line before any pixel is read).  Image folders are checked file by file: every
 .jpg/.jpeg/.png file is fully decoded (PIL; it fails on the same truncated or corrupt files as
 DALI's decoder), so a truncated JPEG, a PNG cut short, an empty file or a text file named
 .jpg is reported; grayscale, CMYK, palette, alpha and 16-bit images are valid (the pipelines
@@ -35,7 +37,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from fastssl.data.sources import _CIFAR, IMAGE_EXTS
+from fastssl.data.sources import _CIFAR, IDX_SETS, IMAGE_EXTS
 from fastssl.log import get_logger
 
 log = get_logger(__name__)
@@ -310,6 +312,9 @@ def detect_source(path: str) -> str:
     for d in (path, os.path.join(path, "stl10_binary")):
         if os.path.isfile(os.path.join(d, "train_X.bin")):
             return "stl10"
+    names = os.listdir(path) if os.path.isdir(path) else []
+    if any(f.endswith((IDX_SETS["train"][0], IDX_SETS["train"][0] + ".gz")) for f in names):
+        return "idx"
     for name, (sub, train_files, *_rest) in _CIFAR.items():
         if os.path.isfile(os.path.join(path, train_files[0])) or os.path.isfile(
             os.path.join(path, sub, train_files[0])
@@ -323,7 +328,7 @@ def main(argv=None) -> int:
         prog="python -m fastssl.data.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("path")
-    p.add_argument("--source", default="auto", choices=("auto", "folder", "stl10", "cifar10", "cifar100"))
+    p.add_argument("--source", default="auto", choices=("auto", "folder", "stl10", "cifar10", "cifar100", "idx"))
     p.add_argument("--no-cache", action="store_true", help="decode every file again")
     a = p.parse_args(argv)
     if not os.path.isdir(a.path):
@@ -347,6 +352,16 @@ def main(argv=None) -> int:
             f"{a.path}: {src}: {len(s.pretrain)} pre-training, {len(s.train)} train, {len(s.test)} test images; "
             f"files, shapes and labels valid"
         )
+        if src == "idx":  # what the set is, as training will see it
+            from fastssl.data.sources import check_idx
+
+            info = check_idx(a.path, None)
+            (rows, cols), counts = info["native"], np.bincount(s.train.labels, minlength=s.num_classes)
+            fit = "zero-padded" if s.image_size >= max(rows, cols) else "resized"
+            print(f"  {s.num_classes} classes, {counts.min()}..{counts.max()} train images per class")
+            print(f"  {rows}x{cols} px grey, replicated to RGB and {fit} to {s.image_size} px (data.image_size)")
+            for split, (im, lb) in info["files"].items():
+                print(f"  {split}: {im} + {os.path.basename(lb)}")
         return 0
     rep = check_folder(a.path, use_cache=not a.no_cache)
     print("\n".join(rep.lines()))

@@ -1,11 +1,15 @@
 """Image sources: where the pixels come from, in their real on-disk formats.
 
+The array sources are the built-in set, STL-10's binaries, CIFAR's pickles and the MNIST family's
+IDX files (``idx``: MNIST, Fashion-MNIST, KMNIST, EMNIST; grey, replicated to RGB and zero-padded
+to ``data.image_size``, 32 px by default); ``folder`` reads image files.
+
 Each source yields up to three ``Split``s: ``pretrain`` (what self-supervised training sees),
 ``train`` (labeled, for evaluation protocols) and ``test`` (labeled).  Array-backed splits hold
 uint8 NHWC arrays (memory-mapped for STL-10); folder splits hold file paths whose encoded bytes
 the pipelines decode (DALI's image decoder, or PIL for the torch baseline).
 
-``check_source(cfg)`` validates the files cheaply (presence, sizes, pickle shapes) before any
+``check_source(cfg)`` validates the files cheaply (presence, sizes, pickle shapes, IDX headers and labels) before any
 image data is loaded, raising ``ConfigError`` naming the file and what is wrong with it.
 """
 
@@ -306,6 +310,189 @@ def _cifar(cfg) -> Source:
     return Source(name, 32, ncls, Split(images=train.images), train, test, *stats)
 
 
+# --------------------------------------------------------------------------- IDX (MNIST family)
+
+IDX_SETS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes (0x08), 3 dimensions (images) / 1 (labels)
+IDX_DEFAULT_SIZE = 32  # data.image_size=null: 28 px images zero-padded by 2 px on each side
+
+
+def _idx_file(d: str, name: str) -> str:
+    """The one file of ``d`` named ``name`` or ``<prefix>name``, gzipped or not (EMNIST's files
+    carry a prefix: emnist-letters-train-images-idx3-ubyte.gz)."""
+    found = sorted(f for f in os.listdir(d) if f.endswith((name, name + ".gz")) and os.path.isfile(os.path.join(d, f)))
+    if not found:
+        raise ConfigError(f"data.path: missing IDX file {os.path.join(d, name)}[.gz]")
+    if len(found) > 1:
+        raise ConfigError(
+            f"data.path: {d} holds {len(found)} IDX files ending in {name}[.gz] ({', '.join(found)}): "
+            f"point data.path at a folder with one set"
+        )
+    return os.path.join(d, found[0])
+
+
+def _idx_open(file: str):
+    import gzip
+
+    return gzip.open(file, "rb") if file.endswith(".gz") else open(file, "rb")
+
+
+def _idx_header(file: str, ndim: int) -> tuple:
+    """The dimensions of an IDX file of unsigned bytes, from its header and its size (the gzip
+    trailer's length for .gz files): no pixel is read.  Raises ConfigError naming the file and
+    the field (magic, a dimension, the length) that is wrong."""
+    what = "images" if ndim == 3 else "labels"
+    want = IDX_MAGIC[ndim]
+    try:
+        with _idx_open(file) as f:
+            head = f.read(4 + 4 * ndim)
+    except (OSError, EOFError) as e:
+        raise ConfigError(f"data.path: {file}: not readable ({type(e).__name__}: {e})") from None
+    if len(head) < 4:
+        raise ConfigError(f"data.path: {file}: {len(head)} bytes, shorter than an IDX header (magic)")
+    magic = int.from_bytes(head[:4], "big")
+    if magic != want:
+        raise ConfigError(
+            f"data.path: {file}: magic 0x{magic:08x}, expected 0x{want:08x} (IDX {what}: unsigned bytes, {ndim} dimension{'s' * (ndim > 1)})"
+        )
+    if len(head) < 4 + 4 * ndim:
+        raise ConfigError(f"data.path: {file}: truncated header ({len(head)} of {4 + 4 * ndim} bytes)")
+    dims = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    names = ("count", "rows", "columns")
+    for i, n in enumerate(dims):
+        if n < 1 or (i > 0 and n > 4096):
+            raise ConfigError(
+                f"data.path: {file}: header field {names[i]} = {n}, expected 1..{4096 if i else 2**31 - 1}"
+            )
+    expected = len(head) + int(np.prod(dims, dtype=np.int64))
+    if file.endswith(".gz"):
+        with open(file, "rb") as f:  # the gzip trailer's ISIZE: the uncompressed length mod 2^32
+            f.seek(max(0, os.path.getsize(file) - 4))
+            isize = int.from_bytes(f.read(4), "little")
+        if isize != expected % 2**32:
+            raise ConfigError(
+                f"data.path: {file}: length {isize} bytes uncompressed (gzip trailer), expected {expected} "
+                f"for the header's {' x '.join(map(str, dims))} {what}: truncated or not one gzip stream"
+            )
+    else:
+        size = os.path.getsize(file)
+        if size != expected:
+            raise ConfigError(
+                f"data.path: {file}: length {size} bytes, expected {expected} for the header's "
+                f"{' x '.join(map(str, dims))} {what}" + (" (truncated)" if size < expected else "")
+            )
+    return dims
+
+
+def _idx_data(file: str, ndim: int, dims: tuple) -> np.ndarray:
+    n = int(np.prod(dims, dtype=np.int64))
+    try:
+        with _idx_open(file) as f:
+            f.read(4 + 4 * ndim)
+            raw = f.read(n)
+    except (OSError, EOFError) as e:  # e.g. a gzip stream cut short whose trailer looked right
+        raise ConfigError(f"data.path: {file}: not readable to its end ({type(e).__name__}: {e})") from None
+    if len(raw) != n:
+        raise ConfigError(f"data.path: {file}: {len(raw)} data bytes, expected {n} (truncated)")
+    return np.frombuffer(raw, np.uint8).reshape(dims)
+
+
+def read_idx(file: str, ndim: int) -> np.ndarray:
+    """The whole array of an IDX file of unsigned bytes (``ndim`` 3: images, 1: labels), checked."""
+    return _idx_data(file, ndim, _idx_header(file, ndim))
+
+
+def idx_files(d: str) -> Dict[str, tuple]:
+    """split -> (images file, labels file) of an IDX set in folder ``d``."""
+    return {split: (_idx_file(d, im), _idx_file(d, lb)) for split, (im, lb) in IDX_SETS.items()}
+
+
+def check_idx(d: str, image_size: Optional[int]) -> Dict[str, object]:
+    """Validate an IDX set from its headers and its labels (no pixel is read): magic numbers,
+    dimensions, lengths, image and label counts, and label ranges; returns the set's sizes."""
+    files = idx_files(d)
+    shapes, labels = {}, {}
+    for split, (im, lb) in files.items():
+        n, rows, cols = _idx_header(im, 3)
+        (m,) = _idx_header(lb, 1)
+        if m != n:
+            raise ConfigError(f"data.path: {lb}: header field count = {m} labels, but {im} holds {n} images")
+        shapes[split] = (rows, cols)
+        labels[split] = _idx_data(lb, 1, (m,))
+    if shapes["test"] != shapes["train"]:
+        r, c = shapes["test"]
+        raise ConfigError(
+            f"data.path: {files['test'][0]}: images of {r}x{c} px, but the train images are "
+            f"{shapes['train'][0]}x{shapes['train'][1]} px"
+        )
+    ntr = int(labels["train"].max()) + 1
+    bad = np.flatnonzero(labels["test"] >= ntr)
+    if len(bad):
+        raise ConfigError(
+            f"data.path: {files['test'][1]}: label {int(labels['test'][bad[0]])} at index {int(bad[0])} is outside "
+            f"the train labels' range 0..{ntr - 1}"
+        )
+    rows, cols = shapes["train"]
+    size = image_size if image_size is not None else max(IDX_DEFAULT_SIZE, rows, cols)
+    return dict(
+        files=files,
+        native=(rows, cols),
+        image_size=size,
+        num_classes=ntr,
+        num_train=len(labels["train"]),
+        num_test=len(labels["test"]),
+        labels=labels,
+    )
+
+
+def fit_grey(x: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W) grey uint8 -> (N, size, size, 3): zero-padded (centred) when ``size`` is at least
+    the image's side, else resized (antialiased bilinear, PIL); grey replicated to RGB."""
+    n, h, w = x.shape
+    if size >= h and size >= w:
+        top, left = (size - h) // 2, (size - w) // 2
+        out = np.zeros((n, size, size), np.uint8)
+        out[:, top : top + h, left : left + w] = x
+    else:
+        from PIL import Image
+
+        out = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in x])
+    return np.repeat(out[..., None], 3, axis=3)
+
+
+_IDX: Dict[tuple, Source] = {}  # this process's IDX sets (decompressed and padded once)
+
+
+@SOURCES.register("idx")
+def _idx(cfg) -> Source:
+    info = check_idx(cfg.data.path, cfg.data.image_size)  # (headers and labels: cheap, every time)
+    stamps = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for pair in info["files"].values() for f in pair)
+    key = (os.path.abspath(cfg.data.path), cfg.data.image_size, stamps)
+    if key not in _IDX:
+        size, splits = info["image_size"], {}
+        for split, (im, _) in info["files"].items():
+            x = _idx_data(im, 3, (len(info["labels"][split]),) + info["native"])
+            if os.path.basename(im).startswith("emnist"):
+                x = x.transpose(0, 2, 1)  # EMNIST stores each image transposed
+            splits[split] = Split(images=fit_grey(x, size), labels=info["labels"][split].astype(np.int64))
+        sample = splits["train"].images[:: max(1, len(splits["train"]) // 10000), :, :, 0]
+        mean, std = float(sample.mean()) / 255, float(sample.std()) / 255
+        _IDX[key] = Source(
+            "idx",
+            size,
+            info["num_classes"],
+            pretrain=Split(images=splits["train"].images),
+            train=splits["train"],
+            test=splits["test"],
+            mean=(mean,) * 3,
+            std=(max(std, 1e-3),) * 3,
+        )
+    return _IDX[key]
+
+
 # --------------------------------------------------------------------------- folder
 
 
@@ -422,8 +609,15 @@ def check_source(cfg) -> Dict[str, int]:
             num_test=b.num_test,
             num_classes=b.num_classes,
         )
-    if cfg.data.image_size is not None and src != "folder":
-        raise ConfigError(f"data.image_size: only the folder source is resized; {src} images are fixed-size")
+    if cfg.data.image_size is not None and src not in ("folder", "idx"):
+        raise ConfigError(f"data.image_size: only the folder and idx sources are resized; {src} images are fixed-size")
+    if src == "idx":  # headers and labels only: the pixels are read when the run builds the source
+        if cfg.data.image_size is not None and cfg.data.image_size < 8:
+            raise ConfigError(f"data.image_size: must be >= 8, got {cfg.data.image_size}")
+        info = check_idx(cfg.data.path, cfg.data.image_size)
+        return {k: info[k] for k in ("image_size", "num_train", "num_test", "num_classes")} | dict(
+            num_pretrain=info["num_train"]
+        )
     s = build_source(cfg)  # array sources are memory-mapped/lazy: this reads headers only
     return dict(
         image_size=s.image_size,
@@ -436,6 +630,6 @@ def check_source(cfg) -> Dict[str, int]:
 
 def build_source(cfg) -> Source:
     _check_path(cfg)
-    if cfg.data.source == "folder" and cfg.data.image_size is not None and cfg.data.image_size < 8:
+    if cfg.data.source in ("folder", "idx") and cfg.data.image_size is not None and cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size: must be >= 8, got {cfg.data.image_size}")
     return SOURCES.get(cfg.data.source)(cfg)

@@ -11,6 +11,14 @@ took as ``monitor_s``).  Memory is bounded by the two sizes, not by the dataset:
 peers' epoch-sized feature stores are what makes their kNN monitors costly on ImageNet).
 The monitor only reads: no RNG stream and no training state changes, so a run with it equals
 a run without it.
+
+The random-init level: a fresh run probes the untrained network once, before its first step
+(``KNNMonitor.log_init``), and logs it as ``knn_monitor_init`` in an epoch record at step 0,
+epoch 0 (metrics.jsonl, TensorBoard ``monitor/knn_monitor_init``); the report draws it as a
+line under the curve.  On real images an untrained network's kNN is far above chance (a random
+convnet's features are a rich, if unlearned, basis), so the curve means something only against
+that level.  A resumed run (step > 0) does not probe again: its metrics.jsonl holds the first
+run's level, and since the probe only reads, the training streams are the same either way.
 """
 
 from __future__ import annotations
@@ -46,6 +54,15 @@ class KNNMonitor:
         if not len(source.train) or not len(source.test):
             return None
         return cls(cfg, source, method_cls.eval_input(cfg, source), device)
+
+    @staticmethod
+    def log_init(knn: Optional["KNNMonitor"], model, log, step: int) -> None:
+        """The monitor's random-init level, once before step 0 of a fresh run (nothing when the
+        monitor is off, on ranks other than 0, or when the run resumes after step 0)."""
+        if knn is None or step > 0:
+            return
+        rec = knn(model)
+        log.log_epoch({"step": 0, "epoch": 0, "knn_monitor_init": rec["knn_monitor"], "monitor_s": rec["monitor_s"]})
 
     def due(self, epoch: int) -> bool:
         """After epoch ``epoch`` (0-based)?"""
