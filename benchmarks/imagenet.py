@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.common import device_name, emit, write_results  # noqa: E402
 from benchmarks.folder import make_folder  # noqa: E402
+from benchmarks.train_step import TrainFailed, _train  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 GOAL = {"images_per_s": 6000, "data_stall": 0.05}  # InvP, ResNet-50, 224 px, one H200, dali-gpu
@@ -68,40 +68,29 @@ def pipelines(tiny: bool):
 
 
 def train(run, pipeline, root, steps, tiny, workers):
-    """One training run on the folder: its logging records (metrics.jsonl)."""
+    """One training run on the folder (benchmarks.train_step's runner): its logging records."""
     spec = RUNS[run]
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [
-            sys.executable,
-            os.path.join(ROOT, "fastssl", "train.py"),
-            "--config",
-            os.path.join(ROOT, spec["config"]),
-            f"out_dir={out}",
-            "data.source=folder",
-            f"data.path={root}",
-            f"data.pipeline={pipeline}",
-            f"data.num_workers={workers}",
-            f"train.max_steps={steps}",
-            f"train.log_every_steps={max(1, steps // 8)}",
-            "train.ckpt_every_steps=1000000",
-            "train.monitor_every=0",
-            "train.progress=false",
-            "train.tensorboard=false",
-            *(spec["tiny"] if tiny else spec["full"]),
-        ]
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.setdefault("FASTSSL_CACHE", os.path.join(tempfile.gettempdir(), "fastssl-bench-cache"))
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit {p.returncode}"]
-            raise RuntimeError(tail[0][:300])
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            return [json.loads(ln) for ln in f if '"images_per_s"' in ln]
+    overrides = [
+        "data.source=folder",
+        f"data.path={root}",
+        f"data.pipeline={pipeline}",
+        f"data.num_workers={workers}",
+        f"train.log_every_steps={max(1, steps // 8)}",
+        "train.monitor_every=0",
+        *(spec["tiny"] if tiny else spec["full"]),
+    ]
+    cache = {
+        "FASTSSL_CACHE": os.environ.get("FASTSSL_CACHE", os.path.join(tempfile.gettempdir(), "fastssl-bench-cache"))
+    }
+    try:
+        return _train(run, steps, overrides, cache, config=spec["config"])
+    except TrainFailed as e:  # (the row says the training process's last line)
+        raise RuntimeError(str(e).strip().splitlines()[-1][:300]) from None
 
 
 def measure(run, pipeline, root, steps, tiny, workers):
     t0 = time.perf_counter()
-    recs = train(run, pipeline, root, steps, tiny, workers)
+    recs = [r for r in train(run, pipeline, root, steps, tiny, workers) if "images_per_s" in r]
     after = recs[1:] or recs  # the first window holds start-up (cuDNN's benchmark, DALI's first batches)
     row = {
         "run": run,

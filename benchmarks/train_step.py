@@ -43,14 +43,15 @@ class TrainFailed(RuntimeError):
     """A training subprocess exited non-zero; the message ends with its last stderr lines."""
 
 
-def _train(method, steps, extra, env_extra=None):
-    """fastssl/train.py on the method's built-in config for ``steps`` steps: its metrics.jsonl records."""
+def _train(method, steps, extra, env_extra=None, config=None):
+    """fastssl/train.py on ``config`` (default: the method's built-in config) for ``steps`` steps:
+    its metrics.jsonl records."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable,
             os.path.join(ROOT, "fastssl", "train.py"),
             "--config",
-            os.path.join(ROOT, "configs", method, "builtin.yaml"),
+            os.path.join(ROOT, config or os.path.join("configs", method, "builtin.yaml")),
             f"out_dir={out}",
             f"train.max_steps={steps}",
             "train.progress=false",
