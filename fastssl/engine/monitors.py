@@ -62,7 +62,10 @@ class KNNMonitor:
         if knn is None or step > 0:
             return
         rec = knn(model)
-        log.log_epoch({"step": 0, "epoch": 0, "knn_monitor_init": rec["knn_monitor"], "monitor_s": rec["monitor_s"]})
+        stage = {"stage": 0} if model.num_stages > 1 else {}  # (as every record of a multi-stage run)
+        log.log_epoch(
+            {"step": 0, "epoch": 0, **stage, "knn_monitor_init": rec["knn_monitor"], "monitor_s": rec["monitor_s"]}
+        )
 
     def due(self, epoch: int) -> bool:
         """After epoch ``epoch`` (0-based)?"""
