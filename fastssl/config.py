@@ -224,7 +224,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.loss.impl == "fused":
         import torch
 
-        from fastssl.kernels._common import interpreted
+        from fastssl.kernels.runtime import interpreted
 
         _check(
             torch.cuda.is_available() or interpreted(),

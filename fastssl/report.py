@@ -385,7 +385,7 @@ def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neig
 
     from fastssl.data.decode import split_images
     from fastssl.eval.__main__ import load_backbone
-    from fastssl.eval.features import image_batches
+    from fastssl.features.images import image_batches
     from fastssl.methods import get_method
 
     device = torch.device("cpu")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_train import load
 
 from conftest import ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
-from fastssl.kernels.bank_loss import hardest_positives, invp_losses
+from fastssl.losses.bank_loss import hardest_positives, invp_losses
 from fastssl.methods.invp import knn_graph, propagate
 
 CFG = "configs/invp/builtin.yaml"
@@ -262,7 +262,7 @@ def random_init_monitor(config):
     un-augmented training images (the baseline a trained bank has to beat)."""
     from fastssl.config import load_config
     from fastssl.data.sources import build_source
-    from fastssl.eval.features import image_batches
+    from fastssl.features.images import image_batches
     from fastssl.methods import get_method
     from fastssl.models import build_backbone
 

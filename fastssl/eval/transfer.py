@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from fastssl.errors import ConfigError
-from fastssl.eval.features import image_batches
 from fastssl.eval.finetune import balanced_subset
 from fastssl.eval.harness import percent_correct, repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
+from fastssl.features.images import image_batches
 
 
 class SmallClassifier(nn.Module):

@@ -3,7 +3,8 @@ faiss GPU support are present, a CPU index otherwise; torch tensors in and out. 
 (a core install, no ``[cpu]``/``[cu12]``/``[cu13]`` extra) the search is exact, on torch, on
 the database's device, said once per process.
 
-Used by the kNN evaluation protocol now, and by the methods that build kNN graphs.
+Used by weighted kNN classification (``classify``: the kNN protocol and monitors), and by the methods
+that build kNN graphs (``graph``) or cluster (``cluster``).
 """
 
 from __future__ import annotations

@@ -264,7 +264,7 @@ class ExemplarCNN(Method):
         """Features of the trained network -> merged classes -> new set; weights re-initialised."""
 
         from fastssl.engine import dist
-        from fastssl.eval.svm import extract_pooled, extract_prerelu_conv
+        from fastssl.features.maps import extract_pooled, extract_prerelu_conv
         from fastssl.knn.cluster import surrogate_classes
 
         m, c = self.cfg.method, self.cfg.method.cluster

@@ -32,8 +32,8 @@ With s = exp(cos / tau) and the anchor's own bank entry s_self:
     L = L_ins + lambda * w(epoch) * L_inv,   w = 0 before ``rampup_epoch``, 1 after
 
 computed in log space (top-K taken to contain self; self is added when it is not among them),
-by ``fastssl.kernels.bank_loss``: eager (the whole B x N logit matrix) or fused (one streaming
-pass over the bank, exact top-K), chosen by ``loss.impl``.
+by ``fastssl.losses.bank_loss`` (eager: the whole B x N logit matrix) or ``fastssl.kernels.bank_loss``
+(fused: one streaming pass over the bank, exact top-K), chosen by ``loss.impl``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from fastssl.data.ops import HSV, Blur, Crop, Flip, Grey, Normalise, Resize
 from fastssl.data.plan import ColorJitter, check_jitter, draw_blur, draw_hsv, jitter_active
 from fastssl.data.recipe import Recipe
 from fastssl.engine.dist import rank
-from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused
 from fastssl.knn import GRAPH_INDEXES, choose_index, gpu_count, say_once
 from fastssl.knn.graph import knn_graph, propagate, refresh_neighbours
+from fastssl.losses.bank_loss import bank_loss_eager
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 from fastssl.models.bank import MemoryBank, all_gather_batch
@@ -296,6 +296,8 @@ class InvariancePropagation(Method):
         most = {"most_similar": True} if m.hard_mode == "most_similar" else {}
         sizes = dict(B=f.shape[0], D=f.shape[1], N=len(self.bank), K=m.background)
         if self.loss_impl(self.bank, "bank_loss", **sizes) == "fused":  # (the kernel reads f in the bank's dtype)
+            from fastssl.kernels.bank_loss import bank_loss_fused  # (Triton: imported only when chosen)
+
             l_ins, l_inv = bank_loss_fused(*args, tf32=self.loss_tf32(self.bank), **most)
         else:
             l_ins, l_inv = bank_loss_eager(*args, **most)
@@ -340,8 +342,8 @@ class InvariancePropagation(Method):
     @torch.no_grad()
     def knn_monitor(self, source) -> float:
         """Weighted kNN (K, sigma) of the test images' embeddings against the labeled bank entries."""
-        from fastssl.eval.features import image_batches
-        from fastssl.eval.knn import knn_classify
+        from fastssl.features.images import image_batches
+        from fastssl.knn.classify import knn_classify
 
         labels = torch.from_numpy(source.pretrain_labels)
         keep = labels >= 0

@@ -34,13 +34,8 @@ import torch
 from fastssl.data.ops import HSV, Crop, Flip, Normalise
 from fastssl.data.plan import ColorJitter, check_jitter, draw_hsv, jitter_active, positions
 from fastssl.data.recipe import Recipe
-from fastssl.kernels._common import loss_input
-from fastssl.kernels.triplet import (
-    semihard_triplet_loss_eager,
-    semihard_triplet_loss_fused,
-    triplet_loss_eager,
-    triplet_loss_fused,
-)
+from fastssl.losses.precision import loss_input
+from fastssl.losses.triplet import semihard_triplet_loss_eager, triplet_loss_eager
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 from fastssl.models import shallow_min_patch
@@ -258,7 +253,7 @@ class LayerwiseContrastive(Method):
             return loss_input(stages[self.stage][:-1](x).flatten(1))
         return loss_input(
             stages[self.stage](x).amax(dim=(2, 3))
-        )  # (the autocast dtype: see fastssl/kernels/_common.py)
+        )  # (the autocast dtype: see fastssl/losses/precision.py)
 
     def subpatches(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, C, p+1, p+1) crops -> (4B, C, p, p): each crop's four sub-patches (stride 1) in
@@ -287,8 +282,11 @@ class LayerwiseContrastive(Method):
         if m.mining == "semihard":
             e, labels, pairs = self.groups(views)
             u = torch.rand(pairs.shape[0], dtype=torch.float64, device=e.device)  # the draw among semi-hard negatives
-            fused = self.loss_impl(e, "triplet", B=e.shape[0], D=e.shape[1]) == "fused"
-            fn = semihard_triplet_loss_fused if fused else semihard_triplet_loss_eager
+            fn = semihard_triplet_loss_eager
+            if self.loss_impl(e, "triplet", B=e.shape[0], D=e.shape[1]) == "fused":
+                from fastssl.kernels.triplet import semihard_triplet_loss_fused  # (Triton: imported only when chosen)
+
+                fn = semihard_triplet_loss_fused
             loss, kept = fn(e, labels, pairs, margin=m.margin, distance=m.distance, u=u)
             return {"loss": loss, "triplets": torch.tensor(kept / pairs.shape[0], device=e.device)}  # kept fraction
         if m.pairs == "subpatches":  # anchor of sub-patch i of crop c: negative = sub-patch i of crop c-1
@@ -300,6 +298,8 @@ class LayerwiseContrastive(Method):
             n = n.roll(1, dims=0)  # image i's third patch is the negative of image i+1
         kw = dict(margin=m.margin, distance=m.distance, hardest=m.hardest)
         if self.loss_impl(a, "triplet", B=a.shape[0], D=a.shape[1]) == "fused":
+            from fastssl.kernels.triplet import triplet_loss_fused  # (Triton: imported only when chosen)
+
             loss = triplet_loss_fused(a, p, n, tf32=self.loss_tf32(a), **kw)
         else:
             loss = triplet_loss_eager(a, p, n, **kw)
