@@ -44,6 +44,7 @@ SLOW = {
         "test_a_failing_component_gives_exit_1_and_the_others_still_run",
         "test_quick_json_every_component_on_cpu",
         "test_training_row_and_unknown_names",
+        "test_the_method_rows_come_from_the_registry",
     },
     "test_eval.py": {"test_eval_cli_writes_json", "test_random_init_and_bad_checkpoint"},
     "test_exemplar_authors.py": {
