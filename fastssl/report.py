@@ -368,14 +368,14 @@ def pick_queries(labels: Optional[np.ndarray], n_avail: int, q: int, rng: np.ran
 
 
 def feature_stage(cfg) -> Optional[str]:
-    """The stage whose pooled output is compared: ``eval.layer``, or for a layer-wise run the
-    last stage it trained (``layer<method.layers>``; the deeper ones stay untrained), or None
-    (the backbone's last stage)."""
+    """The stage whose pooled output is compared: ``eval.layer``, or the method's
+    ``feature_stage`` (e.g. a layer-wise run's last trained stage, ``layer<method.layers>``: the
+    deeper ones stay untrained), or None (the backbone's last stage)."""
     if cfg.eval.layer is not None:
         return cfg.eval.layer
-    if cfg.method.name == "layerwise":
-        return f"layer{cfg.method.layers}"
-    return None
+    from fastssl.methods import get_method
+
+    return get_method(cfg.method.name).feature_stage(cfg)
 
 
 def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neighbours: int) -> Dict:
@@ -517,6 +517,7 @@ def main(argv=None) -> int:
     # ---- checkpoint and config
     from fastssl.config import ConfigError, load_config
     from fastssl.engine import checkpoint as ckpt
+    from fastssl.methods import get_method
 
     ck_path = os.path.join(run_dir, "checkpoints", "last.pt")
     say(f"reading {ck_path}")
@@ -531,7 +532,7 @@ def main(argv=None) -> int:
     mtime = datetime.datetime.fromtimestamp(os.path.getmtime(ck_path)).strftime("%Y-%m-%d %H:%M")
     where = (
         f"step {state['step']} (stage {state.get('stage', 0) + 1}, "
-        if cfg.method.name == "layerwise"
+        if get_method(cfg.method.name).report_stage
         else f"step {state['step']} ("
     )
     where += f"{state['epoch']} epochs + {state['step_in_epoch']} steps"

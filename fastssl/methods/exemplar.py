@@ -91,6 +91,9 @@ class ExemplarConfig(MethodConfig):
 class ExemplarCNN(Method):
     name = "exemplar"
     Config = ExemplarConfig
+    tool_order = 4
+    tiny = ("method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=2")  # (1,024 classes)
+    benchmarks = ()  # its surrogate patches have their own suite, benchmarks/exemplar.py
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
@@ -388,3 +391,7 @@ class ExemplarCNN(Method):
     @classmethod
     def eval_input(cls, cfg, source):
         return lambda x: x.float() / 255.0  # the network standardises with its surrogate-set statistics
+
+    @classmethod
+    def input_spec(cls, cfg, stats=None):
+        return {"pixels": "x / 255", "note": "the network standardises its input itself (stem buffers mean/std)"}

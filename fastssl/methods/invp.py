@@ -115,6 +115,8 @@ class InvPConfig(MethodConfig):
 class InvariancePropagation(Method):
     name = "invp"
     Config = InvPConfig
+    tool_order = 2
+    benchmarks = ("pipelines", "train_step", "train_step-tiny", "compare-impls")
     ddp_keep_local = ("bank", "graph")  # updated with every rank's all-gathered batch (after_step)
 
     def __init__(self, cfg, backbone, image_size, num_images=0):

@@ -86,6 +86,8 @@ class _RawPixels:
 class LayerwiseContrastive(Method):
     name = "layerwise"
     Config = LayerwiseConfig
+    tool_order = 1
+    report_stage = True  # one stage per layer
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
@@ -153,6 +155,17 @@ class LayerwiseContrastive(Method):
         if cfg.method.input == "raw":
             return lambda x: x.float() / 255.0
         return super().eval_input(cfg, source)
+
+    @classmethod
+    def input_spec(cls, cfg, stats=None):
+        if cfg.method.input == "raw":
+            return {"pixels": "x / 255", "note": "method.input=raw: the network sees [0, 1] pixels"}
+        return super().input_spec(cfg, stats)
+
+    @classmethod
+    def feature_stage(cls, cfg):
+        """The last stage it trained (the deeper ones stay untrained)."""
+        return f"layer{cfg.method.layers}"
 
     def begin_stage(self, stage: int, source=None) -> None:
         """Train stage ``stage`` only: earlier stages frozen, later ones not used."""

@@ -55,6 +55,8 @@ class SCConfig(MethodConfig):
 class SpatialContrasting(Method):
     name = "sc"
     Config = SCConfig
+    tool_order = 0
+    benchmarks = ("pipelines", "train_step", "train_step-tiny", "compare-impls")
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)

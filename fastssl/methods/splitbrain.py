@@ -81,6 +81,8 @@ PRIOR_IMAGES = 10000  # grid313: pre-training images (evenly spaced) the ab prio
 class SplitBrain(Method):
     name = "splitbrain"
     Config = SplitBrainConfig
+    tool_order = 3
+    benchmarks = ("pipelines", "train_step")  # (not in the tiny run: its Lab targets make it the slowest)
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
@@ -179,6 +181,15 @@ class SplitBrain(Method):
     def eval_input(cls, cfg, source):
         split = cls.color_split(cfg, source.image_size)
         return lambda x: split.normalise(torch_colour(x, split.space))
+
+    @classmethod
+    def input_spec(cls, cfg, stats=None):
+        from omegaconf import OmegaConf
+
+        return {
+            "pixels": f"colour split of method.space={OmegaConf.select(cfg, 'method.space')}",
+            "note": "see fastssl.methods.splitbrain eval_input",
+        }
 
     def predict(self, x: torch.Tensor):
         """Logits of both halves: (half 0 -> group-2 classes, half 1 -> group-1 classes)."""
