@@ -8,8 +8,8 @@ What it shows, all read from the run folder (nothing in it is changed but ``repo
 
 1. ``training.png``: loss, learning rate, images/s and data-stall against steps (the step
    records of ``metrics.jsonl``; layer-wise stages marked);
-2. ``knn_monitor.png``: the per-epoch kNN monitors (``knn_monitor``, InvP's ``knn_accuracy``),
-   when the epoch records carry them, with ``knn_monitor_init`` (the untrained network's level,
+2. ``knn_monitor.png``: the per-epoch kNN monitor (``knn_monitor``),
+   when the epoch records carry it, with ``knn_monitor_init`` (the untrained network's level,
    measured before step 0) as a dashed line;
 3. the evaluation results found in the folder (``eval_<protocol>[_random].json``), trained next
    to random init, as a table;
@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 REQUIRED = ("config.yaml", "metrics.jsonl", os.path.join("checkpoints", "last.pt"))
-MONITOR_KEYS = ("knn_monitor", "knn_accuracy")
+MONITOR_KEYS = ("knn_monitor",)
 
 # retrieval-grid geometry (pixels); tile = image side x scale (see tile_side)
 BORDER, GAP, MARGIN, QUERY_GAP, PANEL_GAP, HEADER = 4, 2, 8, 10, 20, 24

@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from fastssl.data.ops import HSV, Blur, Crop, Flip, Grey, Normalise, Resize
 from fastssl.data.plan import ColorJitter, check_jitter, draw_blur, draw_hsv, jitter_active
 from fastssl.data.recipe import Recipe
-from fastssl.engine.dist import rank
 from fastssl.knn import GRAPH_INDEXES, choose_index, gpu_count, say_once
 from fastssl.knn.graph import knn_graph, propagate, refresh_neighbours
 from fastssl.losses.bank_loss import bank_loss_eager
@@ -95,8 +94,6 @@ class InvPConfig(MethodConfig):
     background: int = 4096  # K; 0 = the whole bank (ablation: no hard negatives)
     lam: float = 0.6
     rampup_epoch: int = 30
-    monitor_k: int = 200
-    monitor_temperature: float = 0.07
     # instance-discrimination augmentations, drawn in the view plan
     crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
@@ -337,30 +334,4 @@ class InvariancePropagation(Method):
             out["bank_consistent"] = float(self.memory.check_agreement(self.graph))
             if not out["bank_consistent"]:
                 raise RuntimeError("invp: the memory bank or kNN graph differs between ranks")
-        if rank() == 0 and source.test.labels is not None and len(source.test):
-            out["knn_accuracy"] = self.knn_monitor(source)
         return out
-
-    @torch.no_grad()
-    def knn_monitor(self, source) -> float:
-        """Weighted kNN (K, sigma) of the test images' embeddings against the labeled bank entries."""
-        from fastssl.features.images import image_batches
-        from fastssl.knn.classify import knn_classify
-
-        labels = torch.from_numpy(source.pretrain_labels)
-        keep = labels >= 0
-        was = self.training
-        self.eval()
-        dev = self.bank.device
-        test = torch.cat(
-            [
-                self.embed(x).cpu()
-                for x in image_batches(source.test, source.image_size, self.eval_input(self.cfg, source), 256, dev)
-            ]
-        )
-        self.train(was)
-        m = self.cfg.method
-        pred = knn_classify(
-            self.bank[keep.to(dev)].cpu(), labels[keep], test, source.num_classes, m.monitor_k, m.monitor_temperature
-        )
-        return (pred == torch.from_numpy(np.asarray(source.test.labels))).float().mean().item() * 100
