@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from fastssl.errors import choice
 from fastssl.eval.harness import repeat_runs
 from fastssl.eval.ledger import NO_LEDGER
 
@@ -60,8 +61,7 @@ def svm_folds(
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    if c_select not in C_SELECT:
-        raise ValueError(f"c_select: {c_select!r} is not one of {', '.join(C_SELECT)}")
+    choice(c_select, "c_select", C_SELECT)
     chosen = {}
 
     def make(c):

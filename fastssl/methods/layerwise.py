@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -47,23 +47,26 @@ class LayerwiseConfig(MethodConfig):
     layers: int = 1  # stages trained, one after the other (each for train.epochs epochs)
     patch_sizes: Optional[List[int]] = None  # per stage; None = the receptive-field minimum
     max_shift: int = 2  # positive = anchor shifted by up to this many pixels (0 < shift < patch)
-    distance: str = "cosine"  # cosine | euclidean | sqeuclidean (the authors')
+    distance: Literal["cosine", "euclidean", "sqeuclidean"] = (
+        "cosine"  # cosine | euclidean | sqeuclidean (the authors')
+    )
     margin: float = 0.5
     hardest: bool = False  # in-batch hardest-negative mining instead of the sampled negative
-    mining: str = "random"  # random (the sampled negative) | semihard (the authors' online semi-hard selection)
-    pairs: str = "one"  # one (anchor + shifted positive) | subpatches (4 sub-patches of a (p+1)^2 crop: 6 pairs)
-    embedding: str = "maxpool"  # maxpool (the stage's output max-pooled) | flatten (conv + ReLU map, unpooled)
-    input: str = "normalised"  # normalised (dataset mean/std) | raw ([0, 1] pixels, as the authors')
+    mining: Literal["random", "semihard"] = (
+        "random"  # random (the sampled negative) | semihard (the authors' online semi-hard selection)
+    )
+    pairs: Literal["one", "subpatches"] = (
+        "one"  # one (anchor + shifted positive) | subpatches (4 sub-patches of a (p+1)^2 crop: 6 pairs)
+    )
+    embedding: Literal["maxpool", "flatten"] = (
+        "maxpool"  # maxpool (the stage's output max-pooled) | flatten (conv + ReLU map, unpooled)
+    )
+    input: Literal["normalised", "raw"] = (
+        "normalised"  # normalised (dataset mean/std) | raw ([0, 1] pixels, as the authors')
+    )
     color: ColorJitter = field(default_factory=ColorJitter)  # per-patch colour change (not in the paper)
 
 
-CHOICES = {
-    "distance": ("cosine", "euclidean", "sqeuclidean"),
-    "mining": ("random", "semihard"),
-    "pairs": ("one", "subpatches"),
-    "embedding": ("maxpool", "flatten"),
-    "input": ("normalised", "raw"),
-}
 SUBPATCH_PAIRS = list(itertools.combinations(range(4), 2))  # the authors' anchor-positive pairs of one crop
 
 
@@ -113,9 +116,6 @@ class LayerwiseContrastive(Method):
             )
         if not 1 <= m.layers <= 3:
             raise ConfigError(f"method.layers: must be 1..3 (stages of the shallow net), got {m.layers}")
-        for key, choices in CHOICES.items():
-            if getattr(m, key) not in choices:
-                raise ConfigError(f"method.{key}: {getattr(m, key)!r} is not one of {', '.join(choices)}")
         if m.hardest and (m.mining != "random" or m.pairs != "one"):
             raise ConfigError(
                 f"method.hardest: hardest-negative mining replaces the sampled negative of pairs=one; "
