@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import exemplar, folder, imagenet, kernels, knn, lab, learning, pipelines, train_step  # noqa: E402
 from benchmarks.common import RESULTS, device_name, environment, missing  # noqa: E402
+from fastssl.methods import for_tools  # noqa: E402
 
-METHODS = ("sc", "layerwise", "invp", "splitbrain")
 SUITES = ("imagenet", "pipelines", "folder", "kernels", "knn", "lab", "exemplar", "train_step", "learning")
 NEEDS = {"lab": "nvidia.dali", "exemplar": "nvidia.dali", "knn": "faiss"}  # (pipelines: DALI rows fail alone)
 
@@ -52,7 +52,7 @@ def main(argv=None):
         if suite == "imagenet":
             imagenet.main(["--out", out] + (["--tiny"] if tiny else []))
         elif suite == "pipelines":
-            for m in METHODS:
+            for m in for_tools("pipelines"):
                 pipelines.main(
                     ["--method", m, "--out", out]
                     + (["--sizes", "32", "--images", "512", "--batch", "64", "--repeats", "1"] if tiny else [])
@@ -81,9 +81,7 @@ def main(argv=None):
                 + (
                     [
                         "--methods",
-                        "sc",
-                        "layerwise",
-                        "invp",
+                        *for_tools("train_step-tiny"),
                         "--steps",
                         "6",
                         "data.batch_size=32",
@@ -108,7 +106,7 @@ def write_report(out: str) -> None:
     ]
     names = (
         ["imagenet"]
-        + [f"pipelines-{m}" for m in METHODS]
+        + [f"pipelines-{m}" for m in for_tools("pipelines")]
         + [
             "folder",
             "kernels",

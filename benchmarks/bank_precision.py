@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import write_results  # noqa: E402
-from fastssl.kernels.bank_loss import bank_loss_eager  # noqa: E402
+from fastssl.losses.bank_loss import bank_loss_eager  # noqa: E402
 
 
 def tf32(x: torch.Tensor) -> torch.Tensor:

@@ -400,11 +400,13 @@ def table(rows, a, workers: int) -> str:
 
 
 def main(argv=None):
+    from fastssl.methods import for_tools
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, default=224, help="data.image_size: the side images are resized to")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--methods", nargs="+", default=["invp"], choices=("invp", "sc"))
+    p.add_argument("--methods", nargs="+", default=["invp"], choices=for_tools("pipelines"))
     p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="data.num_workers (default: the CPU cores)")
     p.add_argument("--repeats", type=int, default=3)

@@ -46,10 +46,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import device_name, emit, write_results  # noqa: E402
-from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused, bank_lse, invp_losses  # noqa: E402
-from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused  # noqa: E402
+from fastssl.kernels.bank_loss import bank_loss_fused, bank_lse  # noqa: E402
+from fastssl.kernels.sc_loss import sc_loss_fused  # noqa: E402
 from fastssl.kernels.selfcheck import TOL  # noqa: E402
-from fastssl.kernels.triplet import triplet_loss_eager, triplet_loss_fused  # noqa: E402
+from fastssl.kernels.triplet import triplet_loss_fused  # noqa: E402
+from fastssl.losses.bank_loss import bank_loss_eager, invp_losses  # noqa: E402
+from fastssl.losses.sc_loss import sc_loss_eager  # noqa: E402
+from fastssl.losses.triplet import triplet_loss_eager  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -281,7 +281,7 @@ def epoch_records(run_dir: str) -> List[dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "knn_monitor" in r or "knn_monitor_init" in r or "knn_accuracy" in r:
+            if "knn_monitor" in r or "knn_monitor_init" in r:
                 rows.append(r)
     return rows
 

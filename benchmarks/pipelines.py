@@ -1,7 +1,10 @@
 """Data-pipeline throughput of each method's recipe: DALI GPU, DALI CPU, the tensor executor
 (dataset resident on the training device) and the torchvision DataLoader baseline.
 
-    python -m benchmarks.pipelines [--method sc layerwise invp splitbrain] [--sizes 32 96] [--images 4096]
+    python -m benchmarks.pipelines [--method NAME ...] [--sizes 32 96] [--images 4096]
+
+``--method`` defaults to the methods that declare "pipelines" in their ``benchmarks``
+(fastssl.methods.for_tools: sc layerwise invp splitbrain).
 
 Each executor runs the same plan over the same in-memory uint8 images for whole epochs; the
 rate is images/s (median, min, max over repeats after a warm-up epoch) with the batch on the
@@ -26,7 +29,7 @@ from fastssl.data.executors.dali import DaliExecutor  # noqa: E402
 from fastssl.data.executors.dataloader import TorchExecutor  # noqa: E402
 from fastssl.data.executors.tensor import TensorExecutor  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
-from fastssl.methods import get_method  # noqa: E402
+from fastssl.methods import for_tools, get_method  # noqa: E402
 from fastssl.models import build_backbone  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +110,7 @@ def bench(method: str, size: int, images: int, batch: int, workers: int, repeats
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", nargs="+", default=["sc", "layerwise", "invp", "splitbrain"])
+    p.add_argument("--method", nargs="+", default=None, help="default: the methods declaring 'pipelines'")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--batch", type=int, default=256)
@@ -115,7 +118,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     a = p.parse_args(argv)
-    for method in a.method:
+    for method in a.method or for_tools("pipelines"):
         rows = []
         for s in a.sizes:
             rows += bench(method, s, a.images, a.batch, a.workers, a.repeats)

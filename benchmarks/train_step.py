@@ -1,10 +1,13 @@
 """End-to-end training steps per method and pipeline: images/s and data-stall, as fastssl's
 own metrics.jsonl reports them, for each data pipeline against the torchvision DataLoader.
 
-    python -m benchmarks.train_step [--methods sc layerwise invp splitbrain] [--steps 30]
+    python -m benchmarks.train_step [--methods NAME ...] [--steps 30]
                                     [--pipelines torch dali-cpu dali-gpu] [key=value ...]
-    python -m benchmarks.train_step --compare-impls [--methods sc invp] [--precisions fp32 bf16]
+    python -m benchmarks.train_step --compare-impls [--methods NAME ...] [--precisions fp32 bf16]
                                     [--steps 5] [--jobs 4] [key=value ...]
+
+``--methods`` defaults to the methods that declare "train_step" (or, with ``--compare-impls``,
+"compare-impls") in their ``benchmarks`` (fastssl.methods.for_tools).
 
 The first form writes train_step.{json,md,png}; a run that fails gives an error row (with the
 training process's last stderr lines, also printed) and the exit status 1, after the others ran.
@@ -251,7 +254,7 @@ def main(argv=None):
         "--methods",
         nargs="+",
         default=None,
-        help="default: sc layerwise invp splitbrain (sc invp with --compare-impls)",
+        help="default: the methods declaring 'train_step' ('compare-impls' with --compare-impls)",
     )
     p.add_argument("--steps", type=int, default=None, help="default: 30 (5 with --compare-impls)")
     p.add_argument(
@@ -267,10 +270,14 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.batch_size=64")
     a = p.parse_args(argv)
+    if not a.methods:  # (the registry's methods: imported only when needed)
+        from fastssl.methods import for_tools
+
+        a.methods = for_tools("compare-impls" if a.compare_impls else "train_step")
     if a.compare_impls:
-        a.methods, a.steps = a.methods or ["sc", "invp"], a.steps or 5
+        a.steps = a.steps or 5
         return compare_impls(a)
-    a.methods, a.steps = a.methods or ["sc", "layerwise", "invp", "splitbrain"], a.steps or 30
+    a.steps = a.steps or 30
     return throughput(a)
 
 

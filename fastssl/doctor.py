@@ -7,8 +7,8 @@ Components (``--only`` takes an id or a group: kernel, pipeline, faiss, collecti
 * ``kernel:<name>``   each fused Triton kernel against its eager twin, values and gradients
                       (``fastssl.kernels.selfcheck``): compiled on a CUDA GPU, under the Triton
                       interpreter on a CPU (the row says "(interpreted)").
-* ``pipeline:<method>`` the first batch of each method's recipe (sc, layerwise, invp, splitbrain,
-                      exemplar surrogate patches) from DALI GPU against DALI CPU; on a CPU, DALI
+* ``pipeline:<method>`` the first batch of each registered method's recipe (or its own loader,
+                      e.g. Exemplar-CNN's surrogate patches) from DALI GPU against DALI CPU; on a CPU, DALI
                       CPU against the torch DataLoader executor (and ``pipeline:dali-gpu`` says
                       "not available: no GPU"); and the tensor executor (on the GPU where there
                       is one) against the same reference.
@@ -17,6 +17,9 @@ Components (``--only`` takes an id or a group: kernel, pipeline, faiss, collecti
                       CUDA (1 GPU: a world of 1 still initialises NCCL), gloo with 2 on a CPU.
 * ``train:<method>``  2 steps of ``fastssl/train.py`` on the method's built-in config, tiny
                       (skipped by ``--quick``): exit code 0 and finite losses in metrics.jsonl.
+
+The methods are the registry's (``fastssl.methods``, listed in a subprocess, in their
+``tool_order``); each method's ``tiny`` overrides shrink its built-in config further.
 
 Every component runs in its own subprocess with its own time limit, so one that fails, hangs
 or crashes never stops the others; its reason is one line (the failing ones' stderr tails are
@@ -41,12 +44,11 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("sc", "layerwise", "invp", "splitbrain", "exemplar")
 GROUPS = ("kernel", "pipeline", "faiss", "collectives", "train")
-# Tiny sizes for the pipeline rows; the exemplar built-in config has 1,024 classes: fewer here.
+METHOD_GROUPS = ("pipeline", "train")  # the groups with one row per method
+# Tiny sizes for the pipeline rows (plus each method's own ``tiny`` overrides).
 PIPE_SIZES = ["data.builtin.num_train=256", "data.builtin.num_test=64", "data.batch_size=32", "data.num_workers=1"]
-EXEMPLAR_SMALL = ["method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=2"]
-# The test suite's tiny run (tests/conftest.py TINY), for the training rows.
+# The test suite's tiny run (tests/conftest.py TINY), for the training rows (plus the method's ``tiny``).
 TRAIN_TINY = [
     "data.builtin.num_train=512",
     "data.builtin.num_test=256",
@@ -215,6 +217,13 @@ def work_list_kernels():
     return "ok", "", json.dumps(list(selfcheck.KERNELS))
 
 
+def work_list_methods():
+    """The registered methods in their tool order, each with its ``tiny`` overrides."""
+    from fastssl.methods import for_tools, get_method
+
+    return "ok", "", json.dumps({m: list(get_method(m).tiny) for m in for_tools()})
+
+
 def work_kernel(name):
     import torch
 
@@ -239,7 +248,7 @@ def _first_batch(method, pipeline):
     from fastssl.methods import get_method
     from fastssl.models import build_backbone
 
-    over = PIPE_SIZES + (EXEMPLAR_SMALL if method == "exemplar" else []) + [f"data.pipeline={pipeline}"]
+    over = PIPE_SIZES + list(get_method(method).tiny) + [f"data.pipeline={pipeline}"]
     cfg = load_config(f"{method}/builtin", over)  # (the shipped config, by name)
     source = build_source(cfg)
     model = get_method(cfg.method.name)(
@@ -447,6 +456,7 @@ def work_collectives():
 
 WORKERS = {
     "list": work_list_kernels,
+    "methods": work_list_methods,
     "kernel": work_kernel,
     "pipeline": work_pipeline,
     "faiss": work_faiss,
@@ -532,7 +542,7 @@ def run_worker(cid, limit, env):
         return r["status"], r.get("why", ""), r.get("detail", ""), log if r["status"] == "failed" else ""
 
 
-def run_train(method, limit, cuda):
+def run_train(method, tiny, limit, cuda):
     precision = "bf16" if cuda else "fp32"
     with tempfile.TemporaryDirectory(prefix="fastssl-doctor-train-") as out:
         cmd = [
@@ -542,7 +552,7 @@ def run_train(method, limit, cuda):
             f"{method}/builtin",
             f"out_dir={out}",
             *TRAIN_TINY,
-            *(EXEMPLAR_SMALL if method == "exemplar" else []),
+            *tiny,
             "train.max_steps=2",
             f"train.precision={precision}",
             "train.ckpt_every_steps=100000",
@@ -563,23 +573,27 @@ def run_train(method, limit, cuda):
         return "ok", "", f"2 steps, {precision}, pipeline {pipe}: loss {losses[0]:.4g} -> {losses[-1]:.4g}", ""
 
 
-def plan(quick, only, cuda, kernels):
-    """The rows to run: (id, display name, how) with how = 'worker' | 'train' | ('na', why)."""
+def plan(quick, only, cuda, kernels, methods=()):
+    """The rows to run: (id, display name, how) with how = 'worker' | 'train' | ('na', why);
+    ``kernels`` and ``methods``: the names, or why they could not be listed."""
     rows = []
     label = "" if cuda else " (interpreted)"
     if isinstance(kernels, str):
         rows.append(("kernel", "kernels", ("failed", kernels)))
     else:
         rows += [(f"kernel:{k}", f"kernel {k}{label}", "worker") for k in kernels]
+    if isinstance(methods, str):
+        rows.append(("methods", "methods", ("failed", methods)))
+        methods = ()
     pipe = "dali-gpu vs dali-cpu" if cuda else "dali-cpu vs torch"
-    rows += [(f"pipeline:{m}", f"pipeline {m} ({pipe})", "worker") for m in METHODS]
+    rows += [(f"pipeline:{m}", f"pipeline {m} ({pipe})", "worker") for m in methods]
     if not cuda:
         rows.append(("pipeline:dali-gpu", "pipeline dali-gpu", ("not available", "no GPU")))
     rows.append(("faiss", "faiss cpu vs torch", "worker"))
     rows.append(("faiss-gpu", "faiss gpu vs cpu", "worker" if cuda else ("not available", "no GPU")))
     rows.append(("collectives", f"collectives ({'nccl' if cuda else 'gloo'})", "worker"))
     if not quick:
-        rows += [(f"train:{m}", f"train {m} (2 steps)", "train") for m in METHODS]
+        rows += [(f"train:{m}", f"train {m} (2 steps)", "train") for m in methods]
     if only:
         rows = [r for r in rows if _selected(r[0], only)]
     return rows
@@ -597,6 +611,8 @@ def _group(name: str) -> str:
 def _selected(cid, only):
     if cid == "kernel":  # the row saying the kernels could not be listed: any kernel selection shows it
         return any(_group(o) == "kernel" for o in only)
+    if cid == "methods":  # the same for the methods: any pipeline or train selection
+        return any(_group(o) in METHOD_GROUPS for o in only)
     return any(o == cid or (":" not in o and o != "faiss-gpu" and _group(o) == _group(cid)) for o in only)
 
 
@@ -659,7 +675,11 @@ def main(argv=None) -> int:
             kernels = json.loads(detail)
         else:
             kernels = f"cannot list the kernels (fastssl.kernels.selfcheck): {why}"
-    rows = plan(a.quick, only, cuda, kernels)
+    methods = {}
+    if only is None or any(_group(o) in METHOD_GROUPS for o in only):
+        status, why, detail, log = run_worker("methods", limit("list"), _env())
+        methods = json.loads(detail) if status == "ok" else f"cannot list the methods (fastssl.methods): {why}"
+    rows = plan(a.quick, only, cuda, kernels, methods)
     if not rows:
         print("no component selected")
         return 1
@@ -729,7 +749,7 @@ def main(argv=None) -> int:
         if isinstance(how, tuple):
             status, why, detail = how[0], how[1], ""
         elif how == "train":
-            status, why, detail, log = run_train(cid.split(":")[1], limit("train"), cuda)
+            status, why, detail, log = run_train(cid.split(":")[1], methods[cid.split(":")[1]], limit("train"), cuda)
         else:
             env = kernel_env if group == "kernel" else _env()
             status, why, detail, log = run_worker(cid, limit(group), env)

@@ -77,21 +77,11 @@ timm_key = torchvision_key  # timm's ResNets name conv1/bn1/layerN/downsample.0|
 
 
 def input_spec(cfg):
-    """How evaluation turns uint8 images into the network's input (per method)."""
-    method = cfg.method.name
-    if method == "exemplar":
-        return {"pixels": "x / 255", "note": "the network standardises its input itself (stem buffers mean/std)"}
-    if method == "splitbrain":
-        from omegaconf import OmegaConf
+    """How evaluation turns uint8 images into the network's input: the method says
+    (``Method.input_spec``), given the source's statistics where they are known."""
+    from fastssl.methods import get_method
 
-        return {
-            "pixels": f"colour split of method.space={OmegaConf.select(cfg, 'method.space')}",
-            "note": "see fastssl.methods.splitbrain eval_input",
-        }
-    if cfg.data.source not in SOURCE_STATS:
-        return {"pixels": "(x / 255 - mean) / std", "note": f"the {cfg.data.source} source's mean/std"}
-    mean, std = SOURCE_STATS[cfg.data.source]
-    return {"pixels": "(x / 255 - mean) / std", "mean": list(mean), "std": list(std)}
+    return get_method(cfg.method.name).input_spec(cfg, SOURCE_STATS.get(cfg.data.source))
 
 
 def _load_checkpoint(path: str):

@@ -7,13 +7,16 @@ the methods can all use it without importing each other.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Literal, Tuple, get_args
 
 from fastssl.errors import ConfigError
 
 # the config's fixed choices (the open-ended ones are registries below, filled where defined)
-PIPELINES = ("auto", "dali-gpu", "dali-cpu", "torch", "tensor", "synthetic")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# (a ``Literal`` type is the config field's type, OmegaConf checks it on merge; the tuple lists it)
+Pipeline = Literal["auto", "dali-gpu", "dali-cpu", "torch", "tensor", "synthetic"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PIPELINES = get_args(Pipeline)
+PRECISIONS = get_args(Precision)
 
 
 class Registry:

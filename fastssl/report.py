@@ -8,8 +8,8 @@ What it shows, all read from the run folder (nothing in it is changed but ``repo
 
 1. ``training.png``: loss, learning rate, images/s and data-stall against steps (the step
    records of ``metrics.jsonl``; layer-wise stages marked);
-2. ``knn_monitor.png``: the per-epoch kNN monitors (``knn_monitor``, InvP's ``knn_accuracy``),
-   when the epoch records carry them, with ``knn_monitor_init`` (the untrained network's level,
+2. ``knn_monitor.png``: the per-epoch kNN monitor (``knn_monitor``),
+   when the epoch records carry it, with ``knn_monitor_init`` (the untrained network's level,
    measured before step 0) as a dashed line;
 3. the evaluation results found in the folder (``eval_<protocol>[_random].json``), trained next
    to random init, as a table;
@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 REQUIRED = ("config.yaml", "metrics.jsonl", os.path.join("checkpoints", "last.pt"))
-MONITOR_KEYS = ("knn_monitor", "knn_accuracy")
+MONITOR_KEYS = ("knn_monitor",)
 
 # retrieval-grid geometry (pixels); tile = image side x scale (see tile_side)
 BORDER, GAP, MARGIN, QUERY_GAP, PANEL_GAP, HEADER = 4, 2, 8, 10, 20, 24
@@ -368,14 +368,14 @@ def pick_queries(labels: Optional[np.ndarray], n_avail: int, q: int, rng: np.ran
 
 
 def feature_stage(cfg) -> Optional[str]:
-    """The stage whose pooled output is compared: ``eval.layer``, or for a layer-wise run the
-    last stage it trained (``layer<method.layers>``; the deeper ones stay untrained), or None
-    (the backbone's last stage)."""
+    """The stage whose pooled output is compared: ``eval.layer``, or the method's
+    ``feature_stage`` (e.g. a layer-wise run's last trained stage, ``layer<method.layers>``: the
+    deeper ones stay untrained), or None (the backbone's last stage)."""
     if cfg.eval.layer is not None:
         return cfg.eval.layer
-    if cfg.method.name == "layerwise":
-        return f"layer{cfg.method.layers}"
-    return None
+    from fastssl.methods import get_method
+
+    return get_method(cfg.method.name).feature_stage(cfg)
 
 
 def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neighbours: int) -> Dict:
@@ -385,7 +385,7 @@ def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neig
 
     from fastssl.data.decode import split_images
     from fastssl.eval.__main__ import load_backbone
-    from fastssl.eval.features import image_batches
+    from fastssl.features.images import image_batches
     from fastssl.methods import get_method
 
     device = torch.device("cpu")
@@ -517,6 +517,7 @@ def main(argv=None) -> int:
     # ---- checkpoint and config
     from fastssl.config import ConfigError, load_config
     from fastssl.engine import checkpoint as ckpt
+    from fastssl.methods import get_method
 
     ck_path = os.path.join(run_dir, "checkpoints", "last.pt")
     say(f"reading {ck_path}")
@@ -531,7 +532,7 @@ def main(argv=None) -> int:
     mtime = datetime.datetime.fromtimestamp(os.path.getmtime(ck_path)).strftime("%Y-%m-%d %H:%M")
     where = (
         f"step {state['step']} (stage {state.get('stage', 0) + 1}, "
-        if cfg.method.name == "layerwise"
+        if get_method(cfg.method.name).report_stage
         else f"step {state['step']} ("
     )
     where += f"{state['epoch']} epochs + {state['step_in_epoch']} steps"

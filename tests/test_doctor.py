@@ -11,6 +11,8 @@ import torch
 
 from conftest import PY, ROOT, run
 
+FAULT = "FASTSSL_FAULT_DOCTOR"
+
 GROUP_IDS = {
     "kernel:sc_loss",
     "kernel:triplet",
@@ -83,6 +85,24 @@ def test_training_row_and_unknown_names(tmp_path):
     assert rows["train:layerwise"]["detail"].startswith("2 steps, " + ("bf16" if torch.cuda.is_available() else "fp32"))
     bad = doctor("--only", "kernal")
     assert bad.returncode == 2 and "unknown component 'kernal'" in bad.stderr
+
+
+def test_the_method_rows_come_from_the_registry(tmp_path):
+    """The per-method rows are the registry's, listed in a worker: when that worker crashes, one
+    failed row says so (and the doctor still finishes)."""
+    p = doctor("--list", "--only", "pipeline,train")
+    ids = [line.split()[0] for line in p.stdout.splitlines() if line.startswith(("pipeline:", "train:"))]
+    from fastssl.methods import for_tools
+
+    assert ids == [f"pipeline:{m}" for m in for_tools()] + ["pipeline:dali-gpu"] * (not torch.cuda.is_available()) + [
+        f"train:{m}" for m in for_tools()
+    ]
+    assert for_tools() == ["sc", "layerwise", "invp", "splitbrain", "exemplar"]  # (the five's order, as before)
+    p = doctor("--quick", "--only", "pipeline:sc", "--json", str(tmp_path / "d.json"), env_extra={FAULT: "methods"})
+    assert p.returncode == 1
+    _, rows = rows_of(tmp_path / "d.json")
+    assert list(rows) == ["methods"] and rows["methods"]["status"] == "failed"
+    assert rows["methods"]["why"].startswith("cannot list the methods (fastssl.methods): worker exited 3")
 
 
 def test_time_limit_kills_the_command_and_its_children(tmp_path):

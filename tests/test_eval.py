@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import PY, run, train_cmd
-from fastssl.eval.knn import knn_accuracy, knn_classify
 from fastssl.eval.linear import linear_probe
 from fastssl.knn import KNNIndex
+from fastssl.knn.classify import knn_accuracy, knn_classify
 
 
 def test_faiss_neighbours_equal_brute_force():

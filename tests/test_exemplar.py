@@ -290,15 +290,15 @@ def test_optimiser_groups_and_schedule_carry_the_seed_values():
         ("method.num_classes=100000", "method.num_classes"),
         ("method.aug.scale=[0,2]", "method.aug.scale"),
         ("method.aug.hue=0.7", "method.aug.hue"),
-        ("method.cluster.fraction=1.0", "method.cluster.fraction"),
-        ("method.cluster.max_size=1", "method.cluster.max_size"),
-        ("optim.gammas=[0.5]", "optim.gammas"),
+        ("method.cluster.enabled=true method.cluster.fraction=1.0", "method.cluster.fraction"),  # (read when on)
+        ("method.cluster.enabled=true method.cluster.max_size=1", "method.cluster.max_size"),
+        ("optim.schedule=step optim.gammas=[0.5]", "optim.gammas"),  # (read by the step schedule)
         ("method.surrogate_dir=/nonexistent", "method.surrogate_dir"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(os.path.join(ROOT, CFG), [override, "method.cluster.enabled=false"])
+        load_config(os.path.join(ROOT, CFG), ["method.cluster.enabled=false", *override.split()])
 
 
 # --------------------------------------------------------------------------- clustering

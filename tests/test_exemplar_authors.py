@@ -447,7 +447,7 @@ def test_clustering_and_svm_features_equal_the_authors_extraction():
     """clustering/.../extracting_features_005.ipynb (net.forward_all_conv_feat, AdaptiveMaxPool2d(2))
     and evaluation/extract_32x32_largeNet.py (forward_all_conv_feat_after_relu, the fc layers as
     convolutions, process_layers_fc_l2), on training/networks.py's `largest` layout."""
-    from fastssl.eval.svm import authors_features, prerelu_conv_features
+    from fastssl.features.maps import authors_features, prerelu_conv_features
     from fastssl.models import exemplar_cnn
 
     torch.manual_seed(0)

@@ -17,13 +17,13 @@ from torch import nn
 from conftest import ROOT, TINY
 
 
-def _train(out_dir, *overrides):
+def _train(out_dir, *overrides, config=os.path.join(ROOT, "configs/sc/builtin.yaml")):
     from fastssl.train import main
 
     rc = main(
         [
             "--config",
-            os.path.join(ROOT, "configs/sc/builtin.yaml"),
+            config,
             *TINY,
             "train.max_steps=1",
             "train.tensorboard=false",
@@ -190,3 +190,58 @@ def test_build_and_source_stats(tiny_cfg):
     assert fastssl.models.build("shallow", width=8).dim() == 32
     s = build_source(tiny_cfg())
     assert SOURCE_STATS["builtin"] == (tuple(s.mean), tuple(s.std))
+
+
+def test_each_method_describes_its_own_input(tiny_cfg):
+    """The exported input description is the method's (``Method.input_spec``): a layer-wise run with
+    ``method.input=raw`` (the authors' CIFAR-100 recipe) takes x / 255, not standardised pixels."""
+    from fastssl.export import input_spec
+
+    authors = tiny_cfg("data.source=builtin", config=f"{ROOT}/configs/layerwise/cifar100-authors.yaml")
+    assert authors.method.input == "raw"
+    spec = input_spec(authors)
+    assert spec["pixels"] == "x / 255" and "mean" not in spec and "std" not in spec
+    lw = tiny_cfg(config=f"{ROOT}/configs/layerwise/builtin.yaml")
+    assert input_spec(lw) == {"pixels": "(x / 255 - mean) / std", "mean": [0.5] * 3, "std": [0.3] * 3}
+    assert input_spec(tiny_cfg()) == input_spec(lw)  # sc: the source's statistics
+    from fastssl.methods import get_method
+
+    ex = tiny_cfg(*get_method("exemplar").tiny, config=f"{ROOT}/configs/exemplar/builtin.yaml")
+    assert input_spec(ex)["pixels"] == "x / 255"
+    sb = tiny_cfg(config=f"{ROOT}/configs/splitbrain/builtin.yaml")
+    assert input_spec(sb)["pixels"].startswith("colour split of method.space=")
+
+
+def test_layerwise_raw_input_export_round_trip(tmp_path):
+    """A layer-wise input=raw run exported: the description says x / 255, and the exported net on
+    x / 255 gives the features fastssl's evaluation computes (``eval_input``) from the same images."""
+    from omegaconf import OmegaConf
+
+    import fastssl.models
+    from fastssl.config import load_config
+    from fastssl.export import main
+    from fastssl.methods import get_method
+
+    ck_path = _train(
+        tmp_path / "lw",
+        "method.input=raw",
+        "model.width=8",
+        config=os.path.join(ROOT, "configs/layerwise/builtin.yaml"),
+    )
+    out = tmp_path / "lw.pt"
+    assert main(["--checkpoint", ck_path, "--out", str(out)]) == 0
+    ck = torch.load(out, weights_only=True)
+    assert ck["meta"]["method"] == "layerwise" and ck["meta"]["input"]["pixels"] == "x / 255"
+    net = fastssl.models.build(**ck["meta"]["build"])
+    net.load_state_dict(ck["state_dict"], strict=True)
+    net.eval()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = load_config(OmegaConf.create(ck["meta"]["config"]))
+    prepare = get_method("layerwise").eval_input(cfg, None)  # (raw: no source statistics needed)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net.features(x.float() / 255, "layer1"),
+            _fastssl_backbone(ck_path).features(prepare(x), "layer1"),
+            atol=0,
+            rtol=0,
+        )

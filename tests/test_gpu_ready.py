@@ -114,9 +114,9 @@ def _inputs():
 def test_eager_twins_compute_in_fp32_under_autocast():
     """Under bf16 autocast the eager twins still compute in fp32 (their matmuls used to run in
     bf16 there, while the kernels accumulate fp32): same result as without autocast."""
-    from fastssl.kernels.bank_loss import bank_loss_eager
-    from fastssl.kernels.sc_loss import sc_loss_eager
-    from fastssl.kernels.triplet import hardest_negatives_eager, triplet_loss_eager
+    from fastssl.losses.bank_loss import bank_loss_eager
+    from fastssl.losses.sc_loss import sc_loss_eager
+    from fastssl.losses.triplet import hardest_negatives_eager, triplet_loss_eager
 
     a, p, n = _inputs()
     bank = torch.nn.functional.normalize(torch.randn(300, 40, generator=torch.Generator().manual_seed(1)), dim=1)
@@ -138,7 +138,7 @@ def test_eager_twins_compute_in_fp32_under_autocast():
 
 
 def test_loss_input_follows_autocast():
-    from fastssl.kernels._common import loss_input
+    from fastssl.losses.precision import loss_input
 
     x = torch.randn(4, 3, dtype=torch.float64)
     assert loss_input(x).dtype == torch.float32

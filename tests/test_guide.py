@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import PY, ROOT, TINY
 
 GUIDE = Path(ROOT) / "docs" / "adding-a-method.md"
 
@@ -115,3 +118,105 @@ def test_a_short_run_trains_and_checkpoints(guide_files, tmp_path, monkeypatch):
     losses = [r["loss"] for r in logged if "loss" in r]
     assert len(losses) >= 5 and all(np.isfinite(losses))
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["config"]["method"]["name"] == "simclr"
+
+
+@pytest.fixture(scope="module")
+def guide_checkout(guide_files, tmp_path_factory):
+    """A copy of this checkout's code (fastssl/, benchmarks/, the configs link) with the guide's two
+    files added and nothing else changed: the tools run there as subprocesses, so they find the
+    method only because its file is in fastssl/methods/."""
+    root, files = guide_files
+    repo = tmp_path_factory.mktemp("guide-checkout")
+    shutil.copytree(Path(ROOT) / "fastssl", repo / "fastssl", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(ROOT) / "benchmarks", repo / "benchmarks", ignore=shutil.ignore_patterns("__pycache__", "results")
+    )
+    (repo / "configs").symlink_to("fastssl/configs")
+    for rel in files:
+        assert not (repo / rel).exists()
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, repo / rel)
+    return repo
+
+
+def in_checkout(repo, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_the_tools_take_the_example_with_no_other_edit(guide_checkout, tmp_path):
+    """The doctor's rows, a benchmark row, the report and an export of the guide's method, with the
+    guide's two files the only change: the tools list the registry's methods and ask each what
+    they need (docs/adding-a-method.md, "What the tools ask of a method")."""
+    from fastssl.methods import for_tools
+
+    repo = guide_checkout
+    assert "simclr" in for_tools() and "simclr" in for_tools("train_step")  # default rows, declared by default
+    assert "simclr" in for_tools("pipelines") and "simclr" in for_tools("train_step-tiny")
+    # the doctor: its pipeline row (executors against each other) and its training row
+    d = in_checkout(
+        repo,
+        "-m",
+        "fastssl",
+        "doctor",
+        "--only",
+        "pipeline:simclr,train:simclr",
+        "--jobs",
+        "1",
+        "--json",
+        str(tmp_path / "doctor.json"),
+    )
+    rows = {r["id"]: r for r in json.loads((tmp_path / "doctor.json").read_text())["components"]}
+    assert set(rows) == {"pipeline:simclr", "train:simclr"}, d.stdout
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["train:simclr"]["detail"].startswith("2 steps, ")
+    # a benchmark row: end-to-end training steps on the built-in config
+    in_checkout(
+        repo,
+        "-m",
+        "benchmarks.train_step",
+        "--methods",
+        "simclr",
+        "--pipelines",
+        "torch",
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "bench"),
+        "data.batch_size=32",
+        "data.builtin.num_train=512",
+        "model.width=16",
+        "data.num_workers=1",
+    )
+    bench = json.loads((tmp_path / "bench" / "train_step.json").read_text())["rows"]
+    assert [(r["method"], r["pipeline"]) for r in bench] == [("simclr", "torch")] and bench[0]["images_per_s"] > 0
+    # a short run trained in the checkout, its report and an export
+    run_dir = tmp_path / "run"
+    in_checkout(
+        repo,
+        "-m",
+        "fastssl",
+        "train",
+        "--config",
+        "configs/simclr/builtin.yaml",
+        *TINY,
+        "train.max_steps=2",
+        "train.tensorboard=false",
+        "data.pipeline=torch",
+        f"out_dir={run_dir}",
+    )
+    p = in_checkout(repo, "-m", "fastssl", "report", str(run_dir))
+    md = (run_dir / "report.md").read_text()
+    assert "* **method** `simclr`" in md and "report/retrieval.png" in md, p.stdout
+    out = tmp_path / "simclr.pt"
+    in_checkout(
+        repo, "-m", "fastssl", "export", "--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--out", str(out)
+    )
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["method"] == "simclr" and meta["input"] == {
+        "pixels": "(x / 255 - mean) / std",
+        "mean": [0.5] * 3,
+        "std": [0.3] * 3,
+    }

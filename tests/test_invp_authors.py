@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run, train_cmd
-from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused
+from fastssl.kernels.bank_loss import bank_loss_fused
 from fastssl.knn.graph import knn_graph, propagate, refresh_neighbours
+from fastssl.losses.bank_loss import bank_loss_eager
 
 CFG = "configs/invp/builtin.yaml"
 AUTHORS_EPS = 1e-7  # objective.py: -(ratio + 1e-7).log(); fastssl computes -log(ratio) in log space

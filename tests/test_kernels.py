@@ -7,15 +7,12 @@ import pytest
 import torch
 
 from conftest import PY, run, train_cmd
-from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused, bank_lse, last_fallback_rows
-from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
-from fastssl.kernels.triplet import (
-    hardest_negatives_eager,
-    hardest_negatives_fused,
-    pair_distance,
-    triplet_loss_eager,
-    triplet_loss_fused,
-)
+from fastssl.kernels.bank_loss import bank_loss_fused, bank_lse, last_fallback_rows
+from fastssl.kernels.sc_loss import sc_loss_fused
+from fastssl.kernels.triplet import hardest_negatives_fused, triplet_loss_fused
+from fastssl.losses.bank_loss import bank_loss_eager
+from fastssl.losses.sc_loss import sc_loss_eager
+from fastssl.losses.triplet import hardest_negatives_eager, pair_distance, triplet_loss_eager
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from conftest import ROOT, run, train_cmd
 from fastssl.config import ConfigError
-from fastssl.kernels import triplet as T
+from fastssl.kernels import triplet as TK
+from fastssl.losses import triplet as T
 
 CFG = "configs/layerwise/builtin.yaml"
 AUTHORS = [
@@ -111,7 +112,7 @@ def test_semihard_loss_matches_the_authors(scale, b, impl):
     labels = torch.arange(4 * b) // 4
     pairs = crop_pairs(b)
     u = torch.rand(len(pairs), generator=g, dtype=torch.float64)
-    fn = T.semihard_triplet_loss_fused if impl == "fused" else T.semihard_triplet_loss_eager
+    fn = TK.semihard_triplet_loss_fused if impl == "fused" else T.semihard_triplet_loss_eager
     loss, kept = fn(e, labels, pairs, margin=2.0, distance="sqeuclidean", u=u)
     ref, ref_kept = authors_online_semihard_loss(
         e, labels, 2.0, {tuple(p.tolist()): float(x) for p, x in zip(pairs, u)}
@@ -135,10 +136,10 @@ def test_semihard_fused_is_the_eager_twin(monkeypatch):
     """No fused semi-hard kernel: loss.impl=fused runs the eager selection (reason in fastssl/kernels/triplet.py)."""
     calls = []
     eager = T.semihard_triplet_loss_eager
-    monkeypatch.setattr(T, "semihard_triplet_loss_eager", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    monkeypatch.setattr(TK, "semihard_triplet_loss_eager", lambda *a, **k: calls.append(1) or eager(*a, **k))
     e, labels, pairs = torch.randn(32, 16) * 0.2, torch.arange(32) // 4, crop_pairs(8)
     u = torch.rand(len(pairs), dtype=torch.float64)
-    fused = T.semihard_triplet_loss_fused(e, labels, pairs, 2.0, "sqeuclidean", u)
+    fused = TK.semihard_triplet_loss_fused(e, labels, pairs, 2.0, "sqeuclidean", u)
     assert calls == [1] and torch.equal(fused[0], eager(e, labels, pairs, 2.0, "sqeuclidean", u)[0])
 
 
@@ -147,7 +148,7 @@ def test_sqeuclidean_eager_and_fused_agree(hardest):
     g = torch.Generator().manual_seed(3)
     a, p, n = (torch.randn(70, 40, generator=g) for _ in range(3))
     eager = T.triplet_loss_eager(a, p, n, margin=2.0, distance="sqeuclidean", hardest=hardest)
-    fused = T.triplet_loss_fused(a, p, n, margin=2.0, distance="sqeuclidean", hardest=hardest)
+    fused = TK.triplet_loss_fused(a, p, n, margin=2.0, distance="sqeuclidean", hardest=hardest)
     want = F.relu((a - p).pow(2).sum(1) - (a - n).pow(2).sum(1) + 2.0).mean()
     assert abs(eager.item() - fused.item()) <= 1e-5 * max(1.0, abs(eager.item()))
     if not hardest:
@@ -155,7 +156,7 @@ def test_sqeuclidean_eager_and_fused_agree(hardest):
     else:  # the square is monotone: the Euclidean hardest negatives
         d, i = T.hardest_negatives_eager(a, p, n, "sqeuclidean")
         d1, i1 = T.hardest_negatives_eager(a, p, n, "euclidean")
-        df, ifu = T.hardest_negatives_fused(a, p, n, "sqeuclidean")
+        df, ifu = TK.hardest_negatives_fused(a, p, n, "sqeuclidean")
         assert (
             torch.equal(i, i1) and torch.equal(i, ifu) and torch.allclose(d, d1**2) and torch.allclose(d, df, rtol=1e-4)
         )

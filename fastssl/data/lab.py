@@ -43,7 +43,7 @@ DALI graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Literal, Tuple, get_args
 
 import numpy as np
 import torch
@@ -55,8 +55,10 @@ _XYZ_NORM = _RGB_TO_XYZ / _WHITE_D65[:, None]  # XYZ already divided by the whit
 _F_TO_LAB = np.array([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]])
 _F_TO_LAB_T = np.array([-16.0, 0.0, 0.0])
 _EPS_GAMMA, _EPS_F = 0.04045, 0.008856
-SPACES = ("lab", "rgb")
-AB_BINS = ("seed100", "grid313")
+Space = Literal["lab", "rgb"]  # the config fields' types (Split-Brain's method.space, method.ab_bins)
+AbBins = Literal["seed100", "grid313"]
+SPACES = get_args(Space)
+AB_BINS = get_args(AbBins)
 
 # The 313 in-gamut ab bin centres of the colourisation code (Zhang, Isola, Efros, "Colorful Image
 # Colorization", ECCV 2016): github.com/richzhang/colorization, resources/pts_in_hull.npy, 313 x 2

@@ -35,7 +35,7 @@ and every executor agree) as the plan fields ``affine`` (one 2x3 matrix per patc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional, get_args
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from fastssl.data.ops.exemplar import ColourMatrix, HSVPower, WarpAffine
 from fastssl.data.plan import ViewPlan, global_batches
 from fastssl.data.recipe import Recipe
 from fastssl.data.sources import Split
-from fastssl.errors import ConfigError
+from fastssl.errors import ConfigError, choice
 
 
 @dataclass
@@ -65,14 +65,14 @@ class SurrogateAug:
     hue: float = 0.1  # +- fraction of the hue circle
     # where the paper's text is silent, the authors' code (docs/fidelity.md); where it is explicit, the text
     flip: float = 0.5  # probability of a horizontal flip (authors: 0.5; the text does not mention one)
-    pca_basis: str = "set"  # set: components of the set's pixels (paper) | patch: each patch's own (authors)
+    pca_basis: Literal["set", "patch"] = (
+        "set"  # set: components of the set's pixels (paper) | patch: each patch's own (authors)
+    )
     sv_shared: bool = True  # one power, factor and offset for S and V (authors; the text: "a power") | false
-    draw: str = "uniform"  # PCA factors and S/V powers: uniform (authors; the text gives ranges) | loguniform
+    draw: Literal["loguniform", "uniform"] = (
+        "uniform"  # PCA factors and S/V powers: uniform (authors; the text gives ranges) | loguniform
+    )
     stretch: bool = True  # every patch stretched to [0, 255] by its min/max, S and V unclipped (authors) | false
-
-
-PCA_BASES = ("set", "patch")
-DRAWS = ("loguniform", "uniform")
 
 
 def check_aug(a, key: str = "method.aug") -> None:
@@ -94,10 +94,6 @@ def check_aug(a, key: str = "method.aug") -> None:
     rng("sv_add", -1)
     if not 0 <= a.flip <= 1:
         raise ConfigError(f"{key}.flip: must be a probability in [0, 1], got {a.flip}")
-    if a.pca_basis not in PCA_BASES:
-        raise ConfigError(f"{key}.pca_basis: {a.pca_basis!r} is not one of {', '.join(PCA_BASES)}")
-    if a.draw not in DRAWS:
-        raise ConfigError(f"{key}.draw: {a.draw!r} is not one of {', '.join(DRAWS)}")
     for name in ("sv_shared", "stretch"):
         if not isinstance(getattr(a, name), bool):
             raise ConfigError(f"{key}.{name}: must be true or false, got {getattr(a, name)!r}")
@@ -362,7 +358,8 @@ class SurrogatePlan:
         return ViewPlan(rows[s], param_fields(params[s]), self.batch_size, images=self.sset.members[rows[s]])
 
 
-SURROGATE_MODES = ("per_epoch", "fixed")
+SurrogateMode = Literal["per_epoch", "fixed"]  # a config field's type (Exemplar-CNN's method.surrogate)
+SURROGATE_MODES = get_args(SurrogateMode)
 
 
 def fixed_params(sset: SurrogateSet, items: np.ndarray, aug, patch: int, image_size: int, pca, seed: int, tag=0):
@@ -384,8 +381,7 @@ def surrogate_recipe(
 ) -> Recipe:
     """Exemplar-CNN's recipe: ``per_class`` patches of every class per epoch, its own plan;
     ``surrogate``: ``per_epoch`` (new parameters every step) or ``fixed`` (one set, drawn once)."""
-    if surrogate not in SURROGATE_MODES:
-        raise ConfigError(f"method.surrogate: {surrogate!r} is not one of {', '.join(SURROGATE_MODES)}")
+    choice(surrogate, "method.surrogate", SURROGATE_MODES)
     items = sset.items(per_class)
     cache = {}
 

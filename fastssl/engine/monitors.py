@@ -29,8 +29,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from fastssl.eval.features import image_batches
-from fastssl.eval.knn import knn_classify
+from fastssl.features.images import image_batches
+from fastssl.knn.classify import knn_classify
 
 
 class KNNMonitor:

@@ -25,14 +25,15 @@ from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
 from fastssl.engine.signals import StopRequest
 from fastssl.errors import ConfigError
-from fastssl.eval.features import labeled_features
 from fastssl.eval.finetune import finetune
 from fastssl.eval.harness import PROTOCOLS, get_protocol, protocol
-from fastssl.eval.knn import knn_accuracy
 from fastssl.eval.ledger import NO_LEDGER, Ledger, Preempted
 from fastssl.eval.linear import linear_probe
-from fastssl.eval.svm import eval_folds, extract_authors, extract_pooled, svm_folds
+from fastssl.eval.svm import eval_folds, svm_folds
 from fastssl.eval.transfer import transfer
+from fastssl.features.images import labeled_features
+from fastssl.features.maps import extract_authors, extract_pooled
+from fastssl.knn.classify import knn_accuracy
 from fastssl.models import build_backbone
 
 # The protocols, in the order --help lists them: each maps the config's eval.* keys to its function.
@@ -154,8 +155,7 @@ def load_backbone(cfg, state, source, device):
 
 
 def evaluate(cfg, protocol: str, state, device, log=print, ledger=NO_LEDGER):
-    # at call time: the methods import fastssl.eval modules (in functions), and load the Triton kernels
-    # that importers of this module for load_backbone (fastssl.report) do not need
+    # at call time: importers of this module for load_backbone (fastssl.report) need no method module
     from fastssl.methods import get_method
 
     run = get_protocol(protocol)

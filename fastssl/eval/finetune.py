@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastssl.eval.features import image_batches
 from fastssl.eval.harness import percent_correct, repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
+from fastssl.features.images import image_batches
 
 
 def balanced_subset(labels: np.ndarray, n: int, num_classes: int, seed: int) -> np.ndarray:

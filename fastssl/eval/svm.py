@@ -1,14 +1,14 @@
 """The STL-10 fold protocol (``--protocol svm-folds``) of Exemplar-CNN (Dosovitskiy et al. 2016).
 
-Features: every stage's output map max-pooled to 2x2 and flattened, all concatenated (for the
-Exemplar-CNN: conv1, conv2, conv3 and the fc layer run convolutionally).  A one-vs-all linear
+Features (fastssl/features/maps.py): every stage's output map max-pooled to 2x2 and flattened,
+all concatenated (for the Exemplar-CNN: conv1, conv2, conv3 and the fc layer run convolutionally).  A one-vs-all linear
 SVM (scikit-learn ``LinearSVC`` on standardised features) is trained on each fold of labeled
 train images and tested on the whole test split; the result is mean +- std over folds.  STL-10
 brings its 10 predefined folds of 1,000 images (``fold_indices.txt``); other data get
 ``eval.svm_folds`` random folds of ``eval.svm_fold_size`` images.
 
 Options for the authors' protocol (``EricArazo/ExemplarCNN``, ``evaluation/``; defaults unchanged):
-``authors_features`` (conv1-3, fc1 and, given the classifier, fc2, each after its ReLU, max-pooled
+``authors_features`` (fastssl/features/maps.py: conv1-3, fc1 and, given the classifier, fc2, each after its ReLU, max-pooled
 to 2x2, each block L2-normalised), ``svm_folds(..., c_grid=[...], c_select=..., scale=...)``
 (C searched on a grid: by 3-fold cross-validation inside each fold, or, as the authors' notebook
 does, by the test accuracy of each fold; LinearSVC on raw features with ``scale=False``), and
@@ -20,101 +20,10 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from fastssl.eval.features import image_batches
+from fastssl.errors import choice
 from fastssl.eval.harness import repeat_runs
 from fastssl.eval.ledger import NO_LEDGER
-
-
-def pooled_features(backbone, x: torch.Tensor) -> torch.Tensor:
-    """(B, sum_s 4 C_s): each stage's map max-pooled to 2x2 (1x1 maps are repeated)."""
-    maps = backbone(x, backbone.stage_names)
-    return torch.cat([F.adaptive_max_pool2d(m.float(), 2).flatten(1) for m in maps.values()], 1)
-
-
-@torch.no_grad()
-def extract_pooled(backbone, split, source, prepare, batch_size: int, device, index=None) -> torch.Tensor:
-    backbone.eval()
-    return torch.cat(
-        [
-            pooled_features(backbone, x).cpu()
-            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
-        ]
-    )
-
-
-def _conv_stages(backbone, x: torch.Tensor, names, relu: bool):
-    """Each stage of ``names`` (an ``nn.Sequential`` whose first module is its conv / fc) -> its
-    map max-pooled to 2x2: the conv's output before the rest of the stage (``relu=False``) or
-    after it and its ReLU (``relu=True``; before pooling and dropout)."""
-    out = {}
-    x = backbone.stem(x)
-    for name, stage in backbone.stages.items():
-        if len(out) == len(names):
-            break
-        if not isinstance(stage, torch.nn.Sequential):
-            raise ValueError(f"stage {name}: the authors' features need a Sequential stage (conv first)")
-        y = stage[0](x)
-        if name in names:
-            out[name] = F.adaptive_max_pool2d((F.relu(y) if relu else y).float(), 2).flatten(1)
-        x = stage[1:](y)
-    return [out[n] for n in names]
-
-
-def prerelu_conv_features(backbone, x: torch.Tensor, names=("conv1", "conv2", "conv3")) -> torch.Tensor:
-    """The authors' clustering features (``forward_all_conv_feat``): each conv's output before
-    its ReLU, max-pooled to 2x2, concatenated."""
-    return torch.cat(_conv_stages(backbone, x, names, relu=False), 1)
-
-
-def authors_features(backbone, x: torch.Tensor, head=None, names=("conv1", "conv2", "conv3", "fc1")) -> torch.Tensor:
-    """The authors' SVM features (``evaluation/extract_32x32_largeNet.py``, ``process_layers_fc_l2``):
-    conv1-3 and fc1 (run convolutionally) after their ReLU, and with ``head`` (the classifier,
-    ``nn.Linear``) fc2 as a 1x1 convolution on the fc1 map after its ReLU; each max-pooled to 2x2
-    and L2-normalised (per image; the authors divide each block by its norm over a batch of 100)."""
-    blocks = []
-    h = backbone.stem(x)
-    fc1 = None
-    for name, stage in backbone.stages.items():
-        y = stage[0](h)
-        if name in names:
-            blocks.append(F.adaptive_max_pool2d(F.relu(y).float(), 2).flatten(1))
-        if name == "fc1":
-            fc1 = F.relu(y).float()
-        h = stage[1:](y)
-        if name == names[-1]:
-            break
-    if head is not None:
-        w = head.weight.float().view(head.out_features, head.in_features, 1, 1)
-        fc2 = F.relu(F.conv2d(fc1, w, head.bias.float()))
-        blocks.append(F.adaptive_max_pool2d(fc2, 2).flatten(1))
-    return torch.cat([b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) for b in blocks], 1)
-
-
-@torch.no_grad()
-def extract_prerelu_conv(backbone, split, source, prepare, batch_size: int, device, index=None, names=None):
-    backbone.eval()
-    names = tuple(names or ("conv1", "conv2", "conv3"))
-    return torch.cat(
-        [
-            prerelu_conv_features(backbone, x, names).cpu()
-            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
-        ]
-    )
-
-
-@torch.no_grad()
-def extract_authors(backbone, split, source, prepare, batch_size: int, device, index=None, head=None):
-    """``authors_features`` of ``split`` (``eval.svm_features=authors``)."""
-    backbone.eval()
-    return torch.cat(
-        [
-            authors_features(backbone, x, head).cpu()
-            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
-        ]
-    )
 
 
 def eval_folds(source, num_folds: int, fold_size: int, seed: int = 0) -> List[np.ndarray]:
@@ -147,13 +56,12 @@ def svm_folds(
     the test accuracy (``"test"``: what the authors' ``evaluation/eval_long.ipynb`` does; it
     selects on the test set, so its mean is optimistic).  ``scale=False``: raw features, no
     StandardScaler (the authors)."""
-    # scikit-learn (slow to import) only where SVMs are fit: training imports this module for extract_pooled
+    # scikit-learn (slow to import) only where SVMs are fit
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    if c_select not in C_SELECT:
-        raise ValueError(f"c_select: {c_select!r} is not one of {', '.join(C_SELECT)}")
+    choice(c_select, "c_select", C_SELECT)
     chosen = {}
 
     def make(c):

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fastssl.errors import ConfigError
-from fastssl.eval.features import image_batches
+from fastssl.errors import choice
 from fastssl.eval.finetune import balanced_subset
 from fastssl.eval.harness import percent_correct, repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
+from fastssl.features.images import image_batches
 
 
 class SmallClassifier(nn.Module):
@@ -116,8 +116,7 @@ def transfer(
     ledger=NO_LEDGER,
     classifier: str = "small",
 ):
-    if classifier not in CLASSIFIERS:
-        raise ConfigError(f"eval.transfer_classifier: {classifier!r} is not one of {', '.join(CLASSIFIERS)}")
+    choice(classifier, "eval.transfer_classifier", CLASSIFIERS)
     first = backbone.stages["layer1"]
     y_all = np.asarray(source.train.labels)
     idx = balanced_subset(y_all, labels_n, num_classes, 0) if labels_n else np.arange(len(y_all))

@@ -1,38 +1,29 @@
-"""Helpers shared by the kernel files: where the kernels can run, the dtype policy, and the
-tile loop every pairwise kernel uses.
+"""Helpers shared by the kernel files: the dtype policy, and the tile loop every pairwise kernel
+uses (where the kernels can run: ``runtime``, which imports no Triton).
 
-Dtype policy (the same for every kernel, and for its eager twin):
+Dtype policy (the same for every kernel, and for its eager twin in fastssl/losses/):
 
 * The inputs' dtype decides the products.  bf16/fp16 tiles go to the tensor cores as they are
   (``mma``/``wgmma``; a product of two bf16 numbers is exact in fp32); fp32 tiles use exact
   fp32 FMA (``ieee``), or TF32 tensor cores when the caller asks for it (``loss.tf32``).
 * Every sum is accumulated in fp32, and every output is fp32.
 * The eager twins compute the same maths: inputs upcast to fp32, products and sums in fp32,
-  with autocast switched off (``no_autocast``), so that a twin under ``torch.autocast`` is
-  still the reference and not a bf16 matmul.  Methods hand both the same tensors:
-  ``loss_input`` casts features to the autocast dtype when autocast is on (bf16 on GPUs by
-  default), so the fused kernel uses the tensor cores and the twin sees the same numbers.
+  with autocast switched off (``fastssl.losses.precision.no_autocast``), so that a twin under
+  ``torch.autocast`` is still the reference and not a bf16 matmul.  Methods hand both the same
+  tensors: ``fastssl.losses.precision.loss_input`` casts features to the autocast dtype when
+  autocast is on (bf16 on GPUs by default), so the fused kernel uses the tensor cores and the
+  twin sees the same numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreted() -> bool:
-    """True under TRITON_INTERPRET=1 (kernels run on the CPU, for tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def fused_available(t: torch.Tensor) -> bool:
-    """Whether the fused kernels can run on ``t``: on CUDA, or anywhere under the interpreter."""
-    return t.is_cuda or interpreted()
+from .runtime import interpreted
 
 
 def dot_precision(dtype: torch.dtype, tf32: bool = False) -> str:
@@ -54,27 +45,6 @@ def upcast(dtype: torch.dtype, interp: bool | None = None) -> bool:
     process runs), whose bf16 dot is wrong (numpy has no bf16); on the GPU bf16 tiles go to the
     tensor cores as they are."""
     return (interpreted() if interp is None else interp) and dtype == torch.bfloat16
-
-
-def no_autocast(fn):
-    """Run ``fn`` with autocast off on every device type (the maths is written in fp32)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def loss_input(t: torch.Tensor) -> torch.Tensor:
-    """Features as a loss receives them: in the autocast dtype when autocast is on for ``t``'s
-    device (bf16 by default on GPUs: the fused kernels then use the tensor cores, and the eager
-    twin sees the same numbers), else fp32."""
-    kind = t.device.type
-    if torch.is_autocast_enabled(kind):
-        return t.to(torch.get_autocast_dtype(kind))
-    return t.float()
 
 
 def grid_split(blocks: int, target: int, most: int) -> int:

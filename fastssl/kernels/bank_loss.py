@@ -6,7 +6,8 @@ a bank of N features stream through on-chip memory once; the B x N matrix never 
 
 The fused part is that log-sum-exp and its gradient.  The rest of the loss (the anchor's own
 entry, its propagated positives: O(B * (1 + C) * D) gathered rows) is ordinary autograd over
-gathered bank rows, in ``_combine``, shared with the eager twin ``bank_loss_eager``.
+gathered bank rows, in ``combine``, shared with the eager twin ``bank_loss_eager`` (both in
+fastssl/losses/bank_loss.py).
 
 Top-K (K up to 4,096 and more) by exact sample-select, in one pass over the bank:
 
@@ -35,7 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device, no_autocast, upcast
+from fastssl.losses.bank_loss import check_inputs, combine
+from fastssl.losses.precision import no_autocast
+
+from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device, upcast
 
 _STATS = {"fallback_rows": 0}
 
@@ -43,82 +47,6 @@ _STATS = {"fallback_rows": 0}
 def last_fallback_rows() -> int:
     """Rows of the last fused top-K call recomputed eagerly (0 in the normal case)."""
     return _STATS["fallback_rows"]
-
-
-# ----------------------------------------------------------------------------- shared maths
-
-
-def hardest_positives(
-    pos_logits: torch.Tensor, valid: torch.Tensor, p: int, most_similar: bool = False
-) -> torch.Tensor:
-    """Mask of the ``p`` least similar valid positives per row (all valid ones when p == 0);
-    ``most_similar``: the ``p`` most similar instead (the authors' ``--not_hardpos`` ablation).
-    Columns are counted one by one: a positive listed twice can be taken twice."""
-    if p <= 0 or p >= pos_logits.shape[1]:
-        return valid
-    if most_similar:
-        order = pos_logits.masked_fill(~valid, float("-inf")).topk(p, dim=1, largest=True).indices
-    else:
-        order = pos_logits.masked_fill(~valid, float("inf")).topk(p, dim=1, largest=False).indices
-    keep = torch.zeros_like(valid)
-    keep.scatter_(1, order, True)
-    return keep & valid
-
-
-def _combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_pos, most_similar=False):
-    """InvP's two per-row terms from the background log-sum-exp, the anchor's own logit and its
-    positives' logits (see fastssl/methods/invp.py):
-
-        L_ins = -log( s_self / sum_bg s_j ),   L_inv = -log( sum_hardpos s_p / (sum_bg s_j - s_self) )
-
-    The background always holds self: it is added when the top-K did not contain it."""
-    lse = torch.where(self_in_lse, lse, torch.logaddexp(lse, self_logit))
-    l_ins = lse - self_logit
-    use = hardest_positives(pos_logits.detach(), valid, hard_pos, most_similar)
-    lse_pos = pos_logits.masked_fill(~use, float("-inf")).logsumexp(1)
-    log_denominator = lse + torch.log(-torch.expm1(self_logit - lse))  # log(sum_bg s - s_self)
-    l_inv = log_denominator - lse_pos
-    return l_ins, torch.where(use.any(1), l_inv, torch.full_like(l_inv, float("nan")))
-
-
-def invp_losses(
-    logits: torch.Tensor,
-    index: torch.Tensor,
-    pos: torch.Tensor,
-    background: int,
-    hard_pos: int,
-    most_similar: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row L_ins and L_inv (NaN where a row has no positive), from the full logits (B, N).
-    A positive listed more than once in a row of ``pos`` counts once per listing."""
-    self_logit = logits.gather(1, index[:, None])[:, 0]
-    if 0 < background < logits.shape[1]:
-        bg, bg_idx = logits.topk(background, dim=1)
-        lse, self_in = bg.logsumexp(1), (bg_idx == index[:, None]).any(1)
-    else:
-        lse, self_in = logits.logsumexp(1), torch.ones_like(index, dtype=torch.bool)
-    return _combine(lse, self_in, self_logit, logits.gather(1, pos.clamp(min=0)), pos >= 0, hard_pos, most_similar)
-
-
-@no_autocast
-def bank_loss_eager(
-    f: torch.Tensor,
-    bank: torch.Tensor,
-    index: torch.Tensor,
-    pos: torch.Tensor,
-    tau: float,
-    background: int,
-    hard_pos: int,
-    most_similar: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The reference: the whole (B, N) logit matrix in fp32, then ``invp_losses``.
-
-    f (B, D) batch features, bank (N, D), index (B,) each row's own entry, pos (B, C) positive
-    entries with -1 padding; returns per-row (L_ins, L_inv).  ``most_similar``: the
-    ``hard_pos`` most similar positives instead of the least similar."""
-    _check(f, bank, index, pos)
-    logits = f.float() @ bank.float().t() / tau
-    return invp_losses(logits, index, pos, background, hard_pos, most_similar)
 
 
 @no_autocast
@@ -135,25 +63,13 @@ def bank_loss_fused(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Same signature and values as ``bank_loss_eager``; fp32/bf16/fp16, fp32 accumulation
     (``tf32``: an fp32 bank on the TF32 tensor cores)."""
-    _check(f, bank, index, pos)
+    check_inputs(f, bank, index, pos)
     lse, top = bank_lse(f, bank, tau, background, tf32=tf32)
     ff = f.float()
     self_logit = (ff * bank[index].float()).sum(1) / tau
     self_in = (top == index[:, None]).any(1) if top is not None else torch.ones_like(index, dtype=torch.bool)
     pos_logits = torch.einsum("bd,bcd->bc", ff, bank[pos.clamp(min=0)].float()) / tau
-    return _combine(lse, self_in, self_logit, pos_logits, pos >= 0, hard_pos, most_similar)
-
-
-def _check(f, bank, index, pos):
-    if f.ndim != 2 or bank.ndim != 2 or f.shape[1] != bank.shape[1]:
-        raise ValueError(
-            f"bank loss: f (B, D) and bank (N, D) must share D, got {tuple(f.shape)} and {tuple(bank.shape)}"
-        )
-    if index.shape != (f.shape[0],) or pos.ndim != 2 or pos.shape[0] != f.shape[0]:
-        raise ValueError(
-            f"bank loss: index must be (B,) and pos (B, C) for B = {f.shape[0]}, "
-            f"got {tuple(index.shape)} and {tuple(pos.shape)}"
-        )
+    return combine(lse, self_in, self_logit, pos_logits, pos >= 0, hard_pos, most_similar)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -15,25 +15,19 @@ Backward, with G = (softmax - I) / B and W = G / d (zero where d = 0):
 two kernels (row blocks for f1, column blocks for f2) recompute the distance tiles instead of
 storing them; the output dimensions are tiled along a third grid axis (any D fits in shared
 memory) and the column blocks split as in the forward; the partial sums are added on the
-host.  Memory: O(SPLIT * B * D) besides the inputs.  ``sc_loss_eager`` is the reference.
+host.  Memory: O(SPLIT * B * D) besides the inputs.  ``sc_loss_eager`` (fastssl/losses/sc_loss.py)
+is the reference.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device, no_autocast, upcast
+from fastssl.losses.precision import no_autocast
 
-
-@no_autocast
-def sc_loss_eager(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-    """The reference: exact pairwise distances, then cross-entropy over negative distances, in
-    fp32 (also under autocast)."""
-    logits = -torch.cdist(f1.float(), f2.float(), compute_mode="donot_use_mm_for_euclid_dist")
-    return F.cross_entropy(logits, torch.arange(f1.shape[0], device=f1.device))
+from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device, upcast
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ._common import interpreted
+from .runtime import interpreted
 
 KERNELS = ("sc_loss", "triplet", "bank_loss")
 # Agreement asked of the check: max |fused - eager| / max |eager|, per tensor, by input precision.
@@ -68,7 +68,9 @@ def _cases(name: str, sizes: Dict[str, int], tf32: bool) -> Callable:
 
     fused_kw = {"tf32": True} if tf32 else {}
     if name == "sc_loss":
-        from .sc_loss import sc_loss_eager, sc_loss_fused
+        from fastssl.losses.sc_loss import sc_loss_eager
+
+        from .sc_loss import sc_loss_fused
 
         def run(impl, device, dtype):
             g.manual_seed(0)
@@ -76,7 +78,9 @@ def _cases(name: str, sizes: Dict[str, int], tf32: bool) -> Callable:
             loss = sc_loss_fused(f1, f2, **fused_kw) if impl == "fused" else sc_loss_eager(f1, f2)
             return [loss, *torch.autograd.grad(loss, (f1, f2))]
     elif name == "triplet":
-        from .triplet import triplet_loss_eager, triplet_loss_fused
+        from fastssl.losses.triplet import triplet_loss_eager
+
+        from .triplet import triplet_loss_fused
 
         def run(impl, device, dtype):
             g.manual_seed(0)
@@ -87,7 +91,9 @@ def _cases(name: str, sizes: Dict[str, int], tf32: bool) -> Callable:
             )
             return [loss, *torch.autograd.grad(loss, (a, p, n))]
     elif name == "bank_loss":
-        from .bank_loss import bank_loss_eager, bank_loss_fused
+        from fastssl.losses.bank_loss import bank_loss_eager
+
+        from .bank_loss import bank_loss_fused
 
         def run(impl, device, dtype):
             g.manual_seed(0)

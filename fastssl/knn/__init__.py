@@ -3,16 +3,19 @@ faiss GPU support are present, a CPU index otherwise; torch tensors in and out. 
 (a core install, no ``[cpu]``/``[cu12]``/``[cu13]`` extra) the search is exact, on torch, on
 the database's device, said once per process.
 
-Used by the kNN evaluation protocol now, and by the methods that build kNN graphs.
+Used by weighted kNN classification (``classify``: the kNN protocol and monitors), and by the methods
+that build kNN graphs (``graph``) or cluster (``cluster``).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+from fastssl.errors import choice
 from fastssl.log import get_logger
 
 log = get_logger(__name__)
@@ -93,8 +96,10 @@ def _gpu_resources(device: int):
     return _faiss().StandardGpuResources()
 
 
-KINDS = ("flat", "ivf", "hnsw")
-GRAPH_INDEXES = ("auto",) + KINDS  # method.graph_index: auto = choose_index by the bank's size and device
+# method.graph_index (a config field's type): auto = choose_index by the bank's size and device
+GraphIndex = Literal["auto", "flat", "ivf", "hnsw"]
+GRAPH_INDEXES = get_args(GraphIndex)
+KINDS = GRAPH_INDEXES[1:]
 
 
 class KNNIndex:
@@ -118,8 +123,7 @@ class KNNIndex:
     ):
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-        if kind not in KINDS:
-            raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+        choice(kind, "index kind", KINDS)
         self._cpu_copy = None  # made on the first search past GPU_MAX_K
         if not have_faiss():
             say_once("no_faiss", NO_FAISS)
@@ -264,14 +268,13 @@ def index_bytes(n: int, dim: int, kind: str = "flat") -> int:
     resident-set growth after the build matched flat and hnsw within 3% (157 / 491 MiB measured vs
     156 / 479 at N = 320,000 / 640,000) and ivf within 1.3x (414 vs 318 MiB at 640,000: its
     inverted lists grow geometrically as rows are added)."""
+    choice(kind, "index kind", KINDS)
     if kind == "flat":
         return n * dim * 4
     if kind == "ivf":
         return n * dim * 4 + n * 8 + max(1, int(np.sqrt(n))) * dim * 4
-    if kind == "hnsw":
-        links = 2 * HNSW_M + HNSW_M / (HNSW_M - 1)
-        return int(n * dim * 4 + n * links * 4 + n * 4 + (n + 1) * 8)
-    raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+    links = 2 * HNSW_M + HNSW_M / (HNSW_M - 1)  # hnsw
+    return int(n * dim * 4 + n * links * 4 + n * 4 + (n + 1) * 8)
 
 
 def graph_memory(

@@ -3,10 +3,13 @@
 A method module defines a ``Method`` subclass (its loss, its pipeline recipe = which crops of
 each image it wants, its config dataclass with defaults) and decorates it with ``@register``;
 every module of this folder is imported here, so a new file is all a new method needs.
-``train.py`` and ``eval`` only ever talk to the ``Method`` interface in ``base.py``.
+``train.py``, ``eval`` and the tools (doctor, benchmarks, report, export) only ever talk to the
+``Method`` interface in ``base.py``: what a tool needs of a method, the method declares there.
 """
 
 from __future__ import annotations
+
+from typing import List, Optional
 
 from fastssl.registry import Registry
 
@@ -24,6 +27,14 @@ def get_method(name: str):
 
 def available():
     return sorted(METHODS.names())
+
+
+def for_tools(benchmark: Optional[str] = None) -> List[str]:
+    """The methods the tools list (doctor rows, benchmark rows), in their ``tool_order`` (ties by
+    name); with ``benchmark``, those whose ``benchmarks`` declare it (e.g. "train_step")."""
+    classes = [METHODS.get(n) for n in METHODS.names()]
+    chosen = [c for c in classes if benchmark is None or benchmark in c.benchmarks]
+    return [c.name for c in sorted(chosen, key=lambda c: (c.tool_order, c.name))]
 
 
 def _import_all() -> None:

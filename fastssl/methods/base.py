@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,17 @@ class Method(nn.Module):
     find_unused_parameters: bool = False
     num_stages: int = 1  # training stages (e.g. one per layer); each gets train.epochs epochs
     ddp_keep_local: Tuple[str, ...] = ()  # buffers the method keeps equal on all ranks itself (no DDP broadcast)
+
+    # ---- what the tools ask of a method (the doctor, the benchmarks, the report, export): declared
+    # here, so that no tool names a method. Every tool runs a method on its built-in config,
+    # ``configs/<name>/builtin.yaml``.
+    tool_order: int = 100  # place in the tools' per-method lists (doctor rows, benchmark rows); ties by name
+    tiny: Tuple[str, ...] = ()  # overrides that shrink the built-in config further for smoke runs (doctor rows)
+    # Default rows in the per-method benchmarks: "pipelines" (benchmarks.pipelines), "train_step"
+    # (benchmarks.train_step), "train_step-tiny" (also in `python -m benchmarks --tiny`),
+    # "compare-impls" (benchmarks.train_step --compare-impls: fused vs eager losses).
+    benchmarks: Tuple[str, ...] = ("pipelines", "train_step", "train_step-tiny")
+    report_stage: bool = False  # the report's checkpoint line names the training stage (e.g. one per layer)
 
     def __init__(self, cfg, backbone: Backbone, image_size: int, num_images: int = 0):
         super().__init__()
@@ -118,6 +129,21 @@ class Method(nn.Module):
         mean = torch.tensor(source.mean).view(1, 3, 1, 1)
         std = torch.tensor(source.std).view(1, 3, 1, 1)
         return lambda x: (x.float() / 255.0 - mean.to(x.device)) / std.to(x.device)
+
+    @classmethod
+    def input_spec(cls, cfg, stats: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> Dict:
+        """What ``eval_input`` does to uint8 images, written into an exported backbone's
+        description (``fastssl export``): ``stats`` = (mean, std) of the data source where known."""
+        if stats is None:
+            return {"pixels": "(x / 255 - mean) / std", "note": f"the {cfg.data.source} source's mean/std"}
+        mean, std = stats
+        return {"pixels": "(x / 255 - mean) / std", "mean": list(mean), "std": list(std)}
+
+    @classmethod
+    def feature_stage(cls, cfg) -> Optional[str]:
+        """The backbone stage whose pooled output stands for the learned features when
+        ``eval.layer`` is not set (the report's retrieval); None = the last stage."""
+        return None
 
     @classmethod
     def validate(cls, cfg, data_info: Dict) -> None:

@@ -25,7 +25,7 @@ The authors' code (``EricArazo/ExemplarCNN``; docs/fidelity.md) as switches: ``m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from fastssl.data.decode import split_images
 from fastssl.data.surrogate import (
     SurrogateAug,
+    SurrogateMode,
     SurrogateSet,
     check_aug,
     draw_params,
@@ -43,6 +44,7 @@ from fastssl.data.surrogate import (
     seed_surrogate_set,
     surrogate_recipe,
 )
+from fastssl.errors import check
 from fastssl.log import get_logger
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
@@ -59,12 +61,9 @@ class ClusterConfig:
     fraction: float = 0.5  # share of the images clustered; the rest is held out to join single images
     neighbours: int = 3  # held-out images joined to each single image
     max_images: int = 20000  # complete linkage is O(n^2) memory: above this, k-means parts first
-    features: str = "pooled"  # pooled: every stage max-pooled 2x2 | authors: conv1-3 before ReLU, pooled 2x2
-
-
-SURROGATE = ("per_epoch", "fixed")
-DROPOUT = ("paper", "authors")
-CLUSTER_FEATURES = ("pooled", "authors")
+    features: Literal["pooled", "authors"] = (
+        "pooled"  # pooled: every stage max-pooled 2x2 | authors: conv1-3 before ReLU, pooled 2x2
+    )
 
 
 @dataclass
@@ -81,8 +80,10 @@ class ExemplarConfig(MethodConfig):
     l2_fc1: float = 0.004
     l2_fc2: float = 0.016
     l2_conv3: float = 0.0  # L2 on the conv3 weights (authors: .001; the paper: none)
-    dropout: str = "paper"  # paper: after every conv and fc1 | authors: after fc1 only
-    surrogate: str = "fixed"  # fixed: one set drawn once (paper, authors) | per_epoch: new patches every epoch
+    dropout: Literal["paper", "authors"] = "paper"  # paper: after every conv and fc1 | authors: after fc1 only
+    surrogate: SurrogateMode = (
+        "fixed"  # fixed: one set drawn once (paper, authors) | per_epoch: new patches every epoch
+    )
     surrogate_dir: Optional[str] = None  # a set materialised by `python -m fastssl.materialise`
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -91,6 +92,9 @@ class ExemplarConfig(MethodConfig):
 class ExemplarCNN(Method):
     name = "exemplar"
     Config = ExemplarConfig
+    tool_order = 4
+    tiny = ("method.num_classes=64", "method.patches_per_class=8", "method.val_patches_per_class=2")  # (1,024 classes)
+    benchmarks = ()  # its surrogate patches have their own suite, benchmarks/exemplar.py
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
@@ -135,70 +139,84 @@ class ExemplarCNN(Method):
 
     @classmethod
     def validate(cls, cfg, data_info):
-        from fastssl.errors import ConfigError
-
-        m, c = cfg.method, cfg.method.cluster
-        if cfg.model.arch != "exemplar-cnn":
-            raise ConfigError(
-                f"model.arch: exemplar needs exemplar-cnn (its fc layer is sized for the patch), got {cfg.model.arch}"
-            )
-        if m.patch_size != 32:
-            raise ConfigError(f"method.patch_size: the Exemplar-CNN's fc layer takes 32 px patches, got {m.patch_size}")
+        """The numbers (the choices are Literal fields, checked on merge), then each part in use."""
+        m = cfg.method
+        check(
+            cfg.model.arch == "exemplar-cnn",
+            "model.arch",
+            f"exemplar needs exemplar-cnn (its fc layer is sized for the patch), got {cfg.model.arch}",
+        )
+        check(
+            m.patch_size == 32,
+            "method.patch_size",
+            f"the Exemplar-CNN's fc layer takes 32 px patches, got {m.patch_size}",
+        )
         n = data_info["num_pretrain"] if cfg.data.split == "pretrain" else data_info["num_train"]
-        if not 2 <= m.num_classes <= n:
-            raise ConfigError(
-                f"method.num_classes: {m.num_classes} surrogate classes need as many images; {cfg.data.source} has {n}"
-            )
-        for k in ("patches_per_class", "val_classes"):
-            if getattr(m, k) < 1:
-                raise ConfigError(f"method.{k}: must be >= 1, got {getattr(m, k)}")
-        if m.val_patches_per_class < 0:
-            raise ConfigError(f"method.val_patches_per_class: must be >= 0, got {m.val_patches_per_class}")
+        check(
+            2 <= m.num_classes <= n,
+            "method.num_classes",
+            f"{m.num_classes} surrogate classes need as many images; {cfg.data.source} has {n}",
+        )
+        check(m.patches_per_class >= 1, "method.patches_per_class", f"must be >= 1, got {m.patches_per_class}")
+        check(
+            m.val_patches_per_class >= 0, "method.val_patches_per_class", f"must be >= 0, got {m.val_patches_per_class}"
+        )
+        if m.val_patches_per_class > 0:  # (0: no validation patches, val_classes is not read)
+            check(m.val_classes >= 1, "method.val_classes", f"must be >= 1, got {m.val_classes}")
         for k in ("lr_bias_factor", "lr_fc2_factor", "l2_fc1", "l2_fc2", "l2_conv3"):
-            if getattr(m, k) < 0:
-                raise ConfigError(f"method.{k}: must be >= 0, got {getattr(m, k)}")
-        for key, v, choices in (
-            ("method.surrogate", m.surrogate, SURROGATE),
-            ("method.dropout", m.dropout, DROPOUT),
-            ("method.cluster.features", c.features, CLUSTER_FEATURES),
-        ):
-            if v not in choices:
-                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
-        check_aug(m.aug)
-        if m.aug.pca_basis == "patch" and cfg.data.pipeline in ("auto", "dali-cpu", "dali-gpu"):
-            raise ConfigError(
-                f"method.aug.pca_basis: patch (each patch's own PCA) has no DALI face; data.pipeline="
-                f"{cfg.data.pipeline} builds a DALI graph: use data.pipeline=torch or data.pipeline=tensor"
-            )
-        if not c.threshold > 0:
-            raise ConfigError(f"method.cluster.threshold: must be > 0, got {c.threshold}")
-        if not 0 < c.fraction < 1:
-            raise ConfigError(f"method.cluster.fraction: must be in (0, 1), got {c.fraction}")
-        if c.max_size == 1 or c.max_size < 0:
-            raise ConfigError(f"method.cluster.max_size: must be >= 2 (or 0: no cap), got {c.max_size}")
-        if c.neighbours < 0 or c.max_images < 2:
-            raise ConfigError(
-                f"method.cluster: neighbours >= 0 and max_images >= 2, got {c.neighbours}, {c.max_images}"
-            )
+            check(getattr(m, k) >= 0, f"method.{k}", f"must be >= 0, got {getattr(m, k)}")
+        cls._check_aug(cfg)
+        if m.cluster.enabled:  # the clustering settings are read by the second stage only
+            cls._check_cluster(m.cluster)
         if m.surrogate_dir is not None:
-            from fastssl.data.exemplar import open_materialised
-
-            if c.enabled:
-                raise ConfigError(
-                    "method.surrogate_dir: a materialised set is fixed, clustering makes a new one; "
-                    "use one or the other (method.cluster.enabled=false)"
-                )
-            _, rows, meta = open_materialised(m.surrogate_dir)
-            if meta["classes"] != m.num_classes:
-                raise ConfigError(
-                    f"method.surrogate_dir: {m.surrogate_dir} holds {meta['classes']} classes, "
-                    f"method.num_classes is {m.num_classes}"
-                )
-        elif m.num_classes * m.patches_per_class < cfg.data.batch_size:
-            raise ConfigError(
-                f"method.patches_per_class: {m.num_classes} x {m.patches_per_class} patches are "
-                f"fewer than one batch of {cfg.data.batch_size}"
+            cls._check_materialised(m)
+        else:
+            check(
+                m.num_classes * m.patches_per_class >= cfg.data.batch_size,
+                "method.patches_per_class",
+                f"{m.num_classes} x {m.patches_per_class} patches are fewer than one batch of {cfg.data.batch_size}",
             )
+
+    @staticmethod
+    def _check_aug(cfg):
+        check_aug(cfg.method.aug)
+        check(
+            not (cfg.method.aug.pca_basis == "patch" and cfg.data.pipeline in ("auto", "dali-cpu", "dali-gpu")),
+            "method.aug.pca_basis",
+            f"patch (each patch's own PCA) has no DALI face; data.pipeline={cfg.data.pipeline} builds a DALI graph: "
+            "use data.pipeline=torch or data.pipeline=tensor",
+        )
+
+    @staticmethod
+    def _check_cluster(c):
+        check(c.threshold > 0, "method.cluster.threshold", f"must be > 0, got {c.threshold}")
+        check(0 < c.fraction < 1, "method.cluster.fraction", f"must be in (0, 1), got {c.fraction}")
+        check(
+            not (c.max_size == 1 or c.max_size < 0),
+            "method.cluster.max_size",
+            f"must be >= 2 (or 0: no cap), got {c.max_size}",
+        )
+        check(
+            c.neighbours >= 0 and c.max_images >= 2,
+            "method.cluster",
+            f"neighbours >= 0 and max_images >= 2, got {c.neighbours}, {c.max_images}",
+        )
+
+    @staticmethod
+    def _check_materialised(m):
+        from fastssl.data.exemplar import open_materialised
+
+        check(
+            not m.cluster.enabled,
+            "method.surrogate_dir",
+            "a materialised set is fixed, clustering makes a new one; use one or the other (method.cluster.enabled=false)",
+        )
+        _, _, meta = open_materialised(m.surrogate_dir)
+        check(
+            meta["classes"] == m.num_classes,
+            "method.surrogate_dir",
+            f"{m.surrogate_dir} holds {meta['classes']} classes, method.num_classes is {m.num_classes}",
+        )
 
     def epoch_items(self, num_images: int) -> int:
         m = self.cfg.method
@@ -264,7 +282,7 @@ class ExemplarCNN(Method):
         """Features of the trained network -> merged classes -> new set; weights re-initialised."""
 
         from fastssl.engine import dist
-        from fastssl.eval.svm import extract_pooled, extract_prerelu_conv
+        from fastssl.features.maps import extract_pooled, extract_prerelu_conv
         from fastssl.knn.cluster import surrogate_classes
 
         m, c = self.cfg.method, self.cfg.method.cluster
@@ -388,3 +406,7 @@ class ExemplarCNN(Method):
     @classmethod
     def eval_input(cls, cfg, source):
         return lambda x: x.float() / 255.0  # the network standardises with its surrogate-set statistics
+
+    @classmethod
+    def input_spec(cls, cfg, stats=None):
+        return {"pixels": "x / 255", "note": "the network standardises its input itself (stem buffers mean/std)"}

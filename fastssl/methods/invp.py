@@ -32,14 +32,14 @@ With s = exp(cos / tau) and the anchor's own bank entry s_self:
     L = L_ins + lambda * w(epoch) * L_inv,   w = 0 before ``rampup_epoch``, 1 after
 
 computed in log space (top-K taken to contain self; self is added when it is not among them),
-by ``fastssl.kernels.bank_loss``: eager (the whole B x N logit matrix) or fused (one streaming
-pass over the bank, exact top-K), chosen by ``loss.impl``.
+by ``fastssl.losses.bank_loss`` (eager: the whole B x N logit matrix) or ``fastssl.kernels.bank_loss``
+(fused: one streaming pass over the bank, exact top-K), chosen by ``loss.impl``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -49,22 +49,16 @@ import torch.nn.functional as F
 from fastssl.data.ops import HSV, Blur, Crop, Flip, Grey, Normalise, Resize
 from fastssl.data.plan import ColorJitter, check_jitter, draw_blur, draw_hsv, jitter_active
 from fastssl.data.recipe import Recipe
-from fastssl.engine.dist import rank
-from fastssl.kernels.bank_loss import bank_loss_eager, bank_loss_fused
-from fastssl.knn import GRAPH_INDEXES, choose_index, gpu_count, say_once
+from fastssl.errors import check
+from fastssl.knn import GraphIndex, choose_index, gpu_count, say_once
 from fastssl.knn.graph import knn_graph, propagate, refresh_neighbours
+from fastssl.losses.bank_loss import bank_loss_eager
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 from fastssl.models.bank import MemoryBank, all_gather_batch
-from fastssl.models.heads import HEADS, projection_head
+from fastssl.models.heads import Head, projection_head
 
 __all__ = ["InvPConfig", "InvariancePropagation", "knn_graph", "propagate"]  # (the graph helpers: re-exported)
-
-
-POSITIVES = ("propagation", "knn", "authors")
-GRAPH_REFRESH = ("epoch", "step")
-HARD_MODES = ("least_similar", "most_similar")
-DECAY_SCOPES = ("weights", "all")
 
 
 def _instdisc_color():
@@ -75,28 +69,27 @@ def _instdisc_color():
 class InvPConfig(MethodConfig):
     name: str = "invp"
     feat_dim: int = 128
-    head: str = "linear"  # linear | mlp
+    head: Head = "linear"  # linear | mlp
     temperature: float = 0.07
     bank_momentum: float = 0.5
     graph_k: int = 4
     graph_steps: int = 3
-    graph_index: str = (
-        "auto"  # FAISS index of the graph: auto (by size: fastssl.knn.choose_index) | flat (exact) | ivf | hnsw
+    # FAISS index of the graph: auto (by size: fastssl.knn.choose_index) | flat (exact) | ivf | hnsw
+    graph_index: GraphIndex = "auto"
+    # propagation | knn (ablation: direct neighbours only) | authors (multiset with the anchor)
+    positives: Literal["propagation", "knn", "authors"] = "propagation"
+    graph_refresh: Literal["epoch", "step"] = (
+        "step"  # step (batch rows' neighbours, every step: authors) | epoch (whole graph per epoch)
     )
-    positives: str = (
-        "propagation"  # propagation | knn (ablation: direct neighbours only) | authors (multiset with the anchor)
-    )
-    graph_refresh: str = "step"  # step (batch rows' neighbours, every step: authors) | epoch (whole graph per epoch)
     hard_positives: int = 50  # P; 0 = use every positive (ablation: no hard positives)
-    hard_mode: str = (
-        "least_similar"  # least_similar (the paper's hard positives) | most_similar (authors' --not_hardpos)
+    # least_similar (the paper's hard positives) | most_similar (authors' --not_hardpos)
+    hard_mode: Literal["least_similar", "most_similar"] = "least_similar"
+    weight_decay_scope: Literal["weights", "all"] = (
+        "all"  # all (authors' main.py; paper silent) | weights (not biases/norms)
     )
-    weight_decay_scope: str = "all"  # all (authors' main.py; paper silent) | weights (not biases/norms)
     background: int = 4096  # K; 0 = the whole bank (ablation: no hard negatives)
     lam: float = 0.6
     rampup_epoch: int = 30
-    monitor_k: int = 200
-    monitor_temperature: float = 0.07
     # instance-discrimination augmentations, drawn in the view plan
     crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
@@ -115,6 +108,8 @@ class InvPConfig(MethodConfig):
 class InvariancePropagation(Method):
     name = "invp"
     Config = InvPConfig
+    tool_order = 2
+    benchmarks = ("pipelines", "train_step", "train_step-tiny", "compare-impls")
     ddp_keep_local = ("bank", "graph")  # updated with every rank's all-gathered batch (after_step)
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
@@ -136,66 +131,36 @@ class InvariancePropagation(Method):
 
     @classmethod
     def validate(cls, cfg, data_info):
-        from fastssl.errors import ConfigError
+        """The numbers (the choices are Literal fields, checked on merge)."""
+        m, n = cfg.method, data_info["num_pretrain"]
+        check(m.feat_dim >= 1, "method.feat_dim", f"must be >= 1, got {m.feat_dim}")
+        check(m.temperature > 0, "method.temperature", f"must be > 0, got {m.temperature}")
+        check(0 <= m.bank_momentum < 1, "method.bank_momentum", f"must be in [0, 1), got {m.bank_momentum}")
+        check(1 <= m.graph_k < n, "method.graph_k", f"must be in [1, {n - 1}], got {m.graph_k}")
+        check(m.graph_steps >= 1, "method.graph_steps", f"must be >= 1, got {m.graph_steps}")
+        check(m.hard_positives >= 0, "method.hard_positives", f"must be >= 0, got {m.hard_positives}")
+        check(m.background >= 0, "method.background", f"must be >= 0, got {m.background}")
+        check(m.lam >= 0, "method.lam", f"must be >= 0, got {m.lam}")
+        cls._check_views(m)
 
-        m = cfg.method
-        checks = [
-            (m.head in HEADS, "method.head", f"{m.head!r} is not one of {', '.join(HEADS)}"),
-            (m.positives in POSITIVES, "method.positives", f"{m.positives!r} is not one of {', '.join(POSITIVES)}"),
-            (
-                m.graph_refresh in GRAPH_REFRESH,
-                "method.graph_refresh",
-                f"{m.graph_refresh!r} is not one of {', '.join(GRAPH_REFRESH)}",
-            ),
-            (m.hard_mode in HARD_MODES, "method.hard_mode", f"{m.hard_mode!r} is not one of {', '.join(HARD_MODES)}"),
-            (
-                m.weight_decay_scope in DECAY_SCOPES,
-                "method.weight_decay_scope",
-                f"{m.weight_decay_scope!r} is not one of {', '.join(DECAY_SCOPES)}",
-            ),
-            (
-                m.graph_index in GRAPH_INDEXES,
-                "method.graph_index",
-                f"{m.graph_index!r} is not one of {', '.join(GRAPH_INDEXES)}",
-            ),
-            (m.feat_dim >= 1, "method.feat_dim", f"must be >= 1, got {m.feat_dim}"),
-            (m.temperature > 0, "method.temperature", f"must be > 0, got {m.temperature}"),
-            (0 <= m.bank_momentum < 1, "method.bank_momentum", f"must be in [0, 1), got {m.bank_momentum}"),
-            (
-                1 <= m.graph_k < data_info["num_pretrain"],
-                "method.graph_k",
-                f"must be in [1, {data_info['num_pretrain'] - 1}], got {m.graph_k}",
-            ),
-            (m.graph_steps >= 1, "method.graph_steps", f"must be >= 1, got {m.graph_steps}"),
-            (m.hard_positives >= 0, "method.hard_positives", f"must be >= 0, got {m.hard_positives}"),
-            (m.background >= 0, "method.background", f"must be >= 0, got {m.background}"),
-            (m.lam >= 0, "method.lam", f"must be >= 0, got {m.lam}"),
-            (
-                0 < m.crop_scale[0] <= m.crop_scale[1] <= 1,
-                "method.crop_scale",
-                f"must be 0 < lo <= hi <= 1, got {list(m.crop_scale)}",
-            ),
-            (
-                0 < m.crop_ratio[0] <= m.crop_ratio[1],
-                "method.crop_ratio",
-                f"must be 0 < lo <= hi, got {list(m.crop_ratio)}",
-            ),
-            (0 <= m.grayscale <= 1, "method.grayscale", f"must be in [0, 1], got {m.grayscale}"),
-            (0 <= m.blur <= 1, "method.blur", f"must be in [0, 1], got {m.blur}"),
-            (
+    @staticmethod
+    def _check_views(m):
+        s, r = m.crop_scale, m.crop_ratio
+        check(0 < s[0] <= s[1] <= 1, "method.crop_scale", f"must be 0 < lo <= hi <= 1, got {list(s)}")
+        check(0 < r[0] <= r[1], "method.crop_ratio", f"must be 0 < lo <= hi, got {list(r)}")
+        check(0 <= m.grayscale <= 1, "method.grayscale", f"must be in [0, 1], got {m.grayscale}")
+        check(0 <= m.blur <= 1, "method.blur", f"must be in [0, 1], got {m.blur}")
+        if m.blur > 0:  # the blur's sigma range and window are read only when views are blurred
+            check(
                 len(m.blur_sigma) == 2 and 0 < m.blur_sigma[0] <= m.blur_sigma[1],
                 "method.blur_sigma",
                 f"must be [lo, hi] with 0 < lo <= hi, got {list(m.blur_sigma)}",
-            ),
-            (
+            )
+            check(
                 m.blur_kernel is None or (m.blur_kernel >= 1 and m.blur_kernel % 2 == 1),
                 "method.blur_kernel",
                 f"must be an odd number of pixels, got {m.blur_kernel}",
-            ),
-        ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {msg}")
+            )
         check_jitter(m.color)
 
     # ---- recipe: random resized crop, flip, colour change, grey, blur
@@ -296,6 +261,8 @@ class InvariancePropagation(Method):
         most = {"most_similar": True} if m.hard_mode == "most_similar" else {}
         sizes = dict(B=f.shape[0], D=f.shape[1], N=len(self.bank), K=m.background)
         if self.loss_impl(self.bank, "bank_loss", **sizes) == "fused":  # (the kernel reads f in the bank's dtype)
+            from fastssl.kernels.bank_loss import bank_loss_fused  # (Triton: imported only when chosen)
+
             l_ins, l_inv = bank_loss_fused(*args, tf32=self.loss_tf32(self.bank), **most)
         else:
             l_ins, l_inv = bank_loss_eager(*args, **most)
@@ -333,30 +300,4 @@ class InvariancePropagation(Method):
             out["bank_consistent"] = float(self.memory.check_agreement(self.graph))
             if not out["bank_consistent"]:
                 raise RuntimeError("invp: the memory bank or kNN graph differs between ranks")
-        if rank() == 0 and source.test.labels is not None and len(source.test):
-            out["knn_accuracy"] = self.knn_monitor(source)
         return out
-
-    @torch.no_grad()
-    def knn_monitor(self, source) -> float:
-        """Weighted kNN (K, sigma) of the test images' embeddings against the labeled bank entries."""
-        from fastssl.eval.features import image_batches
-        from fastssl.eval.knn import knn_classify
-
-        labels = torch.from_numpy(source.pretrain_labels)
-        keep = labels >= 0
-        was = self.training
-        self.eval()
-        dev = self.bank.device
-        test = torch.cat(
-            [
-                self.embed(x).cpu()
-                for x in image_batches(source.test, source.image_size, self.eval_input(self.cfg, source), 256, dev)
-            ]
-        )
-        self.train(was)
-        m = self.cfg.method
-        pred = knn_classify(
-            self.bank[keep.to(dev)].cpu(), labels[keep], test, source.num_classes, m.monitor_k, m.monitor_temperature
-        )
-        return (pred == torch.from_numpy(np.asarray(source.test.labels))).float().mean().item() * 100

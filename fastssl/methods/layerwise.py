@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -34,13 +34,8 @@ import torch
 from fastssl.data.ops import HSV, Crop, Flip, Normalise
 from fastssl.data.plan import ColorJitter, check_jitter, draw_hsv, jitter_active, positions
 from fastssl.data.recipe import Recipe
-from fastssl.kernels._common import loss_input
-from fastssl.kernels.triplet import (
-    semihard_triplet_loss_eager,
-    semihard_triplet_loss_fused,
-    triplet_loss_eager,
-    triplet_loss_fused,
-)
+from fastssl.losses.precision import loss_input
+from fastssl.losses.triplet import semihard_triplet_loss_eager, triplet_loss_eager
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 from fastssl.models import shallow_min_patch
@@ -52,23 +47,26 @@ class LayerwiseConfig(MethodConfig):
     layers: int = 1  # stages trained, one after the other (each for train.epochs epochs)
     patch_sizes: Optional[List[int]] = None  # per stage; None = the receptive-field minimum
     max_shift: int = 2  # positive = anchor shifted by up to this many pixels (0 < shift < patch)
-    distance: str = "cosine"  # cosine | euclidean | sqeuclidean (the authors')
+    distance: Literal["cosine", "euclidean", "sqeuclidean"] = (
+        "cosine"  # cosine | euclidean | sqeuclidean (the authors')
+    )
     margin: float = 0.5
     hardest: bool = False  # in-batch hardest-negative mining instead of the sampled negative
-    mining: str = "random"  # random (the sampled negative) | semihard (the authors' online semi-hard selection)
-    pairs: str = "one"  # one (anchor + shifted positive) | subpatches (4 sub-patches of a (p+1)^2 crop: 6 pairs)
-    embedding: str = "maxpool"  # maxpool (the stage's output max-pooled) | flatten (conv + ReLU map, unpooled)
-    input: str = "normalised"  # normalised (dataset mean/std) | raw ([0, 1] pixels, as the authors')
+    mining: Literal["random", "semihard"] = (
+        "random"  # random (the sampled negative) | semihard (the authors' online semi-hard selection)
+    )
+    pairs: Literal["one", "subpatches"] = (
+        "one"  # one (anchor + shifted positive) | subpatches (4 sub-patches of a (p+1)^2 crop: 6 pairs)
+    )
+    embedding: Literal["maxpool", "flatten"] = (
+        "maxpool"  # maxpool (the stage's output max-pooled) | flatten (conv + ReLU map, unpooled)
+    )
+    input: Literal["normalised", "raw"] = (
+        "normalised"  # normalised (dataset mean/std) | raw ([0, 1] pixels, as the authors')
+    )
     color: ColorJitter = field(default_factory=ColorJitter)  # per-patch colour change (not in the paper)
 
 
-CHOICES = {
-    "distance": ("cosine", "euclidean", "sqeuclidean"),
-    "mining": ("random", "semihard"),
-    "pairs": ("one", "subpatches"),
-    "embedding": ("maxpool", "flatten"),
-    "input": ("normalised", "raw"),
-}
 SUBPATCH_PAIRS = list(itertools.combinations(range(4), 2))  # the authors' anchor-positive pairs of one crop
 
 
@@ -91,6 +89,8 @@ class _RawPixels:
 class LayerwiseContrastive(Method):
     name = "layerwise"
     Config = LayerwiseConfig
+    tool_order = 1
+    report_stage = True  # one stage per layer
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
@@ -116,9 +116,6 @@ class LayerwiseContrastive(Method):
             )
         if not 1 <= m.layers <= 3:
             raise ConfigError(f"method.layers: must be 1..3 (stages of the shallow net), got {m.layers}")
-        for key, choices in CHOICES.items():
-            if getattr(m, key) not in choices:
-                raise ConfigError(f"method.{key}: {getattr(m, key)!r} is not one of {', '.join(choices)}")
         if m.hardest and (m.mining != "random" or m.pairs != "one"):
             raise ConfigError(
                 f"method.hardest: hardest-negative mining replaces the sampled negative of pairs=one; "
@@ -158,6 +155,17 @@ class LayerwiseContrastive(Method):
         if cfg.method.input == "raw":
             return lambda x: x.float() / 255.0
         return super().eval_input(cfg, source)
+
+    @classmethod
+    def input_spec(cls, cfg, stats=None):
+        if cfg.method.input == "raw":
+            return {"pixels": "x / 255", "note": "method.input=raw: the network sees [0, 1] pixels"}
+        return super().input_spec(cfg, stats)
+
+    @classmethod
+    def feature_stage(cls, cfg):
+        """The last stage it trained (the deeper ones stay untrained)."""
+        return f"layer{cfg.method.layers}"
 
     def begin_stage(self, stage: int, source=None) -> None:
         """Train stage ``stage`` only: earlier stages frozen, later ones not used."""
@@ -258,7 +266,7 @@ class LayerwiseContrastive(Method):
             return loss_input(stages[self.stage][:-1](x).flatten(1))
         return loss_input(
             stages[self.stage](x).amax(dim=(2, 3))
-        )  # (the autocast dtype: see fastssl/kernels/_common.py)
+        )  # (the autocast dtype: see fastssl/losses/precision.py)
 
     def subpatches(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, C, p+1, p+1) crops -> (4B, C, p, p): each crop's four sub-patches (stride 1) in
@@ -287,8 +295,11 @@ class LayerwiseContrastive(Method):
         if m.mining == "semihard":
             e, labels, pairs = self.groups(views)
             u = torch.rand(pairs.shape[0], dtype=torch.float64, device=e.device)  # the draw among semi-hard negatives
-            fused = self.loss_impl(e, "triplet", B=e.shape[0], D=e.shape[1]) == "fused"
-            fn = semihard_triplet_loss_fused if fused else semihard_triplet_loss_eager
+            fn = semihard_triplet_loss_eager
+            if self.loss_impl(e, "triplet", B=e.shape[0], D=e.shape[1]) == "fused":
+                from fastssl.kernels.triplet import semihard_triplet_loss_fused  # (Triton: imported only when chosen)
+
+                fn = semihard_triplet_loss_fused
             loss, kept = fn(e, labels, pairs, margin=m.margin, distance=m.distance, u=u)
             return {"loss": loss, "triplets": torch.tensor(kept / pairs.shape[0], device=e.device)}  # kept fraction
         if m.pairs == "subpatches":  # anchor of sub-patch i of crop c: negative = sub-patch i of crop c-1
@@ -300,6 +311,8 @@ class LayerwiseContrastive(Method):
             n = n.roll(1, dims=0)  # image i's third patch is the negative of image i+1
         kw = dict(margin=m.margin, distance=m.distance, hardest=m.hardest)
         if self.loss_impl(a, "triplet", B=a.shape[0], D=a.shape[1]) == "fused":
+            from fastssl.kernels.triplet import triplet_loss_fused  # (Triton: imported only when chosen)
+
             loss = triplet_loss_fused(a, p, n, tf32=self.loss_tf32(a), **kw)
         else:
             loss = triplet_loss_eager(a, p, n, **kw)

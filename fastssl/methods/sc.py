@@ -20,8 +20,8 @@ import torch
 from fastssl.data.ops import HSV, Crop, Flip, Normalise
 from fastssl.data.plan import ColorJitter, check_jitter, draw_hsv, jitter_active, square_crops
 from fastssl.data.recipe import Recipe
-from fastssl.kernels._common import loss_input
-from fastssl.kernels.sc_loss import sc_loss_eager, sc_loss_fused
+from fastssl.losses.precision import loss_input
+from fastssl.losses.sc_loss import sc_loss_eager
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 
@@ -30,9 +30,14 @@ def spatial_contrasting_loss(
     f1: torch.Tensor, f2: torch.Tensor, impl: str = "eager", tf32: bool = False
 ) -> torch.Tensor:
     """Eq. (2) of the paper: f1, f2 are (N, D) features of the two patches of N images.
-    ``impl``: eager PyTorch, or the fused Triton kernel (same value; fastssl/kernels/sc_loss.py;
-    ``tf32``: fp32 inputs on its TF32 tensor cores)."""
-    return sc_loss_fused(f1, f2, tf32) if impl == "fused" else sc_loss_eager(f1, f2)
+    ``impl``: eager PyTorch (fastssl/losses/sc_loss.py), or the fused Triton kernel (same value;
+    fastssl/kernels/sc_loss.py, imported only here, when chosen; ``tf32``: fp32 inputs on its TF32
+    tensor cores)."""
+    if impl == "fused":
+        from fastssl.kernels.sc_loss import sc_loss_fused
+
+        return sc_loss_fused(f1, f2, tf32)
+    return sc_loss_eager(f1, f2)
 
 
 @dataclass
@@ -50,6 +55,8 @@ class SCConfig(MethodConfig):
 class SpatialContrasting(Method):
     name = "sc"
     Config = SCConfig
+    tool_order = 0
+    benchmarks = ("pipelines", "train_step", "train_step-tiny", "compare-impls")
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)

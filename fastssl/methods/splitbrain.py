@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.data import lab
-from fastssl.data.lab import AB_BINS, GRID313, SPACES, ColorSplit, torch_colour
+from fastssl.data.lab import GRID313, AbBins, ColorSplit, Space, torch_colour
 from fastssl.data.ops import Crop, Flip, SplitTargets, ToSpace
 from fastssl.data.plan import square_crops
 from fastssl.data.recipe import Recipe
@@ -63,7 +63,7 @@ from fastssl.methods.base import Method, MethodConfig
 @dataclass
 class SplitBrainConfig(MethodConfig):
     name: str = "splitbrain"
-    space: str = "lab"  # lab (L | ab) | rgb (R | GB)
+    space: Space = "lab"  # lab (L | ab) | rgb (R | GB)
     rescale: bool = False  # "re-scaled Lab": bins span each image's own min..max per channel
     bins_l: int = 100  # bins of the one-channel group (L, or R)
     bins_ab: int = 10  # bins per channel of the two-channel group (ab, or GB): bins_ab ** 2 classes
@@ -71,7 +71,7 @@ class SplitBrainConfig(MethodConfig):
     crop_size: Optional[int] = None  # random square crop side; None = the whole image
     target_size: Optional[int] = None  # side of the target grid; None = crop_size / 8
     flip: bool = True  # random horizontal flip
-    ab_bins: str = "seed100"  # seed100: bins_ab x bins_ab (the paper's text) | grid313: the colourisation code's
+    ab_bins: AbBins = "seed100"  # seed100: bins_ab x bins_ab (the paper's text) | grid313: the colourisation code's
 
 
 PRIOR_IMAGES = 10000  # grid313: pre-training images (evenly spaced) the ab prior is measured on
@@ -81,6 +81,8 @@ PRIOR_IMAGES = 10000  # grid313: pre-training images (evenly spaced) the ab prio
 class SplitBrain(Method):
     name = "splitbrain"
     Config = SplitBrainConfig
+    tool_order = 3
+    benchmarks = ("pipelines", "train_step")  # (not in the tiny run: its Lab targets make it the slowest)
 
     def __init__(self, cfg, backbone, image_size, num_images=0):
         super().__init__(cfg, backbone, image_size, num_images)
@@ -139,14 +141,10 @@ class SplitBrain(Method):
             raise ConfigError(
                 f"model.arch: splitbrain needs a split network (split-simplenet or split-resnet18), got {cfg.model.arch!r}"
             )
-        if m.space not in SPACES:
-            raise ConfigError(f"method.space: {m.space!r} is not one of {', '.join(SPACES)}")
         if m.bins_l < 2 or m.bins_ab < 2:
             raise ConfigError(f"method.bins_l/bins_ab: need >= 2 bins, got {m.bins_l} and {m.bins_ab}")
         if len(m.ab_range) != 2 or not m.ab_range[0] < m.ab_range[1]:
             raise ConfigError(f"method.ab_range: must be [lo, hi] with lo < hi, got {list(m.ab_range)}")
-        if m.ab_bins not in AB_BINS:
-            raise ConfigError(f"method.ab_bins: {m.ab_bins!r} is not one of {', '.join(AB_BINS)}")
         if m.ab_bins == "grid313" and (m.space != "lab" or m.rescale):
             raise ConfigError(
                 "method.ab_bins: grid313 is a fixed grid of CIE-Lab ab values; it needs "
@@ -179,6 +177,15 @@ class SplitBrain(Method):
     def eval_input(cls, cfg, source):
         split = cls.color_split(cfg, source.image_size)
         return lambda x: split.normalise(torch_colour(x, split.space))
+
+    @classmethod
+    def input_spec(cls, cfg, stats=None):
+        from omegaconf import OmegaConf
+
+        return {
+            "pixels": f"colour split of method.space={OmegaConf.select(cfg, 'method.space')}",
+            "note": "see fastssl.methods.splitbrain eval_input",
+        }
 
     def predict(self, x: torch.Tensor):
         """Logits of both halves: (half 0 -> group-2 classes, half 1 -> group-1 classes)."""

@@ -12,11 +12,14 @@ only for a name and a docstring, so that
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch.nn as nn
 
-HEADS = ("linear", "mlp")
+from fastssl.errors import choice
+
+Head = Literal["linear", "mlp"]  # a config field's type (method.head)
+HEADS = get_args(Head)
 
 __all__ = ["HEADS", "LinearHead", "MLPHead", "projection_head"]
 
@@ -40,8 +43,5 @@ class MLPHead(nn.Sequential):
 
 def projection_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """The projection head ``kind`` (one of ``HEADS``) from ``in_dim`` features to ``out_dim``."""
-    if kind == "linear":
-        return LinearHead(in_dim, out_dim)
-    if kind == "mlp":
-        return MLPHead(in_dim, out_dim)
-    raise ValueError(f"projection head {kind!r} is not one of {', '.join(HEADS)}")
+    choice(kind, "projection head", HEADS)
+    return LinearHead(in_dim, out_dim) if kind == "linear" else MLPHead(in_dim, out_dim)

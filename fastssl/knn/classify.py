@@ -1,4 +1,7 @@
-"""Weighted kNN classifier (Wu et al. 2018): votes exp(cos / T) of the K nearest train images."""
+"""Weighted kNN classifier (Wu et al. 2018): votes exp(cos / T) of the K nearest train images.
+
+Used by the kNN evaluation protocol (``python -m fastssl.eval --protocol knn``), the online kNN
+monitor (fastssl/engine/monitors.py) and InvP's monitor."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Backbone features of whole images (no crop), for the frozen-feature protocols."""
+"""Backbone features of whole images (no crop): the frozen-feature protocols of fastssl/eval/,
+the online kNN monitor (fastssl/engine/monitors.py) and the report read them."""
 
 from __future__ import annotations
 
