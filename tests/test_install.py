@@ -3,6 +3,7 @@ name, a core install without DALI or FAISS, and the messages a new user meets fi
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,8 +170,9 @@ def test_core_install_without_dali_or_faiss_trains_evaluates_and_reports(tmp_pat
     """A short SC run on a core install (nvidia.dali and faiss blocked; torch pipeline, one epoch,
     so the kNN monitor runs at its end), then eval knn, export, report, the doctor's FAISS row and
     the clustering: all work, the torch kNN said once per process.  Then the same checkpoint read
-    where triton is missing: eval, export and report name the module instead of calling the
-    file corrupt."""
+    where triton is missing: eval, export and report work (the losses import no triton); and a
+    checkpoint that needs a module missing here: they name the module instead of calling the file
+    corrupt."""
     env = blocked_env(tmp_path, "nvidia.dali", "faiss")
     out = tmp_path / "run"
     tiny = [t for t in TINY if not t.startswith("data.builtin.num_train")]
@@ -194,13 +196,35 @@ def test_core_install_without_dali_or_faiss_trains_evaluates_and_reports(tmp_pat
         "import sys; from fastssl import cli; "
         "sys.exit(max(cli.main(a) for a in ([%r, '--checkpoint', %r, '--protocol', 'knn'], "
         "[%r, '--checkpoint', %r, '--out', %r], [%r, %r])))"
-    ) % ("eval", ck, "export", ck, str(out / "b.pt"), "report", str(out))
-    p = run([PY, "-c", code], check=False, env_extra=blocked_env(tmp_path / "no-triton", "triton"))
+    )
+    run(
+        [PY, "-c", code % ("eval", ck, "export", ck, str(out / "b.pt"), "report", str(out))],
+        env_extra=blocked_env(tmp_path / "no-triton", "triton"),
+    )  # (exit 0: no triton needed to read it)
+
+    # a checkpoint whose pickle names a module this installation lacks (e.g. a plugin method's)
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "fastssl_plugin_method.py").write_text("class PluginConfig:\n    pass\n")
+    other = tmp_path / "other"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("report*", "tb"))
+    ck2 = str(other / "checkpoints" / "last.pt")
+    run(
+        [
+            PY,
+            "-c",
+            "import sys, torch, fastssl_plugin_method as m; c = torch.load(sys.argv[1], weights_only=False); "
+            "c['plugin'] = m.PluginConfig(); torch.save(c, sys.argv[1])",
+            ck2,
+        ],
+        env_extra={"PYTHONPATH": f"{plugin}{os.pathsep}{ROOT}"},
+    )
+    p = run([PY, "-c", code % ("eval", ck2, "export", ck2, str(other / "b.pt"), "report", str(other))], check=False)
     assert p.returncode == 2, p.stderr[-2000:]
-    lines = [x for x in p.stderr.splitlines() if ck in x]
+    lines = [x for x in p.stderr.splitlines() if ck2 in x]
     assert len(lines) == 3, p.stderr[-3000:]  # one line from each tool
     for line in lines:
-        assert "needs the Python module 'triton'" in line and "corrupt" not in line, line
+        assert "needs the Python module 'fastssl_plugin_method'" in line and "corrupt" not in line, line
 
 
 def test_torch_index_equals_faiss_flat():
