@@ -1,7 +1,24 @@
+"""The tests' shared helpers, imported as ``from conftest import ...`` (no test file imports
+another): running a config (``run``, ``train_cmd``, ``kill_and_resume``, ``eval_trained_and_random``),
+reading a run's metrics (``read_metrics``, ``step_records``, ``epoch_records``), building and running
+a DALI graph (``run_dali_graph``, ``dali_patches``) and the executor comparison (``executors``,
+``reference``).
+
+The tiers are markers on the tests themselves (declared in pyproject.toml): ``@pytest.mark.slow``
+on a test that trains, benchmarks or compiles in subprocesses, over ~5 s of one worker on the
+2-core CPU (measured with --durations; a new test that slow gets the marker too), ``ddp`` on one
+that starts several processes (torchrun, torch.distributed with gloo), ``learning`` on one that
+trains a method and checks that its features beat a random-init network's; ``pytestmark`` where
+a whole file is one tier.  Fast tier, for the edit loop (about 1 minute on 2 workers):
+pytest -n 2 -m "not slow" tests
+"""
+
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,144 +40,6 @@ TINY = [
     "train.log_every_steps=1",
     "data.num_workers=1",
 ]
-
-
-# The slow tier: tests that train, benchmark or compile in subprocesses, each over ~5 s of one
-# worker on the 2-core CPU (measured with --durations; a new test that slow goes here too).
-# Fast tier, for the edit loop (about 1 minute on 2 workers): pytest -n 2 -m "not slow" tests
-SLOW = {
-    "test_bank.py": {"test_two_ranks_apply_every_ranks_batch_and_agree"},
-    "test_benchmarks.py": {
-        "test_imagenet_headline_tiny_prints_its_table",
-        "test_bank_precision_benchmark_tiny",
-        "test_entry_point_tiny_writes_report",
-        "test_exemplar_benchmark_tiny",
-        "test_kernel_benchmark_tiny",
-        "test_lab_benchmark_tiny",
-        "test_pipeline_benchmark_tiny",
-    },
-    "test_cli.py": {"test_doctor", "test_report", "test_train_eval_export"},
-    "test_doctor.py": {
-        "test_a_failing_component_gives_exit_1_and_the_others_still_run",
-        "test_quick_json_every_component_on_cpu",
-        "test_training_row_and_unknown_names",
-        "test_the_method_rows_come_from_the_registry",
-    },
-    "test_eval.py": {"test_eval_cli_writes_json", "test_random_init_and_bad_checkpoint"},
-    "test_exemplar_authors.py": {
-        "test_fixed_set_survives_a_kill_and_resume_bit_exactly",
-        "test_short_run_with_every_authors_switch",
-    },
-    "test_exemplar.py": {
-        "test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init",
-        "test_resume_from_the_checkpoint_written_as_the_second_stage_began",
-        "test_materialise_then_train_from_the_file",
-        "test_processes_do_not_import_torchvision_unless_a_resnet_is_built",
-        "test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering",
-        "test_torch_pipeline_resumes_bit_exactly_after_a_kill_mid_epoch",
-    },
-    "test_gpu_acceptance.py": {
-        "test_acceptance_tiny_gives_every_sections_rows_and_the_readme_renders_them",
-        "test_a_section_stopped_half_way_keeps_the_rows_it_finished",
-        "test_acceptance_without_dali_still_gives_pipeline_and_loss_rows",
-        "test_train_step_failure_row_has_the_stderr_and_knn_impls",
-    },
-    "test_fallback.py": {
-        "test_auto_trains_on_the_tensor_executor_without_dali",
-        "test_explicit_dali_pipeline_without_dali_stops_in_one_line",
-    },
-    "test_step_settings.py": {
-        "test_compile_compiles_the_backbone_and_keeps_the_checkpoint",
-        "test_nan_step_skipped_on_the_device_with_the_fused_optimiser",
-    },
-    "test_sync.py": {"test_host_reads_do_not_grow_with_the_steps", "test_the_counter_sees_the_old_per_step_read"},
-    "test_gpu_ready.py": {
-        "test_the_one_time_check_compiles_the_variants_training_launches",
-        "test_a_fused_backward_returning_half_the_gradient_is_caught_in_bf16",
-        "test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent",
-        "test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits",
-        "test_training_continues_on_eager_when_the_kernel_check_fails",
-    },
-    "test_export.py": {"test_layerwise_raw_input_export_round_trip"},
-    "test_folder_configs.py": {"test_train_on_your_own_images"},
-    "test_guide.py": {"test_the_tools_take_the_example_with_no_other_edit"},
-    "test_install.py": {
-        "test_wheel_installs_and_runs_outside_the_checkout",
-        "test_core_install_without_dali_or_faiss_trains_evaluates_and_reports",
-        "test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint",
-    },
-    "test_invp_authors.py": {"test_each_authors_mode_trains"},
-    "test_invp.py": {
-        "test_ablations_run",
-        "test_bank_and_graph_survive_kill_and_resume",
-        "test_bank_consistent_under_two_process_ddp",
-        "test_builtin_learn_run_beats_random_init",
-        "test_graph_with_approximate_index_runs",
-    },
-    "test_kernels.py": {"test_training_loss_fused_matches_eager"},
-    "test_layerwise_authors.py": {"test_short_run_per_mode"},
-    "test_layerwise.py": {
-        "test_sigkill_in_second_stage_then_resume_equals_uninterrupted",
-        "test_transferred_first_layer_beats_random_init",
-        "test_two_stages_freeze_the_first_and_write_filters",
-    },
-    "test_monitor.py": {"test_monitor_changes_nothing_in_training", "test_monitor_logged_for_every_method"},
-    "test_multinode.py": {"test_two_nodes_one_process_each"},
-    "test_reliability.py": {
-        "test_evaluation_preempted_then_resumed",
-        "test_failed_checkpoint_write_keeps_the_previous_one",
-        "test_invalid_config_values_are_refused_naming_the_key",
-        "test_nan_loss_is_skipped_and_counted",
-        "test_nan_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint",
-        "test_nan_skip_under_two_process_ddp",
-        "test_splitbrain_sigkill_then_resume_equals_uninterrupted_run",
-        "test_training_skips_bad_files_and_runs_whole_epochs",
-        "test_truncated_checkpoint_is_reported_on_resume",
-    },
-    "test_report.py": {"test_report_of_a_layerwise_run", "test_report_of_a_real_run"},
-    "test_splitbrain.py": {"test_short_run_beats_random_init"},
-    "test_train.py": {
-        "test_resume_without_checkpoint_starts_fresh_and_bad_checkpoint_is_reported",
-        "test_resume_with_changed_settings_says_which",
-        "test_sc_beats_random_init_under_the_linear_probe",
-        "test_sigkill_then_resume_equals_uninterrupted_run",
-        "test_sigterm_checkpoints_and_exits_zero_then_resumes",
-        "test_sigusr1_to_one_rank_stops_both",
-        "test_torch_pipeline_trains_too",
-        "test_two_process_gloo_ddp_writes_the_run_files",
-    },
-}
-
-
-# Tests that start several processes (torchrun, torch.distributed with gloo): `-m ddp` runs them alone.
-DDP = {
-    "test_bank.py": {"test_two_ranks_apply_every_ranks_batch_and_agree"},
-    "test_cli.py": {"test_train_nproc_runs_torchrun"},
-    "test_folder.py": {"test_two_rank_run_checks_the_folder_once"},
-    "test_install.py": {"test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint"},
-    "test_gpu_ready.py": {"test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent"},
-    "test_invp.py": {"test_bank_consistent_under_two_process_ddp"},
-    "test_multinode.py": {"test_two_nodes_one_process_each"},
-    "test_reliability.py": {"test_nan_skip_under_two_process_ddp"},
-    "test_train.py": {"test_two_process_gloo_ddp_writes_the_run_files", "test_sigusr1_to_one_rank_stops_both"},
-}
-# Tests that train a method and check that its features beat a random-init network's: `-m learning`.
-LEARNING = {
-    "test_exemplar.py": {"test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init"},
-    "test_invp.py": {"test_builtin_learn_run_beats_random_init"},
-    "test_layerwise.py": {"test_transferred_first_layer_beats_random_init"},
-    "test_splitbrain.py": {"test_short_run_beats_random_init"},
-    "test_train.py": {"test_sc_beats_random_init_under_the_linear_probe"},
-}
-MARKS = {"slow": SLOW, "ddp": DDP, "learning": LEARNING}  # (the markers are declared in pyproject.toml)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for mark, tests in MARKS.items():
-            names = tests.get(item.path.name, ())
-            if item.originalname in names or item.name in names:
-                item.add_marker(getattr(pytest.mark, mark))
 
 
 def env():
@@ -190,8 +69,6 @@ def train_cmd(out_dir, *overrides, config="configs/sc/builtin.yaml", nproc=None,
 def eval_trained_and_random(run_dir, protocol, *overrides):
     """``python -m fastssl.eval`` of ``run_dir``'s last checkpoint and of the same network
     untrained (``--random-init``): their result files, (trained, random)."""
-    import json
-
     res = []
     for flag in ([], ["--random-init"]):
         run(
@@ -230,6 +107,23 @@ def blocked_imports(folder, *modules) -> dict:
     return {"PYTHONPATH": str(folder) + os.pathsep + ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+def read_metrics(run_dir) -> list:
+    """The records of ``run_dir``'s ``metrics.jsonl``, in the order written (one dict a line)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_records(run_dir) -> list:
+    """The training steps' records (``MetricsLogger.log``): those with a ``loss``."""
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+def epoch_records(run_dir, *keys) -> list:
+    """The epoch records (``MetricsLogger.log_epoch``: no ``loss``), those carrying every one of
+    ``keys`` when given."""
+    return [r for r in read_metrics(run_dir) if "loss" not in r and all(k in r for k in keys)]
+
+
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -259,3 +153,78 @@ def tiny_cfg():
         return load_config(config, [*TINY, *overrides])
 
     return make
+
+
+def run_dali_graph(images, graph):
+    """``graph`` (DALI ``fn`` calls on one input, returning a list of outputs) as a CPU pipeline
+    on one batch of ``images`` (HWC uint8): each output stacked, (n, ...)."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
+    def pipe():
+        return tuple(graph(fn.external_source(source=lambda: images, batch=True)))
+
+    p = pipe()
+    p.build()
+    return [np.stack([np.asarray(o[i]) for i in range(len(images))]) for o in p.run()]
+
+
+def dali_patches(images, recipe, columns):
+    """The DALI surrogate-patch graph of ``recipe`` (CPU backend) on one batch of ``images``
+    with explicit parameters (``columns``: for each parameter input the graph reads, in its
+    order, the images' values, one array each): (n, P, P, 3) uint8."""
+    from fastssl.data.executors.dali import build_dali_pipeline
+
+    class Src:
+        def __iter__(self):
+            self.done = False
+            return self
+
+        def __next__(self):
+            if self.done:
+                raise StopIteration
+            self.done = True
+            return [[np.ascontiguousarray(i) for i in images], [np.array([k]) for k in range(len(images))]] + [
+                list(c) for c in columns
+            ]
+
+    pipe = build_dali_pipeline(
+        Src(), recipe, "cpu", len(images), 1, None, images[0].shape[0], False, (0.5,) * 3, (0.25,) * 3
+    )
+    pipe.build()
+    out, _ = pipe.run()
+    return np.stack([np.asarray(out[i]) for i in range(len(images))])
+
+
+# The executor comparison (test_ops.py, and the guide's example recipe in test_guide.py): the
+# base size, mean and std of the executors' views.
+EXECUTOR_SIZE, EXECUTOR_MEAN, EXECUTOR_STD = 24, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def executors(split, r, batch=16):
+    """Every executor present here on ``split`` and recipe ``r``, by name."""
+    from fastssl.data.executors.dali import DaliExecutor
+    from fastssl.data.executors.dataloader import TorchExecutor
+    from fastssl.data.executors.tensor import TensorExecutor
+
+    common = dict(
+        split=split, recipe=r, batch_size=batch, seed=3, rank=0, world=1, mean=EXECUTOR_MEAN, std=EXECUTOR_STD
+    )
+    return {
+        "dali-cpu": DaliExecutor(**common, device="cpu", base_size=EXECUTOR_SIZE, num_threads=1),
+        "torch": TorchExecutor(**common, base_size=EXECUTOR_SIZE, num_workers=0),
+        "tensor": TensorExecutor(**common, device="cpu"),
+    }
+
+
+def reference(images, r, epoch, batch=16):
+    """The torch faces applied directly to the plan: the maths every executor must reproduce."""
+    from fastssl.data.executors.base import run_torch
+    from fastssl.data.ops import ViewContext
+    from fastssl.data.plan import make_epoch_plan
+
+    plan = make_epoch_plan(len(images), batch, r.draw, 3, epoch)
+    ctx = ViewContext(r.size, EXECUTOR_MEAN, EXECUTOR_STD)
+    for k in range(plan.steps):
+        s = plan.step(k)
+        yield s.index, run_torch(r, torch.from_numpy(images[s.index]).permute(0, 3, 1, 2), s, ctx)

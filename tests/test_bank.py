@@ -129,6 +129,8 @@ def _gloo_worker(rank, world, store, q):
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_two_ranks_apply_every_ranks_batch_and_agree(tmp_path):
     import torch.multiprocessing as mp
 

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import PY, run
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_tiny(tmp_path):
     run(
         [
@@ -34,6 +37,7 @@ def test_pipeline_benchmark_tiny(tmp_path):
     assert "| sc | 32px | dali-cpu |" in (tmp_path / "pipelines-sc.md").read_text()
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_tiny(tmp_path):
     run([PY, "-m", "benchmarks.kernels", "--tiny", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "kernels.json").read_text())
@@ -50,6 +54,7 @@ def test_kernel_benchmark_tiny(tmp_path):
     assert "| sc | B=64 D=32 | float32 |" in md and "| invp-bank | B=16 N=3000 D=32 K=64 | float32 |" in md
 
 
+@pytest.mark.slow
 def test_entry_point_tiny_writes_report(tmp_path):
     run([PY, "-m", "benchmarks", "--tiny", "--suites", "knn", "train_step", "--out", str(tmp_path)], timeout=900)
     report = (tmp_path / "report.md").read_text()
@@ -71,6 +76,7 @@ def test_readme_benchmark_section_is_in_sync():
     assert p.returncode == 0, p.stderr
 
 
+@pytest.mark.slow
 def test_lab_benchmark_tiny(tmp_path):
     run(
         [
@@ -95,6 +101,7 @@ def test_lab_benchmark_tiny(tmp_path):
     assert {r["rescale"] for r in rows} == {False, True} and (tmp_path / "lab.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_exemplar_benchmark_tiny(tmp_path):
     run(
         [
@@ -122,6 +129,7 @@ def test_exemplar_benchmark_tiny(tmp_path):
     assert all(r["patches"] == 256 for r in rows) and (tmp_path / "exemplar.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_imagenet_headline_tiny_prints_its_table(tmp_path):
     """The headline benchmark at tiny sizes: an ImageNet-shaped JPEG folder made here, SC trained
     from it on the DataLoader, DALI CPU and the synthetic ceiling, rows in its table (InvP's rows:
@@ -144,6 +152,7 @@ def test_imagenet_headline_tiny_prints_its_table(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_bank_precision_benchmark_tiny(tmp_path):
     p = run([PY, "-m", "benchmarks.bank_precision", "--n", "4096", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bank-precision.json").read_text())["rows"]

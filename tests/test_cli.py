@@ -71,6 +71,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_eval_export(run_dir):
     ck = run_dir / "checkpoints" / "last.pt"
     assert ck.is_file() and (run_dir / "metrics.jsonl").is_file()
@@ -87,6 +88,7 @@ def test_train_eval_export(run_dir):
     assert exported["meta"]["arch"] == "convnet" and exported["meta"]["step"] == 2
 
 
+@pytest.mark.slow
 def test_report(run_dir):
     p = run(FASTSSL + ["report", str(run_dir)], check=False)
     if importlib.util.find_spec("fastssl.report") is None:
@@ -96,6 +98,7 @@ def test_report(run_dir):
     assert (run_dir / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_doctor():
     p = run(FASTSSL + ["doctor", "--quick", "--only", "faiss"], check=False)  # (all of --quick: ~1 min on 2 cores)
     if importlib.util.find_spec("fastssl.doctor") is None:
@@ -144,6 +147,7 @@ def test_bench_passes_arguments_through(monkeypatch, capsys):
     assert "needs a fastssl checkout" in _one_line(capsys.readouterr().err)
 
 
+@pytest.mark.ddp
 def test_train_nproc_runs_torchrun(capsys):
     from fastssl import cli
 

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import PY, ROOT, run
@@ -37,6 +38,7 @@ def rows_of(path):
     return data, {r["id"]: r for r in data["components"]}
 
 
+@pytest.mark.slow
 def test_quick_json_every_component_on_cpu(tmp_path):
     p = doctor("--quick", "--jobs", "2", "--json", str(tmp_path / "d.json"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -56,6 +58,7 @@ def test_quick_json_every_component_on_cpu(tmp_path):
     assert "[ 1/" in p.stdout  # progress lines as it goes
 
 
+@pytest.mark.slow
 def test_a_failing_component_gives_exit_1_and_the_others_still_run(tmp_path):
     """The selfcheck's fault injection fails sc_loss; a crashing worker (FASTSSL_FAULT_DOCTOR) fails
     faiss; triplet still passes; one line of why each."""
@@ -77,6 +80,7 @@ def test_a_failing_component_gives_exit_1_and_the_others_still_run(tmp_path):
     assert "failed: float32: fault injected" in p.stdout and "2 of 4 components failed" in p.stdout
 
 
+@pytest.mark.slow
 def test_training_row_and_unknown_names(tmp_path):
     p = doctor("--only", "train:layerwise", "--json", str(tmp_path / "d.json"))
     assert p.returncode == 0, p.stdout[-3000:]
@@ -87,6 +91,7 @@ def test_training_row_and_unknown_names(tmp_path):
     assert bad.returncode == 2 and "unknown component 'kernal'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_the_method_rows_come_from_the_registry(tmp_path):
     """The per-method rows are the registry's, listed in a worker: when that worker crashes, one
     failed row says so (and the doctor still finishes)."""

@@ -56,6 +56,7 @@ def checkpoint(tmp_path_factory):
     return out / "checkpoints" / "last.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["linear", "knn", "finetune"])
 def test_eval_cli_writes_json(checkpoint, protocol, tmp_path):
     out = tmp_path / f"{protocol}.json"
@@ -85,6 +86,7 @@ def test_eval_cli_writes_json(checkpoint, protocol, tmp_path):
         assert res["labels"] == 100
 
 
+@pytest.mark.slow
 def test_random_init_and_bad_checkpoint(checkpoint, tmp_path):
     out = tmp_path / "r.json"
     run(

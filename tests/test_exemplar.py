@@ -11,11 +11,10 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import PY, ROOT, TINY, run, train_cmd
+from conftest import PY, ROOT, TINY, dali_patches, read_metrics, run, train_cmd
 from fastssl.config import ConfigError, load_config
 from fastssl.data import surrogate as ex
 from fastssl.data.decode import to_chw
-from fastssl.data.executors.dali import build_dali_pipeline
 
 CFG = "configs/exemplar/builtin.yaml"
 SMALL = [
@@ -29,31 +28,7 @@ SMALL = [
 
 def run_dali(images, params, patch=32):
     """The DALI graph (CPU backend) on explicit parameters: (n, P, P, 3) uint8."""
-
-    class Src:
-        def __iter__(self):
-            self.done = False
-            return self
-
-        def __next__(self):
-            if self.done:
-                raise StopIteration
-            self.done = True
-            return [
-                [np.ascontiguousarray(i) for i in images],
-                [np.array([k]) for k in range(len(images))],
-                list(params.affine),
-                list(params.cmat),
-                list(params.coff),
-                list(params.hsv),
-            ]
-
-    pipe = build_dali_pipeline(
-        Src(), ex.patch_recipe(patch), "cpu", len(images), 1, None, images[0].shape[0], False, (0.5,) * 3, (0.25,) * 3
-    )
-    pipe.build()
-    out, _ = pipe.run()
-    return np.stack([np.asarray(out[i]) for i in range(len(images))])
+    return dali_patches(images, ex.patch_recipe(patch), [params.affine, params.cmat, params.coff, params.hsv])
 
 
 def both(images, params, patch=32):
@@ -243,6 +218,7 @@ def test_exemplar_cnn_is_he_initialised():
         assert not m.bias.any()
 
 
+@pytest.mark.slow
 def test_processes_do_not_import_torchvision_unless_a_resnet_is_built():
     """torchvision (and the torch._dynamo it pulls in) costs ~1.2 s per train/eval process."""
     code = (
@@ -412,6 +388,7 @@ def test_svm_folds_reads_the_stl10_fold_file(tmp_path):
 # --------------------------------------------------------------------------- materialised set, run
 
 
+@pytest.mark.slow
 def test_materialise_then_train_from_the_file(tmp_path):
     out = tmp_path / "surrogate"
     run([PY, "-m", "fastssl.data.exemplar", "--config", CFG, "--out", str(out), *TINY, *SMALL])
@@ -437,11 +414,12 @@ def test_materialise_then_train_from_the_file(tmp_path):
             config=CFG,
         )
     )
-    log = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    log = read_metrics(tmp_path / "run")
     steps = [r for r in log if "loss" in r]  # (the first record is the monitor's untrained level)
     assert any("val_acc" in r for r in log) and steps[0]["loss"] == pytest.approx(np.log(64), abs=0.3)
 
 
+@pytest.mark.slow
 def test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering(tmp_path):
     """Stage 1 trains, the clustering re-forms the classes, stage 2 retrains from scratch; a run
     SIGKILLed in stage 2 and resumed ends with the reference's weights and surrogate set."""
@@ -467,6 +445,7 @@ def test_train_cluster_retrain_and_resume_bit_exactly_across_the_clustering(tmp_
     assert len(s_ref["sset"]["members"]) > 64 // 2  # the merged classes hold clustered and held-out images
 
 
+@pytest.mark.slow
 def test_resume_from_the_checkpoint_written_as_the_second_stage_began(tmp_path):
     """Killed after the checkpoint written at stage 2's start (step 16) and before the next one
     (step 20), the resumed run restores the RNG before stage 2 re-initialises the network, as the
@@ -488,6 +467,8 @@ def test_resume_from_the_checkpoint_written_as_the_second_stage_began(tmp_path):
             assert torch.equal(v, resumed["model"][k]), k
 
 
+@pytest.mark.slow
+@pytest.mark.learning
 def test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init(tmp_path):
     """configs/exemplar/builtin-learn.yaml: stage 1 learns its 64 surrogate classes, the clustering
     re-forms them from several images each, stage 2 learns those from scratch, and the final
@@ -496,7 +477,7 @@ def test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init(tmp_pa
 
     out = tmp_path / "learn"
     proc = run(train_cmd(out, config="configs/exemplar/builtin-learn.yaml", tiny=False), timeout=1200)
-    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    log = read_metrics(out)
     val = [r["val_acc"] for r in log if "val_acc" in r]  # surrogate accuracy, 10 epochs per stage
     assert len(val) == 20 and max(val[7:10]) >= 30 and max(val[17:]) >= 20, val  # chance: 1.6%
     assert "fastssl: exemplar clustering:" in proc.stderr
@@ -510,6 +491,7 @@ def test_builtin_learn_run_trains_clusters_retrains_and_beats_random_init(tmp_pa
     assert trained["accuracy"] >= random["accuracy"] + 3, (trained, random)
 
 
+@pytest.mark.slow
 def test_torch_pipeline_resumes_bit_exactly_after_a_kill_mid_epoch(tmp_path):
     """data.pipeline=torch (DataLoader worker processes), killed mid-epoch between two checkpoints
     and resumed: the same weights as the uninterrupted run.  dali-cpu always did; on the torch

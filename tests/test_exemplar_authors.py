@@ -10,7 +10,6 @@ set (the same patches every epoch and across a kill-and-resume), the refusals of
 and a short run with every authors' switch on.
 """
 
-import json
 import os
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from conftest import ROOT, kill_and_resume, run, train_cmd
+from conftest import ROOT, dali_patches, kill_and_resume, read_metrics, run, train_cmd
 from fastssl.config import ConfigError, load_config
 from fastssl.data import surrogate as ex
 from fastssl.data.decode import to_chw
@@ -288,30 +287,6 @@ def test_text_side_draws_are_the_old_draws_bit_for_bit():
 # --------------------------------------------------------------------------- executors
 
 
-def dali_patches(images, params, recipe, patch=32):
-    from fastssl.data.executors.dali import build_dali_pipeline
-
-    class Src:
-        def __iter__(self):
-            self.done = False
-            return self
-
-        def __next__(self):
-            if self.done:
-                raise StopIteration
-            self.done = True
-            return [[np.ascontiguousarray(i) for i in images], [np.array([k]) for k in range(len(images))]] + [
-                list(ex.param_fields(params)[name][:, 0]) for name in recipe.reads
-            ]
-
-    pipe = build_dali_pipeline(
-        Src(), recipe, "cpu", len(images), 1, None, images[0].shape[0], False, (0.5,) * 3, (0.25,) * 3
-    )
-    pipe.build()
-    out, _ = pipe.run()
-    return np.stack([np.asarray(out[i]) for i in range(len(images))])
-
-
 def test_dali_and_torch_faces_agree_with_the_authors_switches():
     pytest.importorskip("nvidia.dali")
     g = np.random.default_rng(11)
@@ -319,7 +294,8 @@ def test_dali_and_torch_faces_agree_with_the_authors_switches():
     a = aug(flip=0.5, sv_shared=True, draw="uniform", stretch=True)
     basis = ex.pca_basis(to_chw(images))
     p = ex.draw_params(g, g.uniform(8, 40, (16, 2)), a, 32, 48, basis)
-    d = dali_patches(images, p, ex.patch_recipe(32, a))
+    recipe = ex.patch_recipe(32, a)
+    d = dali_patches(images, recipe, [ex.param_fields(p)[name][:, 0] for name in recipe.reads])
     t = ex.generate_torch(to_chw(images), p, 32, a).numpy()
     diff = np.abs(d.astype(int) - t.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
@@ -377,6 +353,7 @@ def test_fixed_set_shows_the_same_patches_every_epoch():
     assert not all(np.array_equal(p0[k][1], p1[k][1]) for k in p0)  # today's default: new patches
 
 
+@pytest.mark.slow
 def test_fixed_set_survives_a_kill_and_resume_bit_exactly(tmp_path):
     """Killed in stage 2 (the clustered set's fixed patches) and resumed: the resumed run
     regenerates the same fixed set and ends with the reference's weights.  (On dali-cpu;
@@ -511,6 +488,7 @@ def test_bad_authors_switches_are_refused_naming_the_key(override, key):
         load_config(os.path.join(ROOT, CFG), [override, "method.cluster.enabled=false", "data.pipeline=torch"])
 
 
+@pytest.mark.slow
 def test_short_run_with_every_authors_switch(tmp_path):
     """Stage 1 on the fixed set with the authors' transformations, their clustering features,
     stage 2 on the merged classes: finite losses, validation accuracy logged, the clustering ran."""
@@ -527,7 +505,7 @@ def test_short_run_with_every_authors_switch(tmp_path):
             config=CFG,
         )
     )
-    log = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    log = read_metrics(out)
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses and all(np.isfinite(losses)) and any("val_acc" in r for r in log)
     assert "fastssl: exemplar clustering:" in proc.stderr

@@ -212,6 +212,7 @@ def test_each_method_describes_its_own_input(tiny_cfg):
     assert input_spec(sb)["pixels"].startswith("colour split of method.space=")
 
 
+@pytest.mark.slow
 def test_layerwise_raw_input_export_round_trip(tmp_path):
     """A layer-wise input=raw run exported: the description says x / 255, and the exported net on
     x / 255 gives the features fastssl's evaluation computes (``eval_input``) from the same images."""

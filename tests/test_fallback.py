@@ -11,6 +11,7 @@ from fastssl.data.dali_check import PipelineBuildError, check_gpu_graph
 from fastssl.data.executors import choose_pipeline
 
 
+@pytest.mark.slow
 def test_auto_trains_on_the_tensor_executor_without_dali(tmp_path):
     out = tmp_path / "run"
     p = run(train_cmd(out, "train.max_steps=2"), env_extra=blocked_imports(tmp_path / "site", "nvidia.dali"))
@@ -21,6 +22,7 @@ def test_auto_trains_on_the_tensor_executor_without_dali(tmp_path):
     assert "pipeline tensor" in p.stdout and (out / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_explicit_dali_pipeline_without_dali_stops_in_one_line(tmp_path):
     out = tmp_path / "run"
     p = run(

@@ -231,6 +231,7 @@ def test_a_waiting_rank_reads_rank_zeros_verdicts(tmp_path, monkeypatch):
     assert out.startswith("decoded 0 ") and out.split(" ", 2)[2] == first.stdout.split(" ", 2)[2]
 
 
+@pytest.mark.ddp
 def test_two_rank_run_checks_the_folder_once(tmp_path):
     """torchrun with 2 processes on a folder: validation, training and both ranks share one check."""
     root = write_sized_folder(tmp_path / "data", n_per_class=12, ext="jpg")

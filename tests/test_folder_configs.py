@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from conftest import PY, ROOT, run
+from conftest import PY, ROOT, read_metrics, run
 from formats import write_folder
 
 METHODS = ("sc", "exemplar", "layerwise", "invp", "splitbrain")
@@ -35,6 +35,7 @@ def test_each_method_has_a_small_folder_config(method):
     assert re.search(r"fastssl eval --checkpoint runs/\S+/checkpoints/last\.pt --protocol \w", text)
 
 
+@pytest.mark.slow
 def test_train_on_your_own_images(tmp_path):
     """The README section's steps on a tiny folder (2 classes, train/ and val/, JPEG and PNG of
     several sizes): fastssl check, then every method's folder config trains 2 steps; SC trains one
@@ -70,8 +71,8 @@ def test_train_on_your_own_images(tmp_path):
     )
     p = run([PY, "-c", code, json.dumps(cmds)], env_extra=env)
     for method in METHODS:
-        recs = [json.loads(x) for x in (runs / f"{method}-mine" / "metrics.jsonl").read_text().splitlines()]
+        recs = read_metrics(runs / f"{method}-mine")
         assert recs and recs[-1]["step"] == (3 if method == "sc" else 2), (method, recs[-1])
-    assert any("knn_monitor" in r for r in (json.loads(x) for x in (sc / "metrics.jsonl").read_text().splitlines()))
+    assert any("knn_monitor" in r for r in read_metrics(sc))
     assert "knn accuracy" in p.stdout + p.stderr
     assert (tmp_path / "b.pt").is_file() and (sc / "report.md").is_file()

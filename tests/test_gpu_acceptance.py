@@ -34,6 +34,7 @@ def acceptance(out, *args, env_extra=None, timeout=600):
     return p, rows, records, time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_acceptance_tiny_gives_every_sections_rows_and_the_readme_renders_them(tmp_path):
     out = tmp_path / "acc"
     p, rows, records, took = acceptance(out, "--tiny")
@@ -76,6 +77,7 @@ def test_acceptance_tiny_gives_every_sections_rows_and_the_readme_renders_them(t
     assert readme.render(new, str(out)) == new  # idempotent once the markers are in
 
 
+@pytest.mark.slow
 def test_a_section_stopped_half_way_keeps_the_rows_it_finished(tmp_path):
     """The kNN suite hangs after its first row (FASTSSL_BENCH_STALL_AFTER, as a stuck measurement
     would); its limit stops it, and the row it finished is in acceptance.jsonl."""
@@ -90,6 +92,7 @@ def test_a_section_stopped_half_way_keeps_the_rows_it_finished(tmp_path):
     assert "| knn |" in md and "torch brute force" in md  # (rendered from the rows: the suite wrote no table)
 
 
+@pytest.mark.slow
 def test_acceptance_without_dali_still_gives_pipeline_and_loss_rows(tmp_path):
     """With ``import nvidia.dali`` failing: the DataLoader / tensor rows are measured, the DALI rows
     are error rows saying why, and the training losses (tensor pipeline) need no DALI."""
@@ -198,6 +201,7 @@ def test_kernel_benchmark_sizes_and_error_rows(tmp_path, monkeypatch):
     assert "| sc | B=64 D=32 | float32 | error |" in md and "* fused at sc B=64 D=32 float32: RuntimeError" in md
 
 
+@pytest.mark.slow
 def test_train_step_failure_row_has_the_stderr_and_knn_impls(tmp_path):
     p = run(
         [

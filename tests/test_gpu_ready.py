@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import PY, ROOT, TINY, run, train_cmd
+from conftest import PY, ROOT, TINY, read_metrics, run, train_cmd
 from fastssl.kernels.compiled import problems
 
 # ---------------------------------------------------------------- compiled for a GPU target
@@ -26,6 +26,7 @@ def compiled(tmp_path_factory):
     return p, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits(compiled):
     """Each launch the kernel files make (one per kernel variant and input precision), compiled as
     a real launch specialises it, at training's sizes (every size a multiple of 16) and at sizes
@@ -64,6 +65,7 @@ def test_every_kernel_configuration_compiles_for_sm90_and_sm80_and_fits(compiled
             assert r["registers"] <= 255
 
 
+@pytest.mark.slow
 def test_the_one_time_check_compiles_the_variants_training_launches():
     """The self-check's sizes keep training's sizes modulo 16, so each kernel it checks is the
     variant training launches (compared through Triton's own specialisation of the recorded
@@ -183,6 +185,7 @@ def test_auto_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     ]
 
 
+@pytest.mark.slow
 def test_training_continues_on_eager_when_the_kernel_check_fails(tmp_path):
     """A forced kernel failure: loss.impl=auto trains on the eager twin, says so in one line,
     and its losses are the eager run's."""
@@ -192,7 +195,7 @@ def test_training_continues_on_eager_when_the_kernel_check_fails(tmp_path):
             train_cmd(tmp_path / name, "train.max_steps=3", f"loss.impl={impl}", "data.batch_size=16"),
             env_extra={"TRITON_INTERPRET": "1", "FASTSSL_AUTO_INTERPRETED": "1", **extra},
         )
-        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        recs = read_metrics(tmp_path / name)
         losses[name] = [r["loss"] for r in recs if "loss" in r]  # (not the monitor's step-0 record)
         if name == "auto":
             lines = [x for x in p.stderr.splitlines() if "fused sc_loss kernel is not used" in x]
@@ -200,6 +203,7 @@ def test_training_continues_on_eager_when_the_kernel_check_fails(tmp_path):
     assert len(losses["auto"]) == 3 and losses["auto"] == losses["eager"]
 
 
+@pytest.mark.slow
 def test_a_fused_backward_returning_half_the_gradient_is_caught_in_bf16(tmp_path, monkeypatch, capsys):
     """A planted bug: the fused SC backward returns half the gradient.  In bf16 (the GPU default;
     the interpreter runs bf16 too) SC's gradients are about 0.01, which the old check, an error
@@ -290,6 +294,8 @@ def _ddp_worker(rank, world, store_path, q):
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_does_not_rebroadcast_the_state_a_method_keeps_consistent(tmp_path):
     """InvP's bank and graph (~700 MB a step at ImageNet size) are not re-sent from rank 0 at
     every forward; other buffers (BatchNorm statistics) still are."""

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PY, ROOT, TINY
+from conftest import PY, ROOT, TINY, executors, read_metrics, reference
 
 GUIDE = Path(ROOT) / "docs" / "adding-a-method.md"
 
@@ -60,8 +60,6 @@ def test_the_table_gives_each_files_real_line_count(guide_files):
 
 
 def test_the_example_recipe_is_the_same_on_every_executor(guide_files):
-    from test_ops import executors, reference
-
     from fastssl.config import load_config
     from fastssl.data.sources import Split
     from fastssl.methods import get_method
@@ -114,7 +112,7 @@ def test_a_short_run_trains_and_checkpoints(guide_files, tmp_path, monkeypatch):
         ]
     )
     assert rc == 0
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(out)
     losses = [r["loss"] for r in logged if "loss" in r]
     assert len(losses) >= 5 and all(np.isfinite(losses))
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["config"]["method"]["name"] == "simclr"
@@ -146,6 +144,7 @@ def in_checkout(repo, *args, timeout=600):
     return p
 
 
+@pytest.mark.slow
 def test_the_tools_take_the_example_with_no_other_edit(guide_checkout, tmp_path):
     """The doctor's rows, a benchmark row, the report and an export of the guide's method, with the
     guide's two files the only change: the tools list the registry's methods and ask each what

@@ -143,13 +143,11 @@ def test_data_check_reports_the_set(tmp_path, capsys):
 
 def test_a_short_run_trains_on_idx(tmp_path):
     """A real run on IDX files: the DALI CPU pipeline, the kNN monitor and its random-init level."""
-    import json
-
-    from conftest import run, train_cmd
+    from conftest import read_metrics, run, train_cmd
 
     write_idx(tmp_path / "data", n_train=128, n_test=64)
     out = tmp_path / "run"
     run(train_cmd(out, "data.source=idx", f"data.path={tmp_path / 'data'}", "train.epochs=1", "train.monitor_bank=64"))
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert rows[0]["step"] == 0 and 0 <= rows[0]["knn_monitor_init"] <= 100
     assert any("knn_monitor" in r for r in rows[1:])

@@ -84,6 +84,7 @@ def test_core_install_has_no_gpu_wheel_and_the_extras_match_their_cuda():
     assert "faiss-cuda==1.14.1.post4" in extras["cu13"]  # its CUDA 13 build (later releases are CUDA 12 again)
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_checkout():
     """.ci/install_check.py: build the wheel, install it into a fresh environment that reuses the
     installed torch, then fastssl --version, fastssl configs and 2 training steps of sc/builtin
@@ -166,6 +167,7 @@ print("clusters", len(lab), lab.min())
 """
 
 
+@pytest.mark.slow
 def test_core_install_without_dali_or_faiss_trains_evaluates_and_reports(tmp_path):
     """A short SC run on a core install (nvidia.dali and faiss blocked; torch pipeline, one epoch,
     so the kNN monitor runs at its end), then eval knn, export, report, the doctor's FAISS row and
@@ -289,6 +291,8 @@ def test_train_nproc_config_error_is_one_line_before_torchrun(tmp_path, capsys):
     assert "data.batch_size: 128 x 8 processes is more than the 512" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_train_nproc_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
     """Ctrl-C (SIGINT to the fastssl process) under --nproc 2: every rank finishes its step and
     the run ends as a single process does: one line, a checkpoint, exit 0, no torchrun traceback."""

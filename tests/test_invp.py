@@ -1,16 +1,23 @@
 """Invariance Propagation: graph, propagation, hard sampling and losses against direct
 computations; bank and graph through checkpoints and 2-process DDP."""
 
-import json
 from collections import deque
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import load
 
-from conftest import ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
+from conftest import (
+    ROOT,
+    eval_trained_and_random,
+    kill_and_resume,
+    load_ckpt,
+    read_metrics,
+    run,
+    step_records,
+    train_cmd,
+)
 from fastssl.losses.bank_loss import hardest_positives, invp_losses
 from fastssl.methods.invp import knn_graph, propagate
 
@@ -126,14 +133,16 @@ def test_bank_update_is_ema_and_renormalised(tiny_cfg):
     assert torch.isfinite(out["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ablation", ["method.positives=knn", "method.hard_positives=0", "method.background=0"])
 def test_ablations_run(tmp_path, ablation):
     out = tmp_path / "abl"
     run(train_cmd(out, ablation, "train.max_steps=6", "method.rampup_epoch=0", "data.batch_size=64", config=CFG))
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    recs = step_records(out)
     assert all(np.isfinite(r["loss"]) for r in recs) and recs[-1]["loss_inv"] > 0
 
 
+@pytest.mark.slow
 def test_bank_and_graph_survive_kill_and_resume(tmp_path):
     common = [
         "train.epochs=3",
@@ -149,14 +158,16 @@ def test_bank_and_graph_survive_kill_and_resume(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_bank_consistent_under_two_process_ddp(tmp_path):
     out = tmp_path / "ddp"
     run(train_cmd(out, "train.epochs=2", "data.batch_size=32", "method.rampup_epoch=1", config=CFG, nproc=2))
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(out)
     mon = [r for r in recs if "bank_consistent" in r]
     assert len(mon) == 2 and all(r["bank_consistent"] == 1.0 for r in mon)
     assert all(0 <= r["knn_monitor"] <= 100 for r in mon)  # (the generic monitor, on rank 0)
-    bank = load(out / "checkpoints" / "last.pt")["model"]["bank"]
+    bank = load_ckpt(out / "checkpoints" / "last.pt")["model"]["bank"]
     assert torch.allclose(bank.norm(dim=1), torch.ones(len(bank)), atol=1e-5)
 
 
@@ -198,6 +209,7 @@ def test_same_on_all_ranks_under_two_process_gloo(tmp_path):
     assert got == [(0, True, False), (1, True, False)]
 
 
+@pytest.mark.slow
 def test_graph_with_approximate_index_runs(tmp_path):
     out = tmp_path / "hnsw"
     run(
@@ -210,7 +222,7 @@ def test_graph_with_approximate_index_runs(tmp_path):
             config=CFG,
         )
     )
-    g = load(out / "checkpoints" / "last.pt")["model"]["graph"]
+    g = load_ckpt(out / "checkpoints" / "last.pt")["model"]["graph"]
     assert (g >= 0).all() and not (g == torch.arange(len(g))[:, None]).any()
 
 
@@ -257,6 +269,8 @@ def test_blur_is_in_the_recipe_only_when_on_and_its_window_is_the_odd_side_neare
     assert all(np.array_equal(off[k], with_blur[k]) for k in off)
 
 
+@pytest.mark.slow
+@pytest.mark.learning
 def test_builtin_learn_run_beats_random_init(tmp_path):
     """configs/invp/builtin-learn.yaml (400 steps) against the same network untrained, under the
     kNN monitor (mean of the last 10 epochs against its random-init level, probed before step 0)
@@ -264,7 +278,7 @@ def test_builtin_learn_run_beats_random_init(tmp_path):
     cfg = f"{ROOT}/configs/invp/builtin-learn.yaml"
     out = tmp_path / "learn"
     run(train_cmd(out, config=cfg, tiny=False), timeout=1200)
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(out)
     knn = [r["knn_monitor"] for r in recs if "knn_monitor" in r]
     (base,) = [r["knn_monitor_init"] for r in recs if "knn_monitor_init" in r]
     assert len(knn) == 100

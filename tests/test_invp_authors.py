@@ -13,14 +13,12 @@ them on identical random inputs: the authors' switches (``method.positives=autho
 (TRITON_INTERPRET on the CPU) and eager alike.
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run, train_cmd
+from conftest import ROOT, run, step_records, train_cmd
 from fastssl.kernels.bank_loss import bank_loss_fused
 from fastssl.knn.graph import knn_graph, propagate, refresh_neighbours
 from fastssl.losses.bank_loss import bank_loss_eager
@@ -249,6 +247,7 @@ def test_authors_cifar_config_loads_with_their_recipe():
     assert cfg.optim.schedule == "cosine" and m.blur == 0 and m.color.hue == 144.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode",
     [
@@ -275,5 +274,5 @@ def test_each_authors_mode_trains(tmp_path, mode):
         else [mode, "train.max_steps=6"]
     )
     run(train_cmd(out, *modes, "method.rampup_epoch=0", "data.batch_size=64", config=CFG))
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    recs = step_records(out)
     assert recs and all(np.isfinite(r["loss"]) for r in recs) and np.isfinite(recs[-1]["loss_inv"])

@@ -1,12 +1,10 @@
 """Each fused kernel against its eager twin: values, gradients and indices, odd sizes, dtypes.
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py)."""
 
-import json
-
 import pytest
 import torch
 
-from conftest import PY, run, train_cmd
+from conftest import PY, read_metrics, run, train_cmd
 from fastssl.kernels.bank_loss import bank_loss_fused, bank_lse, last_fallback_rows
 from fastssl.kernels.sc_loss import sc_loss_fused
 from fastssl.kernels.triplet import hardest_negatives_fused, triplet_loss_fused
@@ -189,6 +187,7 @@ def test_bank_topk_exact_when_the_threshold_sample_fails():
     assert_topk_sets_agree(idx, f @ bank.t() / 0.1, 30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/sc/builtin.yaml", "configs/invp/builtin.yaml"])
 def test_training_loss_fused_matches_eager(tmp_path, config):
     """loss.impl=fused (Triton; interpreted on CPU) gives the eager run's losses, step by step."""
@@ -196,7 +195,7 @@ def test_training_loss_fused_matches_eager(tmp_path, config):
     for impl in ("eager", "fused"):
         out = tmp_path / impl
         run(train_cmd(out, "train.max_steps=4", f"loss.impl={impl}", "data.batch_size=16", config=config))
-        recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        recs = read_metrics(out)
         losses[impl] = [r["loss"] for r in recs if "loss" in r]  # (not the monitor's step-0 record)
     assert len(losses["fused"]) == 4
     for a, b in zip(losses["fused"], losses["eager"]):

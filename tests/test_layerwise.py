@@ -1,13 +1,10 @@
 """Layer-wise contrastive: adjacent overlapping patches, stage-by-stage training, transfer."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from test_train import load
 
-from conftest import ROOT, eval_trained_and_random, kill_and_resume, run, train_cmd
+from conftest import ROOT, eval_trained_and_random, kill_and_resume, load_ckpt, read_metrics, run, train_cmd
 from fastssl.config import ConfigError
 
 CFG = "configs/layerwise/builtin.yaml"
@@ -94,16 +91,17 @@ def test_min_patch_follows_the_receptive_field():
     assert shallow_min_patch(1, kernel=5) == 6
 
 
+@pytest.mark.slow
 def test_two_stages_freeze_the_first_and_write_filters(tmp_path):
     out = tmp_path / "two"
     run(train_cmd(out, "method.layers=2", "train.epochs=1", "data.batch_size=64", config=CFG))
     after_stage1 = torch.load(out / "filters" / "layer1.pt")
-    final = load(out / "checkpoints" / "last.pt")["model"]
+    final = load_ckpt(out / "checkpoints" / "last.pt")["model"]
     assert torch.equal(final["backbone.stages.layer1.0.weight"], after_stage1)  # untouched by stage 2
     assert torch.equal(torch.load(out / "filters" / "layer2.pt"), final["backbone.stages.layer2.0.weight"])
     init = make_init_layer2()
     assert not torch.equal(final["backbone.stages.layer2.0.weight"], init)  # stage 2 trained
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(out)
     assert {r["stage"] for r in recs} == {0, 1}
     assert (out / "filters" / "layer1.png").stat().st_size > 200
 
@@ -120,6 +118,7 @@ def make_init_layer2():
     return m.backbone.stages["layer2"][0].weight.detach()
 
 
+@pytest.mark.slow
 def test_sigkill_in_second_stage_then_resume_equals_uninterrupted(tmp_path):
     common = ["method.layers=2", "train.epochs=2", "train.ckpt_every_steps=3", "data.batch_size=64"]  # 8 steps/stage
     ref, crashed, resumed, kill_at = kill_and_resume(tmp_path, common, CFG, (9, 16))  # inside the second stage
@@ -129,6 +128,8 @@ def test_sigkill_in_second_stage_then_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
+@pytest.mark.learning
 def test_transferred_first_layer_beats_random_init(tmp_path):
     """Frozen first layer in the small classifier: learned filters vs the same net untrained."""
     out = tmp_path / "learn"

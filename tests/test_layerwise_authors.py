@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run, train_cmd
+from conftest import ROOT, read_metrics, run, train_cmd
 from fastssl.config import ConfigError
 from fastssl.kernels import triplet as TK
 from fastssl.losses import triplet as T
@@ -324,6 +324,7 @@ def test_transfer_with_the_authors_classifier():
 # ---- short training runs, one per new mode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode",
     [
@@ -335,11 +336,9 @@ def test_transfer_with_the_authors_classifier():
     ids=["sqeuclidean", "semihard", "subpatches-flatten-raw", "authors"],
 )
 def test_short_run_per_mode(tmp_path, mode):
-    import json
-
     out = tmp_path / "run"
     run(train_cmd(out, *mode, "train.max_steps=3", "train.monitor_every=0", config=CFG))
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(out)
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses))
     if "method.mining=semihard" in mode:

@@ -1,21 +1,15 @@
 """The online kNN monitor: logged for every method with labels, bounded, and read-only."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_ckpt, run, train_cmd
+from conftest import epoch_records, load_ckpt, run, train_cmd
 
 CONFIGS = {"sc": [], "layerwise": [], "invp": [], "splitbrain": [], "exemplar": ["method.num_classes=64"]}
 
 
-def epoch_records(out):
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "knn_monitor" in r]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method", CONFIGS)
 def test_monitor_logged_for_every_method(tmp_path, method):
     out = tmp_path / "run"
@@ -31,7 +25,7 @@ def test_monitor_logged_for_every_method(tmp_path, method):
             config=f"configs/{method}/builtin.yaml",
         )
     )
-    recs = epoch_records(out)
+    recs = epoch_records(out, "knn_monitor")
     assert len(recs) >= 2 and all(0 <= r["knn_monitor"] <= 100 and r["monitor_s"] > 0 for r in recs)
     assert any(p.name.startswith("events") for p in (out / "tb").iterdir())  # and in TensorBoard
 
@@ -64,6 +58,7 @@ def test_monitor_off_without_labels_or_when_asked(tiny_cfg):
     assert KNNMonitor.build(cfg, build_source(cfg), get_method("sc"), torch.device("cpu")) is None
 
 
+@pytest.mark.slow
 def test_monitor_changes_nothing_in_training(tmp_path):
     """The same run with and without the monitor ends with bit-identical parameters (the demo's
     numbers are kept)."""
@@ -73,7 +68,7 @@ def test_monitor_changes_nothing_in_training(tmp_path):
         run(train_cmd(outs[every], "train.epochs=2", f"train.monitor_every={every}"))
     a, b = (load_ckpt(outs[e] / "checkpoints" / "last.pt")["model"] for e in (1, 0))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert epoch_records(outs[1]) and not epoch_records(outs[0])
+    assert epoch_records(outs[1], "knn_monitor") and not epoch_records(outs[0], "knn_monitor")
 
 
 def test_bad_monitor_values_are_refused(tiny_cfg):

@@ -1,11 +1,14 @@
 """Multi-node launch on one machine: two torchrun "nodes" of one process each, c10d rendezvous
 on 127.0.0.1, gloo: training proceeds and the ranks end with identical parameters."""
 
-import json
 import socket
 import subprocess
 
-from conftest import ROOT, TINY, TORCHRUN, env
+import pytest
+
+from conftest import ROOT, TINY, TORCHRUN, env, read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
 def free_port():
@@ -40,6 +43,6 @@ def test_two_nodes_one_process_each(tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "2 x cpu" in outs[0] + outs[1]
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(out)
     assert max(r["step"] for r in recs) == 6
     assert [r["ranks_agree"] for r in recs if "ranks_agree" in r] == [1.0]

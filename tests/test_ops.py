@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl.data.executors.base import run_torch
-from fastssl.data.executors.dali import DaliExecutor
-from fastssl.data.executors.dataloader import TorchExecutor
+from conftest import EXECUTOR_MEAN, EXECUTOR_SIZE, EXECUTOR_STD, executors, reference
 from fastssl.data.executors.tensor import TensorExecutor
 from fastssl.data.lab import ColorSplit
 from fastssl.data.ops import HSV, Blur, Crop, Flip, Grey, Normalise, Resize, SplitTargets, ToSpace, ViewContext
-from fastssl.data.plan import ColorJitter, draw_blur, draw_hsv, make_epoch_plan
+from fastssl.data.plan import ColorJitter, draw_blur, draw_hsv
 from fastssl.data.recipe import Recipe
 from fastssl.data.sources import Split, make_builtin
 
-SIZE, MEAN, STD = 24, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+SIZE, MEAN, STD = EXECUTOR_SIZE, EXECUTOR_MEAN, EXECUTOR_STD
 
 
 def draw(side=13, ragged=False, views=2):
@@ -65,24 +63,6 @@ def recipe(name):
     return Recipe(
         draw(16 if "targets" in name else 13, ragged), ops, views=2, size=16 if "targets" in name else 13, name=name
     )
-
-
-def executors(split, r, batch=16):
-    common = dict(split=split, recipe=r, batch_size=batch, seed=3, rank=0, world=1, mean=MEAN, std=STD)
-    return {
-        "dali-cpu": DaliExecutor(**common, device="cpu", base_size=SIZE, num_threads=1),
-        "torch": TorchExecutor(**common, base_size=SIZE, num_workers=0),
-        "tensor": TensorExecutor(**common, device="cpu"),
-    }
-
-
-def reference(images, r, epoch, batch=16):
-    """The torch faces applied directly to the plan: the maths every executor must reproduce."""
-    plan = make_epoch_plan(len(images), batch, r.draw, 3, epoch)
-    ctx = ViewContext(r.size, MEAN, STD)
-    for k in range(plan.steps):
-        s = plan.step(k)
-        yield s.index, run_torch(r, torch.from_numpy(images[s.index]).permute(0, 3, 1, 2), s, ctx)
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -17,14 +17,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_train import load, records
 
-from conftest import PY, ROOT, TINY, env, kill_and_resume, run, train_cmd
+from conftest import PY, ROOT, TINY, env, kill_and_resume, load_ckpt, read_metrics, run, step_records, train_cmd
 from fastssl.config import ConfigError, load_config
 
 # --------------------------------------------------------------------------- crash resume
 
 
+@pytest.mark.slow
 def test_splitbrain_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     common = ["train.epochs=2", "train.ckpt_every_steps=4", "data.builtin.num_train=384"]  # 12 steps/epoch
     a, _, b, kill_at = kill_and_resume(tmp_path, common, "configs/splitbrain/builtin.yaml", (5, 23))
@@ -36,17 +36,19 @@ def test_splitbrain_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 # --------------------------------------------------------------------------- non-finite losses
 
 
+@pytest.mark.slow
 def test_nan_loss_is_skipped_and_counted(tmp_path):
     out = tmp_path / "nan"
     run(train_cmd(out, "train.max_steps=8", "train.ckpt_every_steps=100"), env_extra={"FASTSSL_NAN_AT_STEPS": "3,5"})
-    recs = [r for r in records(out) if "loss" in r]
+    recs = step_records(out)
     assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1, 2, 2, 2, 2]
     assert np.isnan(recs[2]["loss"]) and all(np.isfinite(r["loss"]) for i, r in enumerate(recs) if i not in (2, 4))
-    ck = load(out / "checkpoints/last.pt")
+    ck = load_ckpt(out / "checkpoints/last.pt")
     assert ck["step"] == 8 and ck["skipped_steps"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nan_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path):
     out = tmp_path / "nan3"
     p = run(
@@ -56,26 +58,31 @@ def test_nan_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path):
     )
     assert p.returncode == 3
     assert "3 non-finite losses in a row" in p.stdout + p.stderr
-    ck = load(out / "checkpoints/last.pt")
+    ck = load_ckpt(out / "checkpoints/last.pt")
     assert ck["step"] == 6  # the periodic checkpoint at step 6: its parameters are those of step 4
     ref = tmp_path / "ref"
     run(train_cmd(ref, "train.max_steps=4", "train.ckpt_every_steps=2"))
-    good = load(ref / "checkpoints/last.pt")["model"]
+    good = load_ckpt(ref / "checkpoints/last.pt")["model"]
     for k, v in good.items():
         if "running" not in k and "num_batches" not in k:  # BN statistics saw the skipped batches
             assert torch.equal(v, ck["model"][k]), k
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_nan_skip_under_two_process_ddp(tmp_path):
     out = tmp_path / "ddpnan"
     run(train_cmd(out, "train.max_steps=5", nproc=2), env_extra={"FASTSSL_NAN_AT_STEPS": "2"})
-    recs = [r for r in records(out) if "loss" in r]
-    assert recs[-1]["skipped_steps"] == 1 and [r["ranks_agree"] for r in records(out) if "ranks_agree" in r] == [1.0]
+    recs = step_records(out)
+    assert recs[-1]["skipped_steps"] == 1 and [r["ranks_agree"] for r in read_metrics(out) if "ranks_agree" in r] == [
+        1.0
+    ]
 
 
 # --------------------------------------------------------------------------- storage faults
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
     out = tmp_path / "disk"
     p = run(
@@ -85,10 +92,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
     )
     assert p.returncode == 3
     assert "No space left on device" in p.stdout + p.stderr and "is intact" in p.stdout + p.stderr
-    assert load(out / "checkpoints/last.pt")["step"] == 3
+    assert load_ckpt(out / "checkpoints/last.pt")["step"] == 3
     assert not [f for f in os.listdir(out / "checkpoints") if f.startswith(".tmp")]
     run(train_cmd(out, "train.max_steps=10", "train.ckpt_every_steps=3") + ["--resume"])
-    assert load(out / "checkpoints/last.pt")["step"] == 10
+    assert load_ckpt(out / "checkpoints/last.pt")["step"] == 10
 
 
 def test_save_atomic_failure_midway_in_process(tmp_path):
@@ -102,6 +109,7 @@ def test_save_atomic_failure_midway_in_process(tmp_path):
     assert ckpt.load(path)["step"] == 5 and os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_reported_on_resume(tmp_path):
     out = tmp_path / "trunc"
     run(train_cmd(out, "train.max_steps=2"))
@@ -114,6 +122,7 @@ def test_truncated_checkpoint_is_reported_on_resume(tmp_path):
 # --------------------------------------------------------------------------- pre-emption of evaluation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_evaluation_preempted_then_resumed(tmp_path, sig):
     cfg = os.path.join(ROOT, "configs/sc/builtin.yaml")
@@ -208,6 +217,7 @@ def test_data_check_names_each_bad_file(tmp_path, monkeypatch):
     assert "59 usable images (2 converted to RGB), 4 bad" in p.stdout
 
 
+@pytest.mark.slow
 def test_training_skips_bad_files_and_runs_whole_epochs(tmp_path):
     root = _bad_folder(tmp_path)
     out = tmp_path / "run"
@@ -230,7 +240,7 @@ def test_training_skips_bad_files_and_runs_whole_epochs(tmp_path):
         env_extra={"FASTSSL_CACHE": str(tmp_path / "cache")},
     )
     assert "4 unreadable image files left out" in p.stderr
-    ck = load(out / "checkpoints/last.pt")
+    ck = load_ckpt(out / "checkpoints/last.pt")
     assert ck["epoch"] == 2 and ck["step"] == 2 * (51 // 16)  # 51 usable train images (2 of them converted)
 
 
@@ -301,6 +311,7 @@ INVALID = {
 }
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_invalid_config_values_are_refused_naming_the_key(data):

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import PY, ROOT, run, train_cmd
+from conftest import PY, ROOT, read_metrics, run, train_cmd
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -50,6 +50,7 @@ def sc_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_of_a_real_run(sc_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in sc_run.rglob("*")}
     rc, out, err = report(sc_run, capsys)
@@ -63,7 +64,7 @@ def test_report_of_a_real_run(sc_run, capsys):
     assert grid_size(32, 16, 8) == (1298, 1222)
     assert png_size(sc_run / "report" / "retrieval.png") == (1298, 1222)
     # kNN monitor: plotted when the epoch records carry it, said so otherwise
-    recs = [json.loads(x) for x in (sc_run / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(sc_run)
     if any("knn_monitor" in r for r in recs):
         assert "report/knn_monitor.png" in linked
     else:
@@ -102,6 +103,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     assert rc == 2 and err.strip().endswith("absent: no such folder")
 
 
+@pytest.mark.slow
 def test_report_of_a_layerwise_run(tmp_path, capsys):
     """Another backbone (the shallow net) and two stages: the features of the last trained
     stage, the 6x6 first layer, and the run's own filters/layer1.png linked too."""

@@ -8,7 +8,7 @@ from skimage import data as skdata
 from skimage.color import lab2rgb, rgb2lab
 
 from benchmarks.lab import reference_bins
-from conftest import ROOT, eval_trained_and_random, run, train_cmd
+from conftest import ROOT, eval_trained_and_random, run, run_dali_graph, train_cmd
 from fastssl.config import ConfigError
 from fastssl.data.lab import ColorSplit, dali_colour, rgb_to_lab
 
@@ -32,22 +32,10 @@ def random_images(n=4, side=96, seed=0):
     return ims
 
 
-def run_dali(images, graph):
-    from nvidia.dali import fn, pipeline_def
-
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
-    def pipe():
-        return tuple(graph(fn.external_source(source=lambda: images, batch=True)))
-
-    p = pipe()
-    p.build()
-    return [np.stack([np.asarray(o[i]) for i in range(len(images))]) for o in p.run()]
-
-
 @pytest.mark.parametrize("kind", ["random", "real"])
 def test_dali_lab_equals_skimage(kind):
     ims = random_images() if kind == "random" else real_images()
-    (lab,) = run_dali(ims, lambda x: [dali_colour(x, "lab")])
+    (lab,) = run_dali_graph(ims, lambda x: [dali_colour(x, "lab")])
     ref = np.stack([rgb2lab(i) for i in ims])
     assert np.abs(lab - ref).max() < 1e-3
 
@@ -64,7 +52,7 @@ def test_torch_lab_equals_skimage():
 def test_dali_targets_equal_numpy_bin_for_bin(space, rescale):
     split = ColorSplit(space=space, rescale=rescale, factor=8)
     ims = random_images() + real_images()
-    _, t1, t2 = run_dali(ims, lambda x: split.dali(x, 96))
+    _, t1, t2 = run_dali_graph(ims, lambda x: split.dali(x, 96))
     assert t1.shape == t2.shape == (len(ims), 12, 12) and t1.dtype == np.int32
     sure_total = []
     for k, im in enumerate(ims):
@@ -81,7 +69,7 @@ def test_dali_targets_equal_numpy_bin_for_bin(space, rescale):
 def test_torch_executor_matches_dali():
     split = ColorSplit(space="lab", rescale=True, factor=4)
     ims = random_images(side=32) + [np.ascontiguousarray(i[:32, :32]) for i in real_images()]
-    dali = run_dali(ims, lambda x: split.dali(x, 32))
+    dali = run_dali_graph(ims, lambda x: split.dali(x, 32))
     ref = split.torch(torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2))
     np.testing.assert_allclose(dali[0], ref[0].numpy(), atol=1e-4)
     for d, t in zip(dali[1:], ref[1:]):
@@ -111,7 +99,7 @@ def test_bin_centres_map_back_to_their_bins():
     ):
         rgb = np.round(lab2rgb(lab[keep][None])[0] * 255).astype(np.uint8)
         im, side = blocks_image(rgb)
-        out = run_dali([im], lambda x: split.dali(x, im.shape[0]))[which][0].reshape(-1)
+        out = run_dali_graph([im], lambda x: split.dali(x, im.shape[0]))[which][0].reshape(-1)
         np.testing.assert_array_equal(out[: keep.sum()], want[keep])
 
 
@@ -178,6 +166,8 @@ def test_bad_settings_are_refused(tiny_cfg, override, key):
         tiny_cfg(*override, config=f"{ROOT}/{CFG}")
 
 
+@pytest.mark.slow
+@pytest.mark.learning
 def test_short_run_beats_random_init(tmp_path):
     out = tmp_path / "sb"
     run(

@@ -13,14 +13,12 @@ and constants (NN = 10, sigma = 5, alpha = 1, gamma = 0.5, thresh = 5).  Split-B
 training code is not public.
 """
 
-import json
-
 import numpy as np
 import pytest
 import sklearn.neighbors as nn
 import torch
 
-from conftest import ROOT, run, train_cmd
+from conftest import ROOT, read_metrics, run, run_dali_graph, train_cmd
 from fastssl.config import ConfigError
 from fastssl.data.lab import GRID313, ColorSplit, nongray_mask, prior_factor, rgb_to_lab, soft_encode
 
@@ -267,18 +265,6 @@ def test_bad_ab_bins_are_refused(tiny_cfg, override):
         tiny_cfg(*override, config=f"{ROOT}/{CFG}")
 
 
-def run_dali(images, graph):
-    from nvidia.dali import fn, pipeline_def
-
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
-    def pipe():
-        return tuple(graph(fn.external_source(source=lambda: images, batch=True)))
-
-    p = pipe()
-    p.build()
-    return [np.stack([np.asarray(o[i]) for i in range(len(images))]) for o in p.run()]
-
-
 def test_dali_and_torch_faces_agree_in_grid313():
     pytest.importorskip("nvidia.dali")
     from skimage import data as skdata
@@ -287,7 +273,7 @@ def test_dali_and_torch_faces_agree_in_grid313():
     rng = np.random.default_rng(0)
     ims = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
     ims += [np.ascontiguousarray(getattr(skdata, n)()[100:132, 150:182]) for n in ("astronaut", "coffee")]
-    dali = run_dali(ims, lambda x: split.dali(x, 32))
+    dali = run_dali_graph(ims, lambda x: split.dali(x, 32))
     ref = split.torch(torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2))
     assert dali[2].shape == (4, 2, 4, 4) and dali[2].dtype == np.float32 and ref[2].dtype == torch.float32
     np.testing.assert_allclose(dali[0], ref[0].numpy(), atol=1e-4)
@@ -373,7 +359,7 @@ def test_grid313_crop_graph_builds_on_the_gpu(grid_method, monkeypatch):
 def test_short_grid313_run(tmp_path):
     out = tmp_path / "sb313"
     run(train_cmd(str(out), *GRID, "train.max_steps=3", "data.pipeline=dali-cpu", config=CFG), timeout=600)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     losses = [r["loss_to_ab"] for r in rows if "loss_to_ab" in r]
     assert losses and all(np.isfinite(v) and v > 0 for v in losses)
     ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)

@@ -37,6 +37,7 @@ def test_cudnn_benchmark_true_is_refused_in_deterministic_mode():
         load_config(SC, [*TINY, "train.cudnn_benchmark=sometimes"])
 
 
+@pytest.mark.slow
 def test_compile_compiles_the_backbone_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     import torch._dynamo
 
@@ -92,6 +93,7 @@ def test_skip_flag_reuses_the_clipped_norm_and_sees_inf():
     assert bool(sync.skip_flag([p])) and not bool(sync.skip_flag([p], torch.tensor(2.0)))
 
 
+@pytest.mark.slow
 def test_nan_step_skipped_on_the_device_with_the_fused_optimiser(tmp_path, monkeypatch):
     """FASTSSL_NAN_AT_STEPS with optim.impl=fused (the CUDA path): the skipped step changes no
     parameter, and the step count and the log say so a step late or at the logging step."""

@@ -22,6 +22,8 @@ from conftest import ROOT, TINY
 from fastssl import train
 from fastssl.engine import sync
 
+pytestmark = pytest.mark.slow
+
 SYNC_METHODS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero"}
 SYNC_FUNCTIONS = {"nonzero", "unique", "masked_select", "argwhere", "unique_consecutive"}
 HOST_SIDE = (os.path.join(ROOT, "fastssl", "data") + os.sep, os.sep + "nvidia" + os.sep + "dali" + os.sep)
