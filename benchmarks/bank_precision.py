@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import write_results  # noqa: E402
-from fastssl.losses.bank_loss import bank_loss_eager  # noqa: E402
+from fastssl.losses.bank_loss import BankLossSettings, bank_loss_eager  # noqa: E402
 
 
 def tf32(x: torch.Tensor) -> torch.Tensor:
@@ -44,18 +44,19 @@ def bank_of(kind: str, n: int, d: int, g: torch.Generator) -> torch.Tensor:
     return F.normalize(centres[pick] + 0.6 * torch.randn(n, d, generator=g) / d**0.5, dim=1)
 
 
-def measure(kind: str, n: int, d: int, b: int, k: int, tau: float = 0.07):
+def measure(kind: str, n: int, d: int, b: int, k: int, temperature: float = 0.07):
     g = torch.Generator().manual_seed(0)
     bank = bank_of(kind, n, d, g)
     idx = torch.randint(0, n, (b,), generator=g)
     f = F.normalize(bank[idx] + 0.3 * torch.randn(b, d, generator=g) / d**0.5, dim=1)
     pos = torch.randint(0, n, (b, 20), generator=g)
-    ref_ins, ref_inv = bank_loss_eager(f, bank, idx, pos, tau, k, 10)
+    settings = BankLossSettings(temperature=temperature, background=k, hard_positives=10)
+    ref_ins, ref_inv = bank_loss_eager(f, bank, idx, pos, settings)
     ref_top = (f @ bank.t()).topk(k, dim=1).indices
     rows = []
     for name, q in ROUND.items():
         fq, bq = q(f), q(bank)
-        ins, inv = bank_loss_eager(fq, bq, idx, pos, tau, k, 10)
+        ins, inv = bank_loss_eager(fq, bq, idx, pos, settings)
         top = (fq @ bq.t()).topk(k, dim=1).indices
         overlap = torch.tensor([len(set(a.tolist()) & set(c.tolist())) / k for a, c in zip(top, ref_top)])
         rows.append(

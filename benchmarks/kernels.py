@@ -50,7 +50,7 @@ from fastssl.kernels.bank_loss import bank_loss_fused, bank_lse  # noqa: E402
 from fastssl.kernels.sc_loss import sc_loss_fused  # noqa: E402
 from fastssl.kernels.selfcheck import TOL  # noqa: E402
 from fastssl.kernels.triplet import triplet_loss_fused  # noqa: E402
-from fastssl.losses.bank_loss import bank_loss_eager, invp_losses  # noqa: E402
+from fastssl.losses.bank_loss import BankLossSettings, bank_loss_eager, invp_losses  # noqa: E402
 from fastssl.losses.sc_loss import sc_loss_eager  # noqa: E402
 from fastssl.losses.triplet import triplet_loss_eager  # noqa: E402
 
@@ -66,17 +66,19 @@ def invp_bank(fn, K, **kw):
     """InvP's loss on a bank: L_ins + 0.6 L_inv (rows with positives), hard positives P = 20."""
 
     def loss(f, bank, index, pos):
-        l_ins, l_inv = fn(f, bank, index, pos, 0.07, K, 20, **kw)
+        l_ins, l_inv = fn(
+            f, bank, index, pos, BankLossSettings(temperature=0.07, background=K, hard_positives=20), **kw
+        )
         return l_ins.mean() + 0.6 * l_inv.nan_to_num(0.0).mean()
 
     return loss
 
 
-def bank_loss_gemm(f, bank, index, pos, tau, background, hard_pos):
+def bank_loss_gemm(f, bank, index, pos, settings):
     """The strongest plain-PyTorch form: one GEMM in the bank's dtype (tensor cores for bf16, and
     TF32 where torch allows it), then ``topk`` and the same per-row terms; the B x N logits exist."""
-    logits = (f.to(bank.dtype) @ bank.t()).float() / tau
-    return invp_losses(logits, index, pos, background, hard_pos)
+    logits = (f.to(bank.dtype) @ bank.t()).float() / settings.temperature
+    return invp_losses(logits, index, pos, settings.background, settings.hard_positives)
 
 
 def sc_loss_gemm(f1, f2):

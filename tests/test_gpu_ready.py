@@ -116,7 +116,7 @@ def _inputs():
 def test_eager_twins_compute_in_fp32_under_autocast():
     """Under bf16 autocast the eager twins still compute in fp32 (their matmuls used to run in
     bf16 there, while the kernels accumulate fp32): same result as without autocast."""
-    from fastssl.losses.bank_loss import bank_loss_eager
+    from fastssl.losses.bank_loss import BankLossSettings, bank_loss_eager
     from fastssl.losses.sc_loss import sc_loss_eager
     from fastssl.losses.triplet import hardest_negatives_eager, triplet_loss_eager
 
@@ -128,8 +128,8 @@ def test_eager_twins_compute_in_fp32_under_autocast():
         lambda: sc_loss_eager(a, p),
         lambda: triplet_loss_eager(a, p, n, distance="cosine", hardest=True),
         lambda: hardest_negatives_eager(a, p, n, distance="cosine")[0],
-        lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, 0.07, 16, 2)),
-        lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, 0.07, 0, 0)),
+        lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, BankLossSettings(0.07, 16, 2))),
+        lambda: torch.stack(bank_loss_eager(fa, bank, index, pos, BankLossSettings(0.07, 0, 0))),
     ]
     for call in calls:
         ref = call()

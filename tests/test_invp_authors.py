@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from conftest import ROOT, run, step_records, train_cmd
 from fastssl.kernels.bank_loss import bank_loss_fused
 from fastssl.knn.graph import knn_graph, propagate, refresh_neighbours
-from fastssl.losses.bank_loss import bank_loss_eager
+from fastssl.losses.bank_loss import BankLossSettings, bank_loss_eager
 
 CFG = "configs/invp/builtin.yaml"
 AUTHORS_EPS = 1e-7  # objective.py: -(ratio + 1e-7).log(); fastssl computes -log(ratio) in log space
@@ -145,7 +145,7 @@ def test_losses_in_authors_mode_equal_the_authors(impl, hard_pos):
     a_ins_eps, a_inv_eps, _ = authors_forward(f, index, bank, graph, TAU, K_BG, STEPS, K_NN, P, hard_pos=hard_pos)
     pos = propagate(graph, index, STEPS, multiset=True)
     fn = bank_loss_fused if impl == "fused" else bank_loss_eager
-    l_ins, l_inv = fn(f, bank, index, pos, TAU, K_BG, P, most_similar=not hard_pos)
+    l_ins, l_inv = fn(f, bank, index, pos, BankLossSettings(TAU, K_BG, P, most_similar=not hard_pos))
     torch.testing.assert_close(l_ins, a_ins, rtol=0, atol=1e-5)  # per row, without their 1e-7
     torch.testing.assert_close(l_inv, a_inv, rtol=0, atol=1e-5)
     # their reported values (mean of -log(ratio + 1e-7)) from fastssl's per-row ones
@@ -157,7 +157,7 @@ def test_todays_positives_give_a_different_l_inv():
     """The deduplicated set without the anchor (positives=propagation) is not the authors' term."""
     f, bank, index, graph = inputs()
     _, a_inv, _ = authors_forward(f, index, bank, graph, TAU, K_BG, STEPS, K_NN, P, eps=0.0)
-    _, l_inv = bank_loss_eager(f, bank, index, propagate(graph, index, STEPS), TAU, K_BG, P)
+    _, l_inv = bank_loss_eager(f, bank, index, propagate(graph, index, STEPS), BankLossSettings(TAU, K_BG, P))
     assert abs(l_inv.nanmean().item() - a_inv.item()) > 0.05
 
 

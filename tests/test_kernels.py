@@ -8,7 +8,7 @@ from conftest import PY, read_metrics, run, train_cmd
 from fastssl.kernels.bank_loss import bank_loss_fused, bank_lse, last_fallback_rows
 from fastssl.kernels.sc_loss import sc_loss_fused
 from fastssl.kernels.triplet import hardest_negatives_fused, triplet_loss_fused
-from fastssl.losses.bank_loss import bank_loss_eager
+from fastssl.losses.bank_loss import BankLossSettings, bank_loss_eager
 from fastssl.losses.sc_loss import sc_loss_eager
 from fastssl.losses.triplet import hardest_negatives_eager, pair_distance, triplet_loss_eager
 
@@ -161,7 +161,7 @@ def test_bank_loss_fused_equals_eager(K, P):
     pos[0] = -1  # a row without positives
     out = {}
     for name, fn in (("fused", bank_loss_fused), ("eager", bank_loss_eager)):
-        l_ins, l_inv = fn(f, bank, index, pos, 0.1, K, P)
+        l_ins, l_inv = fn(f, bank, index, pos, BankLossSettings(temperature=0.1, background=K, hard_positives=P))
         has = ~torch.isnan(l_inv)
         total = l_ins.mean() + 0.6 * l_inv[has].mean()
         out[name] = (l_ins.detach(), l_inv.detach(), torch.autograd.grad(total, f)[0])

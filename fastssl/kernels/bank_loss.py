@@ -1,7 +1,7 @@
 """Invariance Propagation's memory-bank loss, fused: the batch's similarities to every entry of
 a bank of N features stream through on-chip memory once; the B x N matrix never exists.
 
-    logits = f @ bank.T / tau                         (B, N), only ever a tile at a time
+    logits = f @ bank.T / temperature                 (B, N), only ever a tile at a time
     lse    = log sum_{j in top-K of the row} exp(logits_j)      (K = 0: the whole bank)
 
 The fused part is that log-sum-exp and its gradient.  The rest of the loss (the anchor's own
@@ -22,7 +22,7 @@ Top-K (K up to 4,096 and more) by exact sample-select, in one pass over the bank
    (the sample misjudged, or massive ties) are recomputed exactly against the whole bank in
    eager PyTorch; ``last_fallback_rows()`` says how many.
 
-Backward: dlse/df_i = 1/tau * sum_j softmax_j bank_j over the row's top-K, a gather of K bank
+Backward: dlse/df_i = 1/temperature * sum_j softmax_j bank_j over the row's top-K, a gather of K bank
 rows per batch row (``_bank_grad_topk``), or, for the whole bank, a second streaming pass
 (``_bank_grad_full``).  The bank is not differentiated (InvP updates it by EMA).
 """
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastssl.losses.bank_loss import check_inputs, combine
+from fastssl.losses.bank_loss import BankLossSettings, check_inputs, combine
 from fastssl.losses.precision import no_autocast
 
 from ._common import TARGET_PROGRAMS, dot_precision, dot_tile, grid_split, half, launch_device, upcast
@@ -55,21 +55,19 @@ def bank_loss_fused(
     bank: torch.Tensor,
     index: torch.Tensor,
     pos: torch.Tensor,
-    tau: float,
-    background: int,
-    hard_pos: int,
+    settings: BankLossSettings,
     tf32: bool = False,
-    most_similar: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Same signature and values as ``bank_loss_eager``; fp32/bf16/fp16, fp32 accumulation
-    (``tf32``: an fp32 bank on the TF32 tensor cores)."""
+    """Same arguments (and ``tf32``: an fp32 bank on the TF32 tensor cores) and values as
+    ``bank_loss_eager``; fp32/bf16/fp16, fp32 accumulation."""
     check_inputs(f, bank, index, pos)
-    lse, top = bank_lse(f, bank, tau, background, tf32=tf32)
+    temperature = settings.temperature
+    lse, top = bank_lse(f, bank, temperature, settings.background, tf32=tf32)
     ff = f.float()
-    self_logit = (ff * bank[index].float()).sum(1) / tau
+    self_logit = (ff * bank[index].float()).sum(1) / temperature
     self_in = (top == index[:, None]).any(1) if top is not None else torch.ones_like(index, dtype=torch.bool)
-    pos_logits = torch.einsum("bd,bcd->bc", ff, bank[pos.clamp(min=0)].float()) / tau
-    return combine(lse, self_in, self_logit, pos_logits, pos >= 0, hard_pos, most_similar)
+    pos_logits = torch.einsum("bd,bcd->bc", ff, bank[pos.clamp(min=0)].float()) / temperature
+    return combine(lse, self_in, self_logit, pos_logits, pos >= 0, settings.hard_positives, settings.most_similar)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -86,16 +84,16 @@ def _logit_tile(
     D,
     stride_f,
     stride_b,
-    inv_tau,
+    inv_temperature,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """(BM, BN) fp32 logits f[r0 : r0 + BM] . bank[c0 : c0 + BN] / tau."""
+    """(BM, BN) fp32 logits f[r0 : r0 + BM] . bank[c0 : c0 + BN] / temperature."""
     acc = dot_tile(f_ptr, bank_ptr, r0, c0, B, N, D, stride_f, stride_b, BM, BN, BLOCK_D, PREC, UPCAST)
-    return acc * inv_tau
+    return acc * inv_temperature
 
 
 @triton.jit
@@ -113,7 +111,7 @@ def _bank_scan(
     D,
     stride_f,
     stride_b,
-    inv_tau,
+    inv_temperature,
     CAP,
     COLLECT: tl.constexpr,
     BM: tl.constexpr,
@@ -131,7 +129,7 @@ def _bank_scan(
         rows = m0 + tl.arange(0, BM)
         rmask = rows < B
         logits = _logit_tile(
-            f_ptr, bank_ptr, m0, pid * BN, B, N, D, stride_f, stride_b, inv_tau, BM, BN, BLOCK_D, PREC, UPCAST
+            f_ptr, bank_ptr, m0, pid * BN, B, N, D, stride_f, stride_b, inv_temperature, BM, BN, BLOCK_D, PREC, UPCAST
         )
         valid = rmask[:, None] & cmask[None, :]
         if COLLECT:
@@ -162,7 +160,7 @@ def _bank_grad_full(
     D,
     stride_f,
     stride_b,
-    inv_tau,
+    inv_temperature,
     SPLIT,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -185,7 +183,7 @@ def _bank_grad_full(
     for n0 in range(tl.program_id(1) * BN, N, SPLIT * BN):
         cmask = n0 + jj < N
         logits = _logit_tile(
-            f_ptr, bank_ptr, r0, n0, B, N, D, stride_f, stride_b, inv_tau, BM, BN, BLOCK_D, PREC, UPCAST
+            f_ptr, bank_ptr, r0, n0, B, N, D, stride_f, stride_b, inv_temperature, BM, BN, BLOCK_D, PREC, UPCAST
         )
         p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(logits - lse[:, None]), 0.0)
         blk = bank_ptr + tl.cast(n0, tl.int64) * stride_b  # 64-bit block offset (N x D > 2^31)
@@ -233,23 +231,23 @@ def configs(dtype: torch.dtype, tf32: bool = False, interp: Optional[bool] = Non
     }
 
 
-def _thresholds(f, bank, tau, k, sample_stride: Optional[int]):
+def _thresholds(f, bank, temperature, k, sample_stride: Optional[int]):
     """Per-row logit above which ~1.5 K of the bank's entries lie, from a strided sample."""
     N = bank.shape[0]
     stride = sample_stride or max(1, N // (8 * k + 4096))
     sample = bank[::stride]
-    logits = f.float() @ sample.float().t() / tau
+    logits = f.float() @ sample.float().t() / temperature
     ks = k if stride == 1 else min(sample.shape[0], math.ceil(1.5 * k * sample.shape[0] / N) + 4)
     thr = logits.topk(ks, dim=1).values[:, -1]
     return thr - 1e-4 * thr.abs().clamp(min=1.0)  # the kernel's dot may round the other way
 
 
-def _topk_rows(f, bank, tau, k, sample_stride, tf32):
+def _topk_rows(f, bank, temperature, k, sample_stride, tf32):
     """Exact (values, indices) of each row's top-K logits, in one streaming pass."""
     B, D = f.shape
     N = bank.shape[0]
     cap = 3 * k + 256
-    thr = _thresholds(f, bank, tau, k, sample_stride)
+    thr = _thresholds(f, bank, temperature, k, sample_stride)
     cnt = torch.zeros(B, device=f.device, dtype=torch.int32)
     cval = torch.full((B, cap), float("-inf"), device=f.device, dtype=torch.float32)
     cidx = torch.zeros((B, cap), device=f.device, dtype=torch.int32)
@@ -269,7 +267,7 @@ def _topk_rows(f, bank, tau, k, sample_stride, tf32):
             D,
             f.stride(0),
             bank.stride(0),
-            1.0 / tau,
+            1.0 / temperature,
             cap,
             COLLECT=True,
             **cfg,
@@ -279,11 +277,11 @@ def _topk_rows(f, bank, tau, k, sample_stride, tf32):
     bad = ((cnt < k) | (cnt > cap)).nonzero()[:, 0]
     _STATS["fallback_rows"] = int(bad.numel())
     if bad.numel():  # exact, against the whole bank, for these rows only
-        vals[bad], idx[bad] = (f[bad].float() @ bank.float().t() / tau).topk(k, dim=1)
+        vals[bad], idx[bad] = (f[bad].float() @ bank.float().t() / temperature).topk(k, dim=1)
     return vals, idx
 
 
-def _full_lse(f, bank, tau, tf32):
+def _full_lse(f, bank, temperature, tf32):
     B, D = f.shape
     N = bank.shape[0]
     cfg = configs(f.dtype, tf32)["scan"]
@@ -292,7 +290,23 @@ def _full_lse(f, bank, tau, tf32):
     ps = torch.empty_like(pm)
     with launch_device(f):
         _bank_scan[(tiles,)](
-            f, bank, pm, pm, pm, pm, pm, ps, B, N, D, f.stride(0), bank.stride(0), 1.0 / tau, 0, COLLECT=False, **cfg
+            f,
+            bank,
+            pm,
+            pm,
+            pm,
+            pm,
+            pm,
+            ps,
+            B,
+            N,
+            D,
+            f.stride(0),
+            bank.stride(0),
+            1.0 / temperature,
+            0,
+            COLLECT=False,
+            **cfg,
         )
     m = pm.max(0).values
     return m + (ps * torch.exp(pm - m)).sum(0).log()
@@ -300,19 +314,19 @@ def _full_lse(f, bank, tau, tf32):
 
 class BankLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f, bank, tau, k, sample_stride, tf32):
-        ctx.tau, ctx.in_dtype, ctx.tf32 = tau, f.dtype, tf32
+    def forward(ctx, f, bank, temperature, k, sample_stride, tf32):
+        ctx.temperature, ctx.in_dtype, ctx.tf32 = temperature, f.dtype, tf32
         f = f.to(bank.dtype).contiguous()
         bank = bank.detach().contiguous()
         N = bank.shape[0]
         if 0 < k < N:
-            vals, idx = _topk_rows(f, bank, tau, k, sample_stride, tf32)
+            vals, idx = _topk_rows(f, bank, temperature, k, sample_stride, tf32)
             lse = vals.logsumexp(1)
             ctx.save_for_backward(bank, idx, vals, lse)
             ctx.full = False
             ctx.mark_non_differentiable(idx)
             return lse, idx
-        lse = _full_lse(f, bank, tau, tf32)
+        lse = _full_lse(f, bank, temperature, tf32)
         ctx.save_for_backward(f, bank, lse)
         ctx.full = True
         return lse, torch.empty(0, dtype=torch.long, device=f.device)
@@ -329,7 +343,7 @@ class BankLSE(torch.autograd.Function):
             part = torch.empty(split, B, D, device=f.device, dtype=torch.float32)
             with launch_device(f):
                 _bank_grad_full[(triton.cdiv(B, cfg["BM"]), split, triton.cdiv(D, cfg["BLOCK_DO"]))](
-                    f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.tau, split, **cfg
+                    f, bank, lse, part, B, N, D, f.stride(0), bank.stride(0), 1.0 / ctx.temperature, split, **cfg
                 )
             grad = part.sum(0)
         else:
@@ -342,17 +356,22 @@ class BankLSE(torch.autograd.Function):
                 _bank_grad_topk[(B, triton.cdiv(D, cfg["BLOCK_DO"]))](
                     bank, idx.contiguous(), w, grad, idx.shape[1], D, bank.stride(0), **cfg
                 )
-        grad = grad * (g_lse.float()[:, None] / ctx.tau)
+        grad = grad * (g_lse.float()[:, None] / ctx.temperature)
         return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
 @no_autocast
 def bank_lse(
-    f: torch.Tensor, bank: torch.Tensor, tau: float, k: int, sample_stride: Optional[int] = None, tf32: bool = False
+    f: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    k: int,
+    sample_stride: Optional[int] = None,
+    tf32: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per row: log-sum-exp of its top-``k`` logits f @ bank.T / tau (k = 0 or >= N: all of
+    """Per row: log-sum-exp of its top-``k`` logits f @ bank.T / temperature (k = 0 or >= N: all of
     them) and the top-k entries' indices (None for the whole bank).  Differentiable in f.
     ``sample_stride`` overrides the threshold sample's stride (tests); ``tf32``: fp32 banks on the
     TF32 tensor cores."""
-    lse, idx = BankLSE.apply(f, bank, tau, int(k), sample_stride, tf32)
+    lse, idx = BankLSE.apply(f, bank, temperature, int(k), sample_stride, tf32)
     return lse, (idx if idx.numel() else None)

@@ -141,6 +141,8 @@ def _row_name(fn, constexprs) -> str:
 
 def run_launchers(dtype: torch.dtype, tf32: bool, B: int, D: int, N: int, K: int = 4096) -> None:
     """Every fused loss forward and backward once, at these sizes (inside ``captured``)."""
+    from fastssl.losses.bank_loss import BankLossSettings
+
     from . import bank_loss, sc_loss, triplet
 
     g = torch.Generator().manual_seed(0)
@@ -155,7 +157,8 @@ def run_launchers(dtype: torch.dtype, tf32: bool, B: int, D: int, N: int, K: int
     index, pos = torch.arange(B), torch.randint(0, N, (B, 5), generator=g)
     for background in (K, 0):
         f = leaf(B, D, dt=torch.float32)
-        l_ins, l_inv = bank_loss.bank_loss_fused(f, bank, index, pos, 0.1, background, 2, tf32=tf32)
+        settings = BankLossSettings(temperature=0.1, background=background, hard_positives=2)
+        l_ins, l_inv = bank_loss.bank_loss_fused(f, bank, index, pos, settings, tf32=tf32)
         (l_ins.mean() + l_inv.nan_to_num().mean()).backward()
 
 

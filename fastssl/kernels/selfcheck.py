@@ -91,7 +91,7 @@ def _cases(name: str, sizes: Dict[str, int], tf32: bool) -> Callable:
             )
             return [loss, *torch.autograd.grad(loss, (a, p, n))]
     elif name == "bank_loss":
-        from fastssl.losses.bank_loss import bank_loss_eager
+        from fastssl.losses.bank_loss import BankLossSettings, bank_loss_eager
 
         from .bank_loss import bank_loss_fused
 
@@ -103,7 +103,7 @@ def _cases(name: str, sizes: Dict[str, int], tf32: bool) -> Callable:
             pos = torch.randint(0, N, (B, 5), generator=g).to(device)
             out = []
             for background in sorted({K, 0}, reverse=True):  # the run's top-K background, and the whole bank
-                args = (f, bank, index, pos, 0.1, background, 2)
+                args = (f, bank, index, pos, BankLossSettings(temperature=0.1, background=background, hard_positives=2))
                 l_ins, l_inv = bank_loss_fused(*args, **fused_kw) if impl == "fused" else bank_loss_eager(*args)
                 total = l_ins.mean() + l_inv.mean()
                 out += [total, torch.autograd.grad(total, f)[0]]

@@ -1,23 +1,40 @@
 """Invariance Propagation's memory-bank loss, eager, and the loss algebra the fused kernel shares
 (fastssl/kernels/bank_loss.py):
 
-    logits = f @ bank.T / tau                                   (B, N)
+    logits = f @ bank.T / temperature                           (B, N)
     lse    = log sum_{j in top-K of the row} exp(logits_j)      (K = 0: the whole bank)
     L_ins  = -log( s_self / sum_bg s_j ),   L_inv = -log( sum_hardpos s_p / (sum_bg s_j - s_self) )
 
 ``bank_loss_eager`` is the reference: the whole (B, N) logit matrix in fp32, then
 ``invp_losses``.  ``combine`` (the two per-row terms from the background log-sum-exp, the
 anchor's own logit and its positives' logits) and ``hardest_positives`` are the algebra both
-forms use; the fused form computes the log-sum-exp in one streaming pass instead.
+forms use; the fused form computes the log-sum-exp in one streaming pass instead.  Both forms
+take the loss's settings by name, as one ``BankLossSettings``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 
 from fastssl.losses.precision import no_autocast
+
+
+@dataclass(frozen=True)
+class BankLossSettings:
+    """InvP's loss settings, named as the ``method.*`` keys they come from (``from_method``)."""
+
+    temperature: float  # logits = f . bank / temperature
+    background: int  # K: a row's background is its top-K logits (0 or >= N: the whole bank)
+    hard_positives: int  # P: the P least similar positives (0: every positive)
+    most_similar: bool = False  # the P most similar positives instead (method.hard_mode=most_similar)
+
+    @classmethod
+    def from_method(cls, m) -> "BankLossSettings":
+        """From the ``method`` config node of an InvP run."""
+        return cls(m.temperature, m.background, m.hard_positives, m.hard_mode == "most_similar")
 
 
 def hardest_positives(
@@ -78,19 +95,15 @@ def bank_loss_eager(
     bank: torch.Tensor,
     index: torch.Tensor,
     pos: torch.Tensor,
-    tau: float,
-    background: int,
-    hard_pos: int,
-    most_similar: bool = False,
+    settings: BankLossSettings,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The reference: the whole (B, N) logit matrix in fp32, then ``invp_losses``.
 
     f (B, D) batch features, bank (N, D), index (B,) each row's own entry, pos (B, C) positive
-    entries with -1 padding; returns per-row (L_ins, L_inv).  ``most_similar``: the
-    ``hard_pos`` most similar positives instead of the least similar."""
+    entries with -1 padding; returns per-row (L_ins, L_inv)."""
     check_inputs(f, bank, index, pos)
-    logits = f.float() @ bank.float().t() / tau
-    return invp_losses(logits, index, pos, background, hard_pos, most_similar)
+    logits = f.float() @ bank.float().t() / settings.temperature
+    return invp_losses(logits, index, pos, settings.background, settings.hard_positives, settings.most_similar)
 
 
 def check_inputs(f, bank, index, pos):

@@ -25,7 +25,7 @@ a kNN graph of the bank:
   ``network.parameters()``; the paper does not say) or ``weights`` (none on biases and norms).
 * background / hard negatives: the ``background`` nearest bank entries (0 = the whole bank).
 
-With s = exp(cos / tau) and the anchor's own bank entry s_self:
+With s = exp(cos / temperature) and the anchor's own bank entry s_self:
 
     L_ins = -log( s_self / sum_{j in top-K} s_j )
     L_inv = -log( sum_{p in hard pos} s_p / (sum_{j in top-K} s_j - s_self) )
@@ -33,7 +33,8 @@ With s = exp(cos / tau) and the anchor's own bank entry s_self:
 
 computed in log space (top-K taken to contain self; self is added when it is not among them),
 by ``fastssl.losses.bank_loss`` (eager: the whole B x N logit matrix) or ``fastssl.kernels.bank_loss``
-(fused: one streaming pass over the bank, exact top-K), chosen by ``loss.impl``.
+(fused: one streaming pass over the bank, exact top-K), chosen by ``loss.impl``; both take the
+loss's settings by name (``BankLossSettings``: temperature, background, hard_positives, most_similar).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from fastssl.data.recipe import Recipe
 from fastssl.errors import check
 from fastssl.knn import GraphIndex, choose_index, gpu_count, say_once
 from fastssl.knn.graph import knn_graph, propagate, refresh_neighbours
-from fastssl.losses.bank_loss import bank_loss_eager
+from fastssl.losses.bank_loss import BankLossSettings, bank_loss_eager
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
 from fastssl.models.bank import MemoryBank, all_gather_batch
@@ -257,15 +258,14 @@ class InvariancePropagation(Method):
             if self.graph_ready
             else torch.full_like(index[:, None], -1)
         )
-        args = (f, self.bank, index, pos, m.temperature, m.background, m.hard_positives)
-        most = {"most_similar": True} if m.hard_mode == "most_similar" else {}
-        sizes = dict(B=f.shape[0], D=f.shape[1], N=len(self.bank), K=m.background)
+        settings = BankLossSettings.from_method(m)
+        sizes = dict(B=f.shape[0], D=f.shape[1], N=len(self.bank), K=settings.background)
         if self.loss_impl(self.bank, "bank_loss", **sizes) == "fused":  # (the kernel reads f in the bank's dtype)
             from fastssl.kernels.bank_loss import bank_loss_fused  # (Triton: imported only when chosen)
 
-            l_ins, l_inv = bank_loss_fused(*args, tf32=self.loss_tf32(self.bank), **most)
+            l_ins, l_inv = bank_loss_fused(f, self.bank, index, pos, settings, tf32=self.loss_tf32(self.bank))
         else:
-            l_ins, l_inv = bank_loss_eager(*args, **most)
+            l_ins, l_inv = bank_loss_eager(f, self.bank, index, pos, settings)
         w = 1.0 if self.epoch >= m.rampup_epoch else 0.0
         has_pos = ~torch.isnan(l_inv)  # mean over the rows with positives (0 when none), without a host sync
         l_inv_mean = torch.where(has_pos, l_inv, 0.0).sum() / has_pos.sum().clamp(min=1)
