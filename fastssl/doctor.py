@@ -44,7 +44,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GROUPS = ("kernel", "pipeline", "faiss", "collectives", "train")
 METHOD_GROUPS = ("pipeline", "train")  # the groups with one row per method
 # Tiny sizes for the pipeline rows (plus each method's own ``tiny`` overrides).
 PIPE_SIZES = ["data.builtin.num_train=256", "data.builtin.num_test=64", "data.batch_size=32", "data.num_workers=1"]
@@ -573,27 +572,73 @@ def run_train(method, tiny, limit, cuda):
         return "ok", "", f"2 steps, {precision}, pipeline {pipe}: loss {losses[0]:.4g} -> {losses[-1]:.4g}", ""
 
 
-def plan(quick, only, cuda, kernels, methods=()):
-    """The rows to run: (id, display name, how) with how = 'worker' | 'train' | ('na', why);
-    ``kernels`` and ``methods``: the names, or why they could not be listed."""
-    rows = []
-    label = "" if cuda else " (interpreted)"
+# --------------------------------------------------------------------------- the registry
+
+
+def check_in_worker(runner, cid):
+    """A component checked by its worker (``WORKERS``) in a subprocess: kernels under the kernels' env."""
+    group = cid.split(":")[0]
+    return run_worker(cid, runner.limit(group), runner.kernel_env if group == "kernel" else _env())
+
+
+def check_training(runner, cid):
+    method = cid.split(":")[1]
+    return run_train(method, runner.methods[method], runner.limit("train"), runner.cuda)
+
+
+def _kernel_rows(cuda, kernels, methods):
     if isinstance(kernels, str):
-        rows.append(("kernel", "kernels", ("failed", kernels)))
-    else:
-        rows += [(f"kernel:{k}", f"kernel {k}{label}", "worker") for k in kernels]
+        return [("kernel", "kernels", ("failed", kernels))]
+    label = "" if cuda else " (interpreted)"
+    return [(f"kernel:{k}", f"kernel {k}{label}", check_in_worker) for k in kernels]
+
+
+def _pipeline_rows(cuda, kernels, methods):
+    rows = []
     if isinstance(methods, str):
         rows.append(("methods", "methods", ("failed", methods)))
         methods = ()
     pipe = "dali-gpu vs dali-cpu" if cuda else "dali-cpu vs torch"
-    rows += [(f"pipeline:{m}", f"pipeline {m} ({pipe})", "worker") for m in methods]
+    rows += [(f"pipeline:{m}", f"pipeline {m} ({pipe})", check_in_worker) for m in methods]
     if not cuda:
         rows.append(("pipeline:dali-gpu", "pipeline dali-gpu", ("not available", "no GPU")))
-    rows.append(("faiss", "faiss cpu vs torch", "worker"))
-    rows.append(("faiss-gpu", "faiss gpu vs cpu", "worker" if cuda else ("not available", "no GPU")))
-    rows.append(("collectives", f"collectives ({'nccl' if cuda else 'gloo'})", "worker"))
-    if not quick:
-        rows += [(f"train:{m}", f"train {m} (2 steps)", "train") for m in methods]
+    return rows
+
+
+def _faiss_rows(cuda, kernels, methods):
+    return [
+        ("faiss", "faiss cpu vs torch", check_in_worker),
+        ("faiss-gpu", "faiss gpu vs cpu", check_in_worker if cuda else ("not available", "no GPU")),
+    ]
+
+
+def _collective_rows(cuda, kernels, methods):
+    return [("collectives", f"collectives ({'nccl' if cuda else 'gloo'})", check_in_worker)]
+
+
+def _train_rows(cuda, kernels, methods):
+    return [] if isinstance(methods, str) else [(f"train:{m}", f"train {m} (2 steps)", check_training) for m in methods]
+
+
+# group -> its rows (cuda, kernels, methods) -> [(id, display name, check)], in the table's order; a
+# check is ``fn(runner, id) -> (status, why, detail, log)`` or a given (status, why)
+COMPONENTS = {
+    "kernel": _kernel_rows,
+    "pipeline": _pipeline_rows,
+    "faiss": _faiss_rows,
+    "collectives": _collective_rows,
+    "train": _train_rows,
+}
+GROUPS = tuple(COMPONENTS)
+
+
+def plan(quick, only, cuda, kernels, methods=()):
+    """The rows to run: (id, display name, check), the registry's groups in order (``quick``: no
+    training rows); ``kernels`` and ``methods``: the names, or why they could not be listed."""
+    rows = []
+    for group, rows_of in COMPONENTS.items():
+        if not (quick and group == "train"):
+            rows += rows_of(cuda, kernels, methods)
     if only:
         rows = [r for r in rows if _selected(r[0], only)]
     return rows
@@ -616,143 +661,79 @@ def _selected(cid, only):
     return any(o == cid or (":" not in o and o != "faiss-gpu" and _group(o) == _group(cid)) for o in only)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m fastssl.doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="skip the training steps")
-    p.add_argument("--json", metavar="PATH", help="also write the versions and the table as JSON")
-    p.add_argument("--only", metavar="NAME[,NAME]", help="components or groups, e.g. kernel,faiss or pipeline:sc")
-    p.add_argument("--jobs", type=int, default=None, help="components run at once (default: 1 per 4 CPUs, 1 to 4)")
-    p.add_argument("--timeout", type=float, default=None, help="time limit of every component, seconds")
-    p.add_argument("--list", action="store_true", help="list the components and exit")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.worker:
-        return worker_main(a.worker, a.result)
-
-    t0 = time.perf_counter()
-    only = [o.strip() for o in a.only.split(",") if o.strip()] if a.only else None
-    if only:
-        unknown = [o for o in only if _group(o) not in GROUPS]
-        if unknown:
-            p.error(f"--only: unknown component {unknown[0]!r} (groups: {', '.join(GROUPS)}, or e.g. pipeline:sc)")
-    cuda = _cuda()
-    v = versions()
-    print("fastssl doctor")
-    for k in (
-        "fastssl",
-        "python",
-        "torch",
-        "cuda_runtime",
-        "cudnn",
-        "driver",
-        "gpus",
-        "triton",
-        "nvidia.dali",
-        "faiss",
-        "faiss_gpus",
-        "apex",
-        "omegaconf",
-        "cpus",
-        "extra",
-    ):
-        val = v.get(k)
-        if k == "gpus":
-            val = "; ".join(val) if val else "none (no CUDA GPU visible)"
-        if val is None:
-            val = "n/a" if k in ("cuda_runtime", "cudnn", "driver") else "not installed"
-        print(f"  {k:13s} {val}")
-    print(flush=True)
-
-    kernel_env = _env(drop=("TRITON_INTERPRET",)) if cuda else _env({"TRITON_INTERPRET": "1"})
-    limit = lambda group: a.timeout or LIMITS[group][1 if cuda else 0]
-    kernels = []
+def list_names(only, limit, kernel_env):
+    """(kernels, methods) the selection needs, each listed by a worker: the names (methods: with
+    their ``tiny`` overrides), or why they could not be listed."""
+    kernels, methods = [], {}
     if only is None or any(_group(o) == "kernel" for o in only):
-        status, why, detail, log = run_worker("list", limit("list"), kernel_env)
-        if status == "ok":
-            kernels = json.loads(detail)
-        else:
-            kernels = f"cannot list the kernels (fastssl.kernels.selfcheck): {why}"
-    methods = {}
+        status, why, detail, _ = run_worker("list", limit("list"), kernel_env)
+        kernels = (
+            json.loads(detail) if status == "ok" else f"cannot list the kernels (fastssl.kernels.selfcheck): {why}"
+        )
     if only is None or any(_group(o) in METHOD_GROUPS for o in only):
-        status, why, detail, log = run_worker("methods", limit("list"), _env())
+        status, why, detail, _ = run_worker("methods", limit("list"), _env())
         methods = json.loads(detail) if status == "ok" else f"cannot list the methods (fastssl.methods): {why}"
-    rows = plan(a.quick, only, cuda, kernels, methods)
-    if not rows:
-        print("no component selected")
-        return 1
-    if a.list:
-        for cid, name, _ in rows:
-            print(f"{cid:22s} {name}")
-        return 0
+    return kernels, methods
 
-    results = {}
-    lock = threading.Lock()
-    done = [0]
 
-    def table_now(unfinished="not run"):
+# --------------------------------------------------------------------------- the runner
+
+
+class Runner:
+    """Runs the rows' checks (``jobs`` at once), prints a progress line as each ends and keeps
+    the ``--json`` file up to date (a SIGTERM writes what is done and stops)."""
+
+    def __init__(self, a, only, cuda, v, t0):
+        self.a, self.only, self.cuda, self.versions, self.t0 = a, only, cuda, v, t0
+        self.kernel_env = _env(drop=("TRITON_INTERPRET",)) if cuda else _env({"TRITON_INTERPRET": "1"})
+        self.rows, self.methods, self.results, self.done = [], {}, {}, 0
+        self.lock = threading.Lock()
+
+    def limit(self, group):
+        return self.a.timeout or LIMITS[group][1 if self.cuda else 0]
+
+    def table_now(self, unfinished="not run"):
         return [
-            results.get(cid)
+            self.results.get(cid)
             or {"id": cid, "component": name, "status": "not run", "why": unfinished, "detail": "", "seconds": None}
-            for cid, name, _ in rows
+            for cid, name, _ in self.rows
         ]
 
-    def write_json(table, complete, verdict="", total=None):
-        if not a.json:
+    def write_json(self, table, complete, verdict="", total=None):
+        if not self.a.json:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(
-                {
-                    "versions": v,
-                    "device": "cuda" if cuda else "cpu",
-                    "quick": a.quick,
-                    "only": only,
-                    "complete": complete,
-                    "components": table,
-                    "ok": complete and not any(r["status"] == "failed" for r in table),
-                    "verdict": verdict,
-                    "seconds": round(total if total is not None else time.perf_counter() - t0, 1),
-                },
-                f,
-                indent=2,
-            )
-        os.replace(tmp, a.json)
+        path = self.a.json
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        doc = {
+            "versions": self.versions,
+            "device": "cuda" if self.cuda else "cpu",
+            "quick": self.a.quick,
+            "only": self.only,
+            "complete": complete,
+            "components": table,
+            "ok": complete and not any(r["status"] == "failed" for r in table),
+            "verdict": verdict,
+            "seconds": round(total if total is not None else time.perf_counter() - self.t0, 1),
+        }
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(path + ".tmp", path)
 
-    def stop(signum, frame):  # e.g. the acceptance script's timeout: stop the components, keep what is done
+    def stop(self, signum, frame):  # e.g. the acceptance script's timeout: stop the components, keep what is done
         import signal
 
         for proc in list(_LIVE):
             _kill_group(proc)
-        with lock:
-            write_json(
-                table_now(f"doctor stopped by {signal.Signals(signum).name}"),
-                False,
-                f"stopped by {signal.Signals(signum).name}",
-            )
-        print(f"\nfastssl doctor: stopped by {signal.Signals(signum).name}", flush=True)
+        name = signal.Signals(signum).name
+        with self.lock:
+            self.write_json(self.table_now(f"doctor stopped by {name}"), False, f"stopped by {name}")
+        print(f"\nfastssl doctor: stopped by {name}", flush=True)
         os._exit(128 + signum)
 
-    if threading.current_thread() is threading.main_thread():
-        import signal
-
-        signal.signal(signal.SIGTERM, stop)
-
-    def one(row):
-        cid, name, how = row
+    def one(self, row):
+        cid, name, check = row
         t = time.perf_counter()
-        group = cid.split(":")[0]
-        log = ""
-        if isinstance(how, tuple):
-            status, why, detail = how[0], how[1], ""
-        elif how == "train":
-            status, why, detail, log = run_train(cid.split(":")[1], methods[cid.split(":")[1]], limit("train"), cuda)
-        else:
-            env = kernel_env if group == "kernel" else _env()
-            status, why, detail, log = run_worker(cid, limit(group), env)
+        status, why, detail, log = (check[0], check[1], "", "") if isinstance(check, tuple) else check(self, cid)
         r = {
             "id": cid,
             "component": name,
@@ -763,45 +744,86 @@ def main(argv=None) -> int:
         }
         if log and status == "failed":
             r["log"] = log
-        with lock:
-            results[cid] = r
-            done[0] += 1
+        with self.lock:
+            self.results[cid] = r
+            self.done += 1
             print(
-                f"[{done[0]:2d}/{len(rows)}] {name}: {status}{': ' + why if why else ''} ({r['seconds']:.1f} s)",
+                f"[{self.done:2d}/{len(self.rows)}] {name}: {status}{': ' + why if why else ''} ({r['seconds']:.1f} s)",
                 flush=True,
             )
-            write_json(table_now("running or waiting"), False)
+            self.write_json(self.table_now("running or waiting"), False)
         return r
 
-    jobs = a.jobs or max(1, min(4, (os.cpu_count() or 1) // 4))
-    if jobs > 1:
-        with concurrent.futures.ThreadPoolExecutor(jobs) as ex:
-            list(ex.map(one, rows))
-    else:
-        for r in rows:
-            one(r)
-    table = [results[cid] for cid, _, _ in rows]
-    failed = [r for r in table if r["status"] == "failed"]
+    def run(self, rows, methods):
+        """The rows' results, in the rows' order."""
+        self.rows, self.methods = rows, methods
+        if threading.current_thread() is threading.main_thread():
+            import signal
+
+            signal.signal(signal.SIGTERM, self.stop)
+        jobs = self.a.jobs or max(1, min(4, (os.cpu_count() or 1) // 4))
+        if jobs > 1:
+            with concurrent.futures.ThreadPoolExecutor(jobs) as ex:
+                list(ex.map(self.one, rows))
+        else:
+            for r in rows:
+                self.one(r)
+        return [self.results[cid] for cid, _, _ in rows]
+
+
+# --------------------------------------------------------------------------- the renderer
+
+
+VERSION_KEYS = (
+    "fastssl",
+    "python",
+    "torch",
+    "cuda_runtime",
+    "cudnn",
+    "driver",
+    "gpus",
+    "triton",
+    "nvidia.dali",
+    "faiss",
+    "faiss_gpus",
+    "apex",
+    "omegaconf",
+    "cpus",
+    "extra",
+)
+
+
+def print_versions(v) -> None:
+    print("fastssl doctor")
+    for k in VERSION_KEYS:
+        val = v.get(k)
+        if k == "gpus":
+            val = "; ".join(val) if val else "none (no CUDA GPU visible)"
+        if val is None:
+            val = "n/a" if k in ("cuda_runtime", "cudnn", "driver") else "not installed"
+        print(f"  {k:13s} {val}")
+    print(flush=True)
+
+
+def verdict_text(table) -> str:
+    failed = sum(r["status"] == "failed" for r in table)
+    if failed:
+        return f"{failed} of {len(table)} components failed"
+    na = sum(r["status"] == "not available" for r in table)
+    return f"all {sum(r['status'] == 'ok' for r in table)} available components work" + (
+        f" ({na} not available)" if na else ""
+    )
+
+
+def print_results(table, verdict, total) -> None:
+    """The table, the last lines of each failed component's output, the verdict."""
     print()
     print(render_table(table))
-    for r in failed:
-        if r.get("log"):
+    for r in table:
+        if r["status"] == "failed" and r.get("log"):
             tail = "\n".join(r["log"].rstrip().splitlines()[-15:])
             print(f"\n--- {r['component']}: last lines of its output\n{tail}")
-    total = time.perf_counter() - t0
-    verdict = (
-        f"{len(failed)} of {len(table)} components failed"
-        if failed
-        else f"all {sum(r['status'] == 'ok' for r in table)} available components work"
-        + (
-            f" ({sum(r['status'] == 'not available' for r in table)} not available)"
-            if any(r["status"] == "not available" for r in table)
-            else ""
-        )
-    )
     print(f"\n{verdict} ({total:.0f} s)")
-    write_json(table, True, verdict, total)
-    return 1 if failed else 0
 
 
 def status_text(r) -> str:
@@ -828,6 +850,56 @@ def render_markdown(rows) -> str:
         for r in rows
     ]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="skip the training steps")
+    p.add_argument("--json", metavar="PATH", help="also write the versions and the table as JSON")
+    p.add_argument("--only", metavar="NAME[,NAME]", help="components or groups, e.g. kernel,faiss or pipeline:sc")
+    p.add_argument("--jobs", type=int, default=None, help="components run at once (default: 1 per 4 CPUs, 1 to 4)")
+    p.add_argument("--timeout", type=float, default=None, help="time limit of every component, seconds")
+    p.add_argument("--list", action="store_true", help="list the components and exit")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.only_names = [o.strip() for o in a.only.split(",") if o.strip()] if a.only else None
+    if a.only_names and not a.worker:
+        unknown = [o for o in a.only_names if _group(o) not in GROUPS]
+        if unknown:
+            p.error(f"--only: unknown component {unknown[0]!r} (groups: {', '.join(GROUPS)}, or e.g. pipeline:sc)")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        return worker_main(a.worker, a.result)
+    t0 = time.perf_counter()
+    only, cuda = a.only_names, _cuda()
+    v = versions()
+    print_versions(v)
+    runner = Runner(a, only, cuda, v, t0)
+    kernels, methods = list_names(only, runner.limit, runner.kernel_env)
+    rows = plan(a.quick, only, cuda, kernels, methods)
+    if not rows:
+        print("no component selected")
+        return 1
+    if a.list:
+        for cid, name, _ in rows:
+            print(f"{cid:22s} {name}")
+        return 0
+    table = runner.run(rows, methods)
+    total = time.perf_counter() - t0
+    verdict = verdict_text(table)
+    print_results(table, verdict, total)
+    runner.write_json(table, True, verdict, total)
+    return 1 if any(r["status"] == "failed" for r in table) else 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -378,17 +379,10 @@ def feature_stage(cfg) -> Optional[str]:
     return get_method(cfg.method.name).feature_stage(cfg)
 
 
-def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neighbours: int) -> Dict:
-    """Features of a seeded gallery subset and of the query images by the trained and the
-    untrained backbone; the grid PNG; the label agreement of the neighbours."""
-    import torch
-
-    from fastssl.data.decode import split_images
-    from fastssl.eval.__main__ import load_backbone
-    from fastssl.features.images import image_batches
-    from fastssl.methods import get_method
-
-    device = torch.device("cpu")
+def pick_images(cfg, source, gallery: int, queries: int, neighbours: int) -> SimpleNamespace:
+    """The seeded choice of images: the gallery (``gal_idx`` of ``gal_split``), the queries shown
+    (``shown``) and those scored for label agreement (``scored``, of ``q_split``), their labels
+    (None when either side has none) and ``k``, the neighbours per query."""
     rng = np.random.default_rng([cfg.seed, 4099])  # its own stream
     gal_split = source.train if len(source.train) else source.pretrain
     gal_labels = None if gal_split.labels is None else np.asarray(gal_split.labels)
@@ -409,57 +403,81 @@ def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neig
     shown = q_pool[pick_queries(None if q_labels is None else q_labels[q_pool], len(q_pool), queries, rng)]
     # label agreement over more queries than the 16 shown (cheap: a few hundred feature rows)
     scored = np.union1d(shown, q_pool[np.sort(rng.permutation(len(q_pool))[:1000])])
-    k = min(neighbours, len(gal_idx))
+    return SimpleNamespace(
+        gal_split=gal_split,
+        gal_labels=gal_labels,
+        gal_idx=gal_idx,
+        q_split=q_split,
+        q_labels=q_labels,
+        shown=shown,
+        scored=scored,
+        k=min(neighbours, len(gal_idx)),
+    )
 
+
+def search(cfg, state, source, picks: SimpleNamespace, stage: Optional[str], prepare):
+    """The backbone (trained: ``state``; untrained: None) and the positions in ``picks.gal_idx`` of
+    the ``picks.k`` nearest gallery images of every scored query (cosine of pooled ``stage`` features)."""
+    import torch
+
+    from fastssl.eval.__main__ import load_backbone
+    from fastssl.features.images import image_batches
+
+    device = torch.device("cpu")
+    bs = min(cfg.eval.batch_size, 256)
+    backbone = load_backbone(cfg, state, source, device)
+    backbone.eval()
+
+    def feats(split, idx):
+        batches = image_batches(split, source.image_size, prepare, bs, device, idx)
+        return torch.nn.functional.normalize(torch.cat([backbone.features(x, stage).float() for x in batches]), dim=1)
+
+    with torch.no_grad():
+        g = feats(picks.gal_split, picks.gal_idx)
+        qf = feats(picks.q_split, picks.scored)
+        nbr = (qf @ g.T).topk(picks.k, dim=1).indices.numpy()
+    return backbone, nbr
+
+
+def retrieval(cfg, state, source, out_png: str, gallery: int, queries: int, neighbours: int) -> Dict:
+    """Features of a seeded gallery subset and of the query images by the trained and the
+    untrained backbone; the grid PNG; the label agreement of the neighbours."""
+    from fastssl.data.decode import split_images
+    from fastssl.methods import get_method
+
+    p = pick_images(cfg, source, gallery, queries, neighbours)
+    labels = p.gal_labels is not None
     stage = feature_stage(cfg)
     prepare = get_method(cfg.method.name).eval_input(cfg, source)
-    bs = min(cfg.eval.batch_size, 256)
-    result = {"stage": stage, "gallery": len(gal_idx), "scored": len(scored), "neighbours": k}
+    result = {"stage": stage, "gallery": len(p.gal_idx), "scored": len(p.scored), "neighbours": p.k}
+    row = np.searchsorted(p.scored, p.shown)  # the shown queries among the scored
     nn_imgs, oks = [], []
     for which, st in (("learned", state), ("random", None)):
-        backbone = load_backbone(cfg, st, source, device)
-        backbone.eval()
+        backbone, nbr = search(cfg, st, source, p, stage, prepare)
         if result["stage"] is None:
             result["stage"] = backbone.stage_names[-1]
-        with torch.no_grad():
-            feats = lambda split, idx: torch.nn.functional.normalize(
-                torch.cat(  # noqa: E731
-                    [
-                        backbone.features(x, stage).float()
-                        for x in image_batches(split, source.image_size, prepare, bs, device, idx)
-                    ]
-                ),
-                dim=1,
-            )
-            g = feats(gal_split, gal_idx)
-            qf = feats(q_split, scored)
-            nbr = (qf @ g.T).topk(k, dim=1).indices.numpy()  # positions in gal_idx
         result["conv_name"], conv = first_conv(backbone)
         result[f"conv_{which}"] = None if conv is None else conv.weight.detach().float().numpy()
-        row = np.searchsorted(scored, shown)
-        nn_imgs.append(
-            np.stack(
-                [split_images(gal_split, gal_idx[nbr[r]], source.image_size).permute(0, 2, 3, 1).numpy() for r in row]
-            )
-        )
-        if gal_labels is not None:
-            same = gal_labels[gal_idx[nbr]] == q_labels[scored][:, None]
+        tiles = [split_images(p.gal_split, p.gal_idx[nbr[r]], source.image_size) for r in row]
+        nn_imgs.append(np.stack([t.permute(0, 2, 3, 1).numpy() for t in tiles]))
+        if labels:
+            same = p.gal_labels[p.gal_idx[nbr]] == p.q_labels[p.scored][:, None]
             result[f"agree_{which}"] = float(same.mean() * 100)
             oks.append(same[row])
         else:
             oks.append(None)
-    qimg = split_images(q_split, shown, source.image_size).permute(0, 2, 3, 1).numpy()
+    qimg = split_images(p.q_split, p.shown, source.image_size).permute(0, 2, 3, 1).numpy()
     titles = [f"learned features ({cfg.method.name}, {result['stage']})", "random init (the same network untrained)"]
-    if gal_labels is not None:
+    if labels:
         titles = [f"{t}: {result[f'agree_{w}']:.0f}% same label" for t, w in zip(titles, ("learned", "random"))]
     result["size"] = draw_grid(qimg, nn_imgs[0], nn_imgs[1], oks[0], oks[1], titles, out_png)
-    result["labels"] = gal_labels is not None
-    if gal_labels is not None:
-        result["chance"] = float(np.mean([np.mean(gal_labels[gal_idx] == y) for y in q_labels[scored]]) * 100)
+    result["labels"] = labels
+    if labels:
+        result["chance"] = float(np.mean([np.mean(p.gal_labels[p.gal_idx] == y) for y in p.q_labels[p.scored]]) * 100)
     return result
 
 
-# --------------------------------------------------------------------------- report.md
+# --------------------------------------------------------------------------- report.md, one function a section
 
 
 def _fmt_eval(r: Optional[Dict]) -> str:
@@ -481,54 +499,10 @@ def eval_table(evals: Dict[str, Dict[str, Dict]]) -> List[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m fastssl.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("run_dir", help="a run folder written by fastssl/train.py (out_dir)")
-    p.add_argument("--gallery", type=int, default=2000, help="training images searched for neighbours (seeded subset)")
-    p.add_argument("--queries", type=int, default=16, help="test images shown in the retrieval grid")
-    p.add_argument("--neighbours", type=int, default=8, help="neighbours shown per query")
-    a = p.parse_args(argv)
-    run_dir = a.run_dir
-    if not os.path.isdir(run_dir):
-        print(f"fastssl.report: error: {run_dir}: no such folder", file=sys.stderr)
-        return 2
-    missing = missing_parts(run_dir)
-    if missing:
-        print(f"fastssl.report: error: {run_dir} is not a run folder: no {', no '.join(missing)}", file=sys.stderr)
-        return 2
-    if min(a.gallery, a.queries, a.neighbours) < 1:
-        print("fastssl.report: error: --gallery, --queries and --neighbours must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        _plt()
-    except ImportError:
-        print("fastssl.report: error: needs matplotlib (pip install matplotlib)", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    pics = os.path.join(run_dir, "report")
-    os.makedirs(pics, exist_ok=True)
-    for old in glob.glob(os.path.join(pics, "*.png")):  # a report shows only what this one drew
-        os.remove(old)
-    md: List[str] = []
-    skipped: List[str] = []
-
-    # ---- checkpoint and config
-    from fastssl.config import ConfigError, load_config
-    from fastssl.engine import checkpoint as ckpt
+def header_section(run_dir: str, ck_path: str, state, cfg) -> List[str]:
+    """The title and what was reported on: method, data, checkpoint, machine."""
     from fastssl.methods import get_method
 
-    ck_path = os.path.join(run_dir, "checkpoints", "last.pt")
-    say(f"reading {ck_path}")
-    try:
-        state = ckpt.load(ck_path)
-        cfg = load_config(state["config"])
-    except (ckpt.CheckpointError, ConfigError) as e:
-        print(f"fastssl.report: error: {e}", file=sys.stderr)
-        return 2
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        config_text = f.read()
     mtime = datetime.datetime.fromtimestamp(os.path.getmtime(ck_path)).strftime("%Y-%m-%d %H:%M")
     where = (
         f"step {state['step']} (stage {state.get('stage', 0) + 1}, "
@@ -538,7 +512,7 @@ def main(argv=None) -> int:
     where += f"{state['epoch']} epochs + {state['step_in_epoch']} steps"
     where += ")"
     name = os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-    md += [
+    return [
         f"# Run report: `{name}`",
         "",
         f"* **method** `{cfg.method.name}`, backbone `{cfg.model.arch}` (width {cfg.model.width}), "
@@ -548,10 +522,10 @@ def main(argv=None) -> int:
         f"by `python -m fastssl.report {run_dir}`; the throughput below is the training machine's",
     ]
 
-    # ---- curves
-    steps, epochs, bad = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    say(f"metrics.jsonl: {len(steps)} step records, {len(epochs)} epoch records")
-    md += ["", "## Training", ""]
+
+def training_section(steps: List[Dict], bad: int, pics: str) -> List[str]:
+    """``training.png`` and a line of last loss, median throughput and data-stall."""
+    md = ["", "## Training", ""]
     if steps:
         plot_training(steps, os.path.join(pics, "training.png"))
         say("wrote report/training.png")
@@ -572,45 +546,53 @@ def main(argv=None) -> int:
         md.append("metrics.jsonl holds no step records (the run stopped before its first logged step).")
     if bad:
         md += ["", f"({bad} unreadable lines in metrics.jsonl were left out.)"]
+    return md
 
-    # ---- kNN monitor
-    md += ["", "## kNN monitor", ""]
+
+def monitor_lines(mon: List[Dict], keys: List[str], init: Optional[float]) -> List[str]:
+    """One line per monitor key (last and best), the random-init level, the monitor's time."""
+    md = []
+    staged = mon[-1]["_stage"] > 1
+    when = lambda r: f"epoch {r['epoch']:g}" + (f" of stage {r['_stage']}" if staged else "")  # noqa: E731
+    for k in keys:
+        rs = [r for r in mon if k in r]
+        best = max(rs, key=lambda r: r[k])
+        md.append(
+            f"* `{k}`: {rs[-1][k]:.2f}% after {when(rs[-1])} (best {best[k]:.2f}% after {when(best)}; {len(rs)} epochs)"
+        )
+    if init is not None and "knn_monitor" in keys:
+        last = [r for r in mon if "knn_monitor" in r][-1]["knn_monitor"]
+        md.append(
+            f"* `knn_monitor_init`: {init:.2f}%, the same monitor on the untrained network (before step 0); "
+            f"the last epoch is {last - init:+.2f} points from it"
+        )
+    secs = [r["monitor_s"] for r in mon if "monitor_s" in r]
+    if secs:
+        md.append(f"* the monitor took {np.median(secs):.1f} s per epoch (median)")
+    return md
+
+
+def monitor_section(epochs: List[Dict], pics: str) -> List[str]:
+    """``knn_monitor.png`` and its lines, or why there is none."""
+    md = ["", "## kNN monitor", ""]
     keys = [k for k in MONITOR_KEYS if any(k in r for r in epochs)]
     mon = [r for r in epochs if any(k in r for k in MONITOR_KEYS)]  # (not e.g. the final ranks_agree record)
     number_epochs(mon)
     inits = [r["knn_monitor_init"] for r in epochs if "knn_monitor_init" in r]
     init = inits[-1] if inits else None  # (the random-init level, measured before step 0)
-    if keys:
-        plot_monitor(mon, keys, os.path.join(pics, "knn_monitor.png"), init)
-        say("wrote report/knn_monitor.png")
-        md.append("![per-epoch kNN monitor](report/knn_monitor.png)")
-        md.append("")
-        staged = mon[-1]["_stage"] > 1
-        when = lambda r: f"epoch {r['epoch']:g}" + (f" of stage {r['_stage']}" if staged else "")  # noqa: E731
-        for k in keys:
-            rs = [r for r in mon if k in r]
-            best = max(rs, key=lambda r: r[k])
-            md.append(
-                f"* `{k}`: {rs[-1][k]:.2f}% after {when(rs[-1])} (best {best[k]:.2f}% after {when(best)}; "
-                f"{len(rs)} epochs)"
-            )
-        if init is not None and "knn_monitor" in keys:
-            last = [r for r in mon if "knn_monitor" in r][-1]["knn_monitor"]
-            md.append(
-                f"* `knn_monitor_init`: {init:.2f}%, the same monitor on the untrained network (before step 0); "
-                f"the last epoch is {last - init:+.2f} points from it"
-            )
-        secs = [r["monitor_s"] for r in mon if "monitor_s" in r]
-        if secs:
-            md.append(f"* the monitor took {np.median(secs):.1f} s per epoch (median)")
-    else:
-        md.append(
+    if not keys:
+        return md + [
             f"No epoch record in metrics.jsonl carries {' or '.join(f'`{k}`' for k in MONITOR_KEYS)} "
             f"(the monitor is off, `train.monitor_every=0`, the data has no labels, or no epoch ended)."
-        )
+        ]
+    plot_monitor(mon, keys, os.path.join(pics, "knn_monitor.png"), init)
+    say("wrote report/knn_monitor.png")
+    return md + ["![per-epoch kNN monitor](report/knn_monitor.png)", ""] + monitor_lines(mon, keys, init)
 
-    # ---- evaluation files
-    md += ["", "## Evaluation", ""]
+
+def evaluation_section(run_dir: str) -> List[str]:
+    """The table of the run folder's evaluation files, or how to make them."""
+    md = ["", "## Evaluation", ""]
     evals = read_evals(run_dir)
     if evals:
         md += eval_table(evals)
@@ -622,10 +604,15 @@ def main(argv=None) -> int:
             + os.path.join(run_dir, "checkpoints", "last.pt")
             + " --protocol linear` (and again with `--random-init`)."
         )
+    return md
 
-    # ---- retrieval grid and filters (need the data)
-    md += ["", "## Nearest neighbours", ""]
-    res = None
+
+def retrieval_section(cfg, state, a, pics: str, skipped: List[str]) -> Tuple[Optional[Dict], List[str]]:
+    """(the retrieval result or None, its lines): ``retrieval.png`` and the label agreement, or
+    why there is no grid (the data could not be built); what is left out goes to ``skipped``."""
+    from fastssl.config import ConfigError
+
+    md = ["", "## Nearest neighbours", ""]
     try:
         from fastssl.data.sources import build_source
 
@@ -638,70 +625,83 @@ def main(argv=None) -> int:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         say(f"no retrieval grid: {why}")
         skipped.append("the retrieval grid")
-        md.append(f"No retrieval grid: {why}.")
-    if res is not None:
+        return None, md + [f"No retrieval grid: {why}."]
+    md += [
+        "![test images and their nearest training images](report/retrieval.png)",
+        "",
+        f"Each row: a test image, then its {res['neighbours']} nearest of {res['gallery']:,} training images "
+        f"(a seeded subset) by cosine similarity of the backbone's pooled `{res['stage']}` features of whole "
+        "images: learned (left) and the same network untrained (right, as `--random-init`).",
+    ]
+    if res["labels"]:
+        md[-1] += " Green border: same label as the query; red: another label."
         md += [
-            "![test images and their nearest training images](report/retrieval.png)",
             "",
-            f"Each row: a test image, then its {res['neighbours']} nearest of {res['gallery']:,} training images "
-            f"(a seeded subset) by cosine similarity of the backbone's pooled `{res['stage']}` features of whole "
-            "images: learned (left) and the same network untrained (right, as `--random-init`).",
+            f"Neighbours with the query's label, over {res['scored']:,} test images: "
+            f"**{res['agree_learned']:.1f}%** learned, {res['agree_random']:.1f}% random init "
+            f"(chance: {res['chance']:.1f}%).",
         ]
-        if res["labels"]:
-            md[-1] += " Green border: same label as the query; red: another label."
-            md += [
-                "",
-                f"Neighbours with the query's label, over {res['scored']:,} test images: "
-                f"**{res['agree_learned']:.1f}%** learned, {res['agree_random']:.1f}% random init "
-                f"(chance: {res['chance']:.1f}%).",
-            ]
-        else:
-            md[-1] += " The data has no labels: neighbours are not marked and no agreement is computed."
-            skipped.append("the label marks and agreement of the retrieval grid (no labels)")
+    else:
+        md[-1] += " The data has no labels: neighbours are not marked and no agreement is computed."
+        skipped.append("the label marks and agreement of the retrieval grid (no labels)")
+    return res, md
 
-    md += ["", "## First-layer filters", ""]
-    conv_l = conv_r = None
+
+def convs_without_data(cfg, state):
+    """(learned, random, name) of the first convolution, from the backbone alone (no data: the
+    retrieval grid is missing); None where it could not be built."""
+    import torch
+
+    from fastssl.config import ConfigError
+    from fastssl.eval.__main__ import load_backbone
+
+    conv_l = conv_r = conv_name = None
+    try:
+        size = cfg.data.builtin.image_size if cfg.data.source == "builtin" else (cfg.data.image_size or 96)
+        src = type("S", (), {"image_size": size})()
+        for which, st in (("l", state), ("r", None)):
+            conv_name, conv = first_conv(load_backbone(cfg, st, src, torch.device("cpu")))
+            if conv is not None:
+                w = conv.weight.detach().float().numpy()
+                conv_l, conv_r = (w, conv_r) if which == "l" else (conv_l, w)
+    except (ConfigError, RuntimeError) as e:
+        say(f"no filters: {str(e).splitlines()[0]}")
+    return conv_l, conv_r, conv_name
+
+
+def filters_section(cfg, state, res: Optional[Dict], run_dir: str, pics: str, skipped: List[str]) -> List[str]:
+    """``filters.png``: the first convolution learned beside random init, and its distance."""
+    md = ["", "## First-layer filters", ""]
     if res is not None:
         conv_l, conv_r, conv_name = res["conv_learned"], res["conv_random"], res["conv_name"]
     else:  # no data: the backbone alone
-        try:
-            import torch
-
-            from fastssl.eval.__main__ import load_backbone
-
-            size = cfg.data.builtin.image_size if cfg.data.source == "builtin" else (cfg.data.image_size or 96)
-            src = type("S", (), {"image_size": size})()
-            for which, st in (("l", state), ("r", None)):
-                conv_name, conv = first_conv(load_backbone(cfg, st, src, torch.device("cpu")))
-                if conv is not None:
-                    w = conv.weight.detach().float().numpy()
-                    conv_l, conv_r = (w, conv_r) if which == "l" else (conv_l, w)
-        except (ConfigError, RuntimeError) as e:
-            say(f"no filters: {str(e).splitlines()[0]}")
-    if conv_l is not None:
-        plot_filters(conv_l, conv_r, conv_name, os.path.join(pics, "filters.png"))
-        say("wrote report/filters.png")
-        md.append("![first-layer filters, learned and random init](report/filters.png)")
-        if conv_r is not None and conv_r.shape == conv_l.shape:
-            rel = float(np.linalg.norm(conv_l - conv_r) / max(np.linalg.norm(conv_r), 1e-12))
-            md += [
-                "",
-                f"`{conv_name}` ({conv_l.shape[0]} filters of {conv_l.shape[1]} x {conv_l.shape[2]} x "
-                f"{conv_l.shape[3]}): relative distance from the random-init filters "
-                f"||W - W_random|| / ||W_random|| = {rel:.3f}.",
-            ]
-        if os.path.isfile(os.path.join(run_dir, "filters", "layer1.png")):
-            md += [
-                "",
-                "The run also wrote its first layer's filters itself (same stretch): "
-                "![filters/layer1.png](filters/layer1.png)",
-            ]
-    else:
-        md.append("No convolution found in the backbone.")
+        conv_l, conv_r, conv_name = convs_without_data(cfg, state)
+    if conv_l is None:
         skipped.append("the filters")
+        return md + ["No convolution found in the backbone."]
+    plot_filters(conv_l, conv_r, conv_name, os.path.join(pics, "filters.png"))
+    say("wrote report/filters.png")
+    md.append("![first-layer filters, learned and random init](report/filters.png)")
+    if conv_r is not None and conv_r.shape == conv_l.shape:
+        rel = float(np.linalg.norm(conv_l - conv_r) / max(np.linalg.norm(conv_r), 1e-12))
+        md += [
+            "",
+            f"`{conv_name}` ({conv_l.shape[0]} filters of {conv_l.shape[1]} x {conv_l.shape[2]} x "
+            f"{conv_l.shape[3]}): relative distance from the random-init filters "
+            f"||W - W_random|| / ||W_random|| = {rel:.3f}.",
+        ]
+    if os.path.isfile(os.path.join(run_dir, "filters", "layer1.png")):
+        md += [
+            "",
+            "The run also wrote its first layer's filters itself (same stretch): "
+            "![filters/layer1.png](filters/layer1.png)",
+        ]
+    return md
 
-    # ---- config
-    md += [
+
+def config_section(config_text: str, skipped: List[str]) -> List[str]:
+    """The resolved config.yaml in a collapsible block, and what the report skipped."""
+    md = [
         "",
         "## Config",
         "",
@@ -715,6 +715,85 @@ def main(argv=None) -> int:
     ]
     if skipped:
         md += ["", "Skipped: " + "; ".join(skipped) + "."]
+    return md
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("run_dir", help="a run folder written by fastssl/train.py (out_dir)")
+    p.add_argument("--gallery", type=int, default=2000, help="training images searched for neighbours (seeded subset)")
+    p.add_argument("--queries", type=int, default=16, help="test images shown in the retrieval grid")
+    p.add_argument("--neighbours", type=int, default=8, help="neighbours shown per query")
+    return p.parse_args(argv)
+
+
+def refusal(a) -> Optional[str]:
+    """Why the report cannot be made (not a run folder, bad numbers, no matplotlib), or None."""
+    run_dir = a.run_dir
+    if not os.path.isdir(run_dir):
+        return f"{run_dir}: no such folder"
+    missing = missing_parts(run_dir)
+    if missing:
+        return f"{run_dir} is not a run folder: no {', no '.join(missing)}"
+    if min(a.gallery, a.queries, a.neighbours) < 1:
+        return "--gallery, --queries and --neighbours must be >= 1"
+    try:
+        _plt()
+    except ImportError:
+        return "needs matplotlib (pip install matplotlib)"
+    return None
+
+
+def fail(why: str) -> int:
+    print(f"fastssl.report: error: {why}", file=sys.stderr)
+    return 2
+
+
+def fresh_pictures(run_dir: str) -> str:
+    """``RUN_DIR/report``, emptied of the pictures of an earlier report."""
+    pics = os.path.join(run_dir, "report")
+    os.makedirs(pics, exist_ok=True)
+    for old in glob.glob(os.path.join(pics, "*.png")):  # a report shows only what this one drew
+        os.remove(old)
+    return pics
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    run_dir = a.run_dir
+    why = refusal(a)
+    if why:
+        return fail(why)
+    t0 = time.perf_counter()
+    pics = fresh_pictures(run_dir)
+    from fastssl.config import ConfigError, load_config
+    from fastssl.engine import checkpoint as ckpt
+
+    ck_path = os.path.join(run_dir, "checkpoints", "last.pt")
+    say(f"reading {ck_path}")
+    try:
+        state = ckpt.load(ck_path)
+        cfg = load_config(state["config"])
+    except (ckpt.CheckpointError, ConfigError) as e:
+        return fail(str(e))
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        config_text = f.read()
+    skipped: List[str] = []
+    md = header_section(run_dir, ck_path, state, cfg)
+    steps, epochs, bad = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    say(f"metrics.jsonl: {len(steps)} step records, {len(epochs)} epoch records")
+    md += training_section(steps, bad, pics)
+    md += monitor_section(epochs, pics)
+    md += evaluation_section(run_dir)
+    res, lines = retrieval_section(cfg, state, a, pics, skipped)
+    md += lines
+    md += filters_section(cfg, state, res, run_dir, pics, skipped)
+    md += config_section(config_text, skipped)
     out = os.path.join(run_dir, "report.md")
     with open(out, "w") as f:
         f.write("\n".join(md) + "\n")

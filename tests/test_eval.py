@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import PY, run, train_cmd
+from fastssl.config import EvalConfig
 from fastssl.eval.linear import linear_probe
 from fastssl.knn import KNNIndex
 from fastssl.knn.classify import knn_accuracy, knn_classify
@@ -42,10 +43,12 @@ def test_probes_separate_separable_features():
     ytr, yte = torch.randint(0, 5, (500,), generator=g), torch.randint(0, 5, (200,), generator=g)
     xtr = centers[ytr] + torch.randn(500, 16, generator=g)
     xte = centers[yte] + torch.randn(200, 16, generator=g)
-    lin = linear_probe(xtr, ytr, xte, yte, 5, epochs=20, seeds=2)
+    lin = linear_probe(xtr, ytr, xte, yte, EvalConfig(linear_epochs=20, linear_seeds=2), num_classes=5)
     assert lin["accuracy"] > 95 and len(lin["runs"]) == 2
     assert knn_accuracy(xtr, ytr, xte, yte, 5, k=20)["accuracy"] > 95
-    noise = linear_probe(torch.randn(500, 16), ytr, torch.randn(200, 16), yte, 5, epochs=5, seeds=1)
+    noise = linear_probe(
+        torch.randn(500, 16), ytr, torch.randn(200, 16), yte, EvalConfig(linear_epochs=5, linear_seeds=1), num_classes=5
+    )
     assert noise["accuracy"] < 40
 
 

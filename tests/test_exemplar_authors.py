@@ -449,6 +449,7 @@ def test_clustering_and_svm_features_equal_the_authors_extraction():
 
 
 def test_svm_c_grid_by_cross_validation_and_by_test_accuracy():
+    from fastssl.config import EvalConfig
     from fastssl.eval.svm import svm_folds
 
     g = np.random.default_rng(0)
@@ -457,13 +458,14 @@ def test_svm_c_grid_by_cross_validation_and_by_test_accuracy():
     x = (centres[y] + g.normal(0, 0.7, (180, 16))).astype(np.float32)
     folds = [np.arange(0, 180, 3), np.arange(1, 180, 3)]
     lines = []
-    base = svm_folds(x, y, x, y, folds, 1.0, log=lines.append)
+    base = svm_folds(x, y, x, y, folds, EvalConfig(svm_c=1.0), log=lines.append)
     for sel in ("cv", "test"):
-        r = svm_folds(x, y, x, y, folds, log=lines.append, c_grid=[0.01, 1.0, 100.0], c_select=sel, scale=False)
+        grid = EvalConfig(svm_c_grid=[0.01, 1.0, 100.0], svm_c_select=sel, svm_scale=False)
+        r = svm_folds(x, y, x, y, folds, grid, log=lines.append)
         assert r["accuracy"] > 80 and any(", C " in line for line in lines), (r, lines)
     assert base["accuracy"] > 80
     with pytest.raises(ValueError, match="c_select"):
-        svm_folds(x, y, x, y, folds, c_grid=[1.0], c_select="best")
+        svm_folds(x, y, x, y, folds, EvalConfig(svm_c_grid=[1.0], svm_c_select="best"))
 
 
 # --------------------------------------------------------------------------- refusals, a short run

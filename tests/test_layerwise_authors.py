@@ -305,20 +305,36 @@ def test_authors_classifier_and_augmentation():
 
 
 def test_transfer_with_the_authors_classifier():
+    from fastssl.config import EvalConfig
     from fastssl.data.sources import Split, make_builtin
     from fastssl.eval.transfer import transfer
     from fastssl.models import shallow
 
     x, y = make_builtin(96, 32, 4, seed=0)
     src = SimpleNamespace(
-        train=Split(images=x[:64], labels=y[:64]), test=Split(images=x[64:], labels=y[64:]), image_size=32
+        train=Split(images=x[:64], labels=y[:64]),
+        test=Split(images=x[64:], labels=y[64:]),
+        image_size=32,
+        num_classes=4,
     )
+    settings = dict(transfer_epochs=1, transfer_runs=1, transfer_freeze=True, batch_size=32)
     res = transfer(
-        shallow(8), src, lambda b: b.float() / 255.0, 4, 1, 1, True, 32, "cpu", log=lambda s: None, classifier="authors"
+        shallow(8),
+        src,
+        lambda b: b.float() / 255.0,
+        EvalConfig(**settings, transfer_classifier="authors"),
+        device="cpu",
+        log=lambda s: None,
     )
     assert res["classifier"] == "authors" and len(res["runs"]) == 1 and 0 <= res["accuracy"] <= 100
     with pytest.raises(ConfigError, match="eval.transfer_classifier"):
-        transfer(shallow(8), src, lambda b: b.float() / 255.0, 4, 1, 1, True, 32, "cpu", classifier="big")
+        transfer(
+            shallow(8),
+            src,
+            lambda b: b.float() / 255.0,
+            EvalConfig(**settings, transfer_classifier="big"),
+            device="cpu",
+        )
 
 
 # ---- short training runs, one per new mode

@@ -41,58 +41,27 @@ from fastssl.models import build_backbone
 
 @protocol("linear")
 def _linear(cfg, source, backbone, prepare, device, log, ledger):
-    e = cfg.eval
     xtr, ytr, xte, yte = labeled_features(cfg, source, backbone, prepare, device, log)
-    return linear_probe(
-        xtr, ytr, xte, yte, source.num_classes, e.linear_epochs, e.linear_lr, e.linear_seeds, ledger=ledger
-    )
+    return linear_probe(xtr, ytr, xte, yte, cfg.eval, num_classes=source.num_classes, ledger=ledger)
 
 
 @protocol("knn")
 def _knn(cfg, source, backbone, prepare, device, log, ledger):  # one deterministic run: nothing to resume
     xtr, ytr, xte, yte = labeled_features(cfg, source, backbone, prepare, device, log)
-    return knn_accuracy(xtr, ytr, xte, yte, source.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    e = cfg.eval
+    return knn_accuracy(xtr, ytr, xte, yte, source.num_classes, k=e.knn_k, temperature=e.knn_temperature)
 
 
 @protocol("finetune")
 def _finetune(cfg, source, backbone, prepare, device, log, ledger):
-    e = cfg.eval
-    return finetune(
-        backbone,
-        source,
-        prepare,
-        e.finetune_labels,
-        source.num_classes,
-        e.finetune_epochs,
-        e.finetune_lr,
-        e.finetune_seeds,
-        min(e.batch_size, 128),
-        device,
-        log,
-        ledger,
-    )
+    return finetune(backbone, source, prepare, cfg.eval, device=device, log=log, ledger=ledger)
 
 
 @protocol("transfer")
 def _transfer(cfg, source, backbone, prepare, device, log, ledger):
     if cfg.model.arch != "shallow":
         raise ConfigError(f"--protocol transfer: needs the 'shallow' net of the layerwise method, not {cfg.model.arch}")
-    e = cfg.eval
-    return transfer(
-        backbone,
-        source,
-        prepare,
-        source.num_classes,
-        e.transfer_epochs,
-        e.transfer_runs,
-        e.transfer_freeze,
-        min(e.batch_size, 128),
-        device,
-        e.finetune_labels,
-        log,
-        ledger,
-        classifier=e.transfer_classifier,
-    )
+    return transfer(backbone, source, prepare, cfg.eval, device=device, log=log, ledger=ledger)
 
 
 @protocol("svm-folds")
@@ -110,19 +79,8 @@ def _svm_folds(cfg, source, backbone, prepare, device, log, ledger):
         f"  features: {ftr.shape[1]} per image, {len(used)} train, {len(xte)} test ({time.time() - t:.1f}s); "
         f"{len(folds)} folds{' (predefined)' if source.folds else ''}"
     )
-    return svm_folds(
-        xtr,
-        np.asarray(source.train.labels),
-        xte,
-        np.asarray(source.test.labels),
-        folds,
-        e.svm_c,
-        ledger,
-        log,
-        c_grid=list(e.svm_c_grid) or None,
-        c_select=e.svm_c_select,
-        scale=e.svm_scale,
-    )
+    ytr, yte = np.asarray(source.train.labels), np.asarray(source.test.labels)
+    return svm_folds(xtr, ytr, xte, yte, folds, e, ledger=ledger, log=log)
 
 
 def parse_args(argv):

@@ -5,6 +5,7 @@ class-balanced subset, e.g. CIFAR-10 with 4,000 labels), then tested."""
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 from fastssl.eval.harness import percent_correct, repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
 from fastssl.features.images import image_batches
+
+if TYPE_CHECKING:
+    from fastssl.config import EvalConfig
 
 
 def balanced_subset(labels: np.ndarray, n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -48,9 +52,13 @@ class Classifier(torch.nn.Module):
         return self.head(self.backbone.features(x))
 
 
-def finetune(
-    backbone, source, prepare, labels_n, num_classes, epochs, lr, seeds, batch_size, device, log=print, ledger=NO_LEDGER
-):
+def finetune(backbone, source, prepare, settings: EvalConfig, *, device, log=print, ledger=NO_LEDGER):
+    """``settings.finetune_seeds`` runs (seeds 0, 1, ...) of ``settings.finetune_epochs`` epochs on
+    ``settings.finetune_labels`` class-balanced labeled images (None: all), SGD at
+    ``settings.finetune_lr``, batches of ``settings.batch_size`` (at most 128); ``settings``: the
+    ``eval`` node."""
+    labels_n, num_classes = settings.finetune_labels, source.num_classes
+    epochs, lr, batch_size = settings.finetune_epochs, settings.finetune_lr, min(settings.batch_size, 128)
     train, test = source.train, source.test
     y_all = np.asarray(train.labels)
 
@@ -85,4 +93,4 @@ def finetune(
     def message(seed, acc):
         return f"  finetune seed {seed}: {acc:.2f}% ({len(subset(seed))} labeled images, {epochs} epochs)"
 
-    return repeat_runs(seeds, run, ledger, log, message, labels=int(labels_n or len(y_all)))
+    return repeat_runs(settings.finetune_seeds, run, ledger, log, message, labels=int(labels_n or len(y_all)))

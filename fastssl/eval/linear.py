@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastssl.eval.harness import repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
+
+if TYPE_CHECKING:
+    from fastssl.config import EvalConfig
 
 
 def linear_probe(
@@ -13,14 +18,16 @@ def linear_probe(
     train_y,
     test_x,
     test_y,
+    settings: EvalConfig,
+    *,
     num_classes: int,
-    epochs: int = 100,
-    lr: float = 0.1,
-    seeds: int = 3,
     weight_decay: float = 1e-4,
     batch_size: int = 256,
     ledger=NO_LEDGER,
 ):
+    """``settings.linear_seeds`` probes (seeds 0, 1, ...) of ``settings.linear_epochs`` epochs,
+    SGD at ``settings.linear_lr`` with a cosine schedule (``settings``: the ``eval`` node)."""
+    epochs, lr = settings.linear_epochs, settings.linear_lr
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
 
@@ -44,4 +51,4 @@ def linear_probe(
         with torch.no_grad():
             return (clf(xte).argmax(1) == test_y).float().mean().item() * 100
 
-    return repeat_runs(seeds, run, ledger)
+    return repeat_runs(settings.linear_seeds, run, ledger)

@@ -9,21 +9,24 @@ brings its 10 predefined folds of 1,000 images (``fold_indices.txt``); other dat
 
 Options for the authors' protocol (``EricArazo/ExemplarCNN``, ``evaluation/``; defaults unchanged):
 ``authors_features`` (fastssl/features/maps.py: conv1-3, fc1 and, given the classifier, fc2, each after its ReLU, max-pooled
-to 2x2, each block L2-normalised), ``svm_folds(..., c_grid=[...], c_select=..., scale=...)``
+to 2x2, each block L2-normalised), ``eval.svm_c_grid``, ``eval.svm_c_select`` and ``eval.svm_scale``
 (C searched on a grid: by 3-fold cross-validation inside each fold, or, as the authors' notebook
-does, by the test accuracy of each fold; LinearSVC on raw features with ``scale=False``), and
+does, by the test accuracy of each fold; LinearSVC on raw features with ``eval.svm_scale=false``), and
 ``extract_prerelu_conv`` (their clustering features: conv1-3 before ReLU, max-pooled 2x2).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List
 
 import numpy as np
 
 from fastssl.errors import choice
 from fastssl.eval.harness import repeat_runs
 from fastssl.eval.ledger import NO_LEDGER
+
+if TYPE_CHECKING:
+    from fastssl.config import EvalConfig
 
 
 def eval_folds(source, num_folds: int, fold_size: int, seed: int = 0) -> List[np.ndarray]:
@@ -44,24 +47,25 @@ def svm_folds(
     test_x: np.ndarray,
     test_y: np.ndarray,
     folds: List[np.ndarray],
-    C: float = 1.0,
+    settings: EvalConfig,
+    *,
     ledger=NO_LEDGER,
     log=print,
-    c_grid: Optional[Sequence[float]] = None,
-    c_select: str = "cv",
-    scale: bool = True,
 ):
-    """One LinearSVC per fold (``C``), tested on the test split.  ``c_grid``: C chosen per fold
-    from the grid, by 3-fold cross-validation on the fold's own images (``c_select="cv"``) or by
-    the test accuracy (``"test"``: what the authors' ``evaluation/eval_long.ipynb`` does; it
-    selects on the test set, so its mean is optimistic).  ``scale=False``: raw features, no
-    StandardScaler (the authors)."""
+    """One LinearSVC per fold (C ``settings.svm_c``), tested on the test split (``settings``: the
+    ``eval`` node).  ``settings.svm_c_grid`` (not empty): C chosen per fold from the grid, by
+    3-fold cross-validation on the fold's own images (``svm_c_select="cv"``) or by the test
+    accuracy (``"test"``: what the authors' ``evaluation/eval_long.ipynb`` does; it selects on the
+    test set, so its mean is optimistic).  ``svm_scale=False``: raw features, no StandardScaler
+    (the authors)."""
     # scikit-learn (slow to import) only where SVMs are fit
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    choice(c_select, "c_select", C_SELECT)
+    C, c_grid = settings.svm_c, list(settings.svm_c_grid) or None
+    c_select, scale = settings.svm_c_select, settings.svm_scale
+    choice(c_select, "eval.svm_c_select", C_SELECT)
     chosen = {}
 
     def make(c):

@@ -14,6 +14,7 @@ crops and horizontal flips of the training images; lr 1e-3, x0.1 from epoch ``ep
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from fastssl.eval.finetune import balanced_subset
 from fastssl.eval.harness import percent_correct, repeat_runs, train_supervised
 from fastssl.eval.ledger import NO_LEDGER
 from fastssl.features.images import image_batches
+
+if TYPE_CHECKING:
+    from fastssl.config import EvalConfig
 
 
 class SmallClassifier(nn.Module):
@@ -101,39 +105,31 @@ def crop_flip(pad_value: torch.Tensor, pad: int = 4):
 CLASSIFIERS = ("small", "authors")
 
 
-def transfer(
-    backbone,
-    source,
-    prepare,
-    num_classes,
-    epochs,
-    runs,
-    freeze,
-    batch_size,
-    device,
-    labels_n=None,
-    log=print,
-    ledger=NO_LEDGER,
-    classifier: str = "small",
-):
+def transfer(backbone, source, prepare, settings: EvalConfig, *, device, log=print, ledger=NO_LEDGER):
+    """``settings.transfer_runs`` runs of ``settings.transfer_epochs`` epochs of the
+    ``settings.transfer_classifier`` around the backbone's first layer (frozen when
+    ``settings.transfer_freeze``), on ``settings.finetune_labels`` class-balanced labeled images
+    (None: all), batches of ``settings.batch_size`` (at most 128); ``settings``: the ``eval`` node."""
+    classifier, freeze = settings.transfer_classifier, settings.transfer_freeze
+    epochs, batch_size = settings.transfer_epochs, min(settings.batch_size, 128)
+    labels_n, num_classes = settings.finetune_labels, source.num_classes
     choice(classifier, "eval.transfer_classifier", CLASSIFIERS)
-    first = backbone.stages["layer1"]
     y_all = np.asarray(source.train.labels)
     idx = balanced_subset(y_all, labels_n, num_classes, 0) if labels_n else np.arange(len(y_all))
     x = torch.cat(list(image_batches(source.train, source.image_size, prepare, 512, "cpu", idx)))
     y = torch.from_numpy(y_all[idx])
     xt = torch.cat(list(image_batches(source.test, source.image_size, prepare, 512, "cpu")))
     yt = torch.from_numpy(np.asarray(source.test.labels))
-    width = backbone.dim("layer1")
+    first, width = backbone.stages["layer1"], backbone.dim("layer1")
     if classifier == "authors":  # shallow-conv's: its conv2/fc on the bare conv, crop/flip, lr x0.1 after epochs // 1.5
         black = prepare(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).float().cpu()
-        settings = dict(augment=crop_flip(black), drop_last=len(x) % batch_size == 1)  # (drop_last: BatchNorm1d)
+        train_kw = dict(augment=crop_flip(black), drop_last=len(x) % batch_size == 1)  # (drop_last: BatchNorm1d)
         switch, what, extra = int(epochs // 1.5), "authors' classifier, ", {"classifier": "authors"}
 
         def build():
             return AuthorsClassifier(copy.deepcopy(first[0]), width, source.image_size, num_classes)
     else:
-        settings, switch, what, extra = {}, int(round(2 * epochs / 3)), "", {}
+        train_kw, switch, what, extra = {}, int(round(2 * epochs / 3)), "", {}
 
         def build():
             return SmallClassifier(copy.deepcopy(first), width, source.image_size, num_classes)
@@ -155,7 +151,7 @@ def transfer(
             make_opt=lambda m: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3),
             epoch_lr=lambda ep: 1e-3 if ep < switch else 1e-4,
             ledger=ledger,
-            **settings,
+            **train_kw,
         )
         return percent_correct(net, ((xb.to(device), yb) for xb, yb in zip(xt.split(512), yt.split(512))), len(xt))
 
@@ -163,4 +159,4 @@ def transfer(
         frozen = "frozen" if freeze else "fine-tuned"
         return f"  transfer run {k}: {acc:.2f}% ({what}{frozen} first layer, {epochs} epochs)"
 
-    return repeat_runs(runs, run, ledger, log, message, frozen=freeze, labels=int(len(idx)), **extra)
+    return repeat_runs(settings.transfer_runs, run, ledger, log, message, frozen=freeze, labels=int(len(idx)), **extra)

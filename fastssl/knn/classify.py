@@ -25,6 +25,6 @@ def knn_classify(
     return torch.cat(preds)
 
 
-def knn_accuracy(train_x, train_y, test_x, test_y, num_classes: int, k: int = 200, temperature: float = 0.07):
+def knn_accuracy(train_x, train_y, test_x, test_y, num_classes: int, *, k: int = 200, temperature: float = 0.07):
     pred = knn_classify(train_x, train_y, test_x, num_classes, k, temperature)
     return {"accuracy": (pred == test_y).float().mean().item() * 100, "k": k, "temperature": temperature}
