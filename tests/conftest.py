@@ -90,9 +90,11 @@ def eval_trained_and_random(run_dir, protocol, *overrides):
 
 
 def blocked_imports(folder, *modules) -> dict:
-    """Environment additions that make ``import <module>`` (and its sub-modules) raise ImportError
-    in a child process, as on a machine without the package: a ``sitecustomize`` in ``folder``,
-    first on PYTHONPATH, puts a finder at the front of ``sys.meta_path``."""
+    """Environment additions that make ``import <module>`` (and its sub-modules) raise
+    ModuleNotFoundError (naming the module, as Python's own does) in a child process and in every
+    process it starts (torchrun workers, the doctor's components), as on a machine without the
+    package: a ``sitecustomize`` in ``folder``, first on PYTHONPATH, puts a finder at the front of
+    ``sys.meta_path``."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
         f.write(
@@ -101,7 +103,7 @@ def blocked_imports(folder, *modules) -> dict:
             "class _Block:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if any(name == m or name.startswith(m + '.') for m in BLOCKED):\n"
-            "            raise ImportError(f'No module named {name!r} (blocked by the test)')\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)', name=name)\n"
             "sys.meta_path.insert(0, _Block())\n"
         )
     return {"PYTHONPATH": str(folder) + os.pathsep + ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

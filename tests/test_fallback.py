@@ -17,7 +17,7 @@ def test_auto_trains_on_the_tensor_executor_without_dali(tmp_path):
     p = run(train_cmd(out, "train.max_steps=2"), env_extra=blocked_imports(tmp_path / "site", "nvidia.dali"))
     said = [line for line in p.stderr.splitlines() if "data.pipeline=auto" in line]
     assert len(said) == 1, p.stderr
-    assert "dali-cpu is not usable here (ImportError: No module named 'nvidia.dali'" in said[0]
+    assert "dali-cpu is not usable here (ModuleNotFoundError: No module named 'nvidia.dali'" in said[0]
     assert said[0].endswith("training on tensor instead")
     assert "pipeline tensor" in p.stdout and (out / "checkpoints" / "last.pt").is_file()
 
@@ -33,7 +33,7 @@ def test_explicit_dali_pipeline_without_dali_stops_in_one_line(tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert lines == [
-        "fastssl: data.pipeline=dali-cpu: NVIDIA DALI cannot be loaded (ImportError: No module named "
+        "fastssl: data.pipeline=dali-cpu: NVIDIA DALI cannot be loaded (ModuleNotFoundError: No module named "
         "'nvidia.dali' (blocked by the test)); use data.pipeline=tensor (or auto, which falls back by itself), "
         "or install the DALI build for this machine (docs: Install)"
     ]

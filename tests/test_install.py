@@ -12,30 +12,16 @@ import pytest
 import torch
 
 import fastssl
-from conftest import PY, ROOT, TINY, run
+from conftest import PY, ROOT, TINY, blocked_imports, run
 
 tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
 FASTSSL = [PY, "-m", "fastssl"]
 PYPROJECT = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
 
-# A site customisation that makes `import nvidia.dali` and `import faiss` fail in every process
-# started with it on PYTHONPATH (torchrun workers and the doctor's components too): a core install.
-BLOCKER = """import sys
-BLOCKED = {blocked!r}
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by tests/test_install.py)", name=name)
-        return None
-sys.meta_path.insert(0, _Block())
-"""
-
 
 def blocked_env(tmp_path, *modules):
-    d = tmp_path / "blocker"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "sitecustomize.py").write_text(BLOCKER.format(blocked=modules))
-    return {"PYTHONPATH": f"{d}{os.pathsep}{ROOT}", "FASTSSL_CACHE": str(tmp_path / "cache")}
+    """A core install: ``modules`` unimportable (conftest's blocker) and a cache of its own."""
+    return {**blocked_imports(tmp_path / "blocker", *modules), "FASTSSL_CACHE": str(tmp_path / "cache")}
 
 
 # --------------------------------------------------------------------------- packaging
