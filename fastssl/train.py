@@ -46,7 +46,7 @@ from fastssl.engine.metrics import MetricsLogger, StepTimer
 from fastssl.engine.monitors import KNNMonitor
 from fastssl.engine.optim import autocast, build_optimizer, build_scheduler, grad_scaler, resolve_precision
 from fastssl.engine.signals import FaultInjection, StopRequest
-from fastssl.engine.state import RunState, Schedule
+from fastssl.engine.state import RunState, Schedule, stage_fields
 from fastssl.errors import ConfigError
 from fastssl.methods import get_method
 from fastssl.models import build_backbone, compile_stages
@@ -395,9 +395,7 @@ def count_votes(r: Run, now: bool) -> Optional[int]:
 def log_step(r: Run, stage: Stage, out) -> None:
     """A logging step's metrics record (the method's outputs, averaged over the ranks)."""
     state = r.state
-    rec = {"step": state.step, "epoch": state.progress(r.plan)}
-    if r.model.num_stages > 1:
-        rec["stage"] = state.stage
+    rec = {"step": state.step, "epoch": state.progress(r.plan), **stage_fields(r.model.num_stages, state.stage)}
     with sync.intended_read("a logging step"):
         rec.update({k: dist.mean_over_ranks(v.detach().float()).item() for k, v in out.items()})
     rec["lr"] = stage.scheduler.get_last_lr()[0]
@@ -418,7 +416,7 @@ def end_epoch(r: Run, stage: Stage) -> Optional[int]:
         if r.knn is not None and r.knn.due(state.epoch):
             monitor.update(r.knn(r.model))
         if monitor:
-            stage_key = {"stage": state.stage} if r.model.num_stages > 1 else {}  # (as the step records)
+            stage_key = stage_fields(r.model.num_stages, state.stage)  # (as the step records)
             r.log.log_epoch({"step": state.step, "epoch": state.epoch + 1, **stage_key, **monitor})
         if not stage.save("end of epoch", state.restart_point(r.plan)):
             return run.abort_unsaved(r.log, state.step)

@@ -29,6 +29,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from fastssl.engine.state import stage_fields
 from fastssl.features.images import image_batches
 from fastssl.knn.classify import knn_classify
 
@@ -62,9 +63,14 @@ class KNNMonitor:
         if knn is None or step > 0:
             return
         rec = knn(model)
-        stage = {"stage": 0} if model.num_stages > 1 else {}  # (as every record of a multi-stage run)
         log.log_epoch(
-            {"step": 0, "epoch": 0, **stage, "knn_monitor_init": rec["knn_monitor"], "monitor_s": rec["monitor_s"]}
+            {
+                "step": 0,
+                "epoch": 0,
+                **stage_fields(model.num_stages, 0),
+                "knn_monitor_init": rec["knn_monitor"],
+                "monitor_s": rec["monitor_s"],
+            }
         )
 
     def due(self, epoch: int) -> bool:

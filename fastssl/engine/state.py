@@ -123,3 +123,9 @@ class RunState:
         pos = dataclasses.replace(self)
         pos.next_stage()
         return pos
+
+
+def stage_fields(num_stages: int, stage: int) -> Dict[str, int]:
+    """The ``stage`` field of a metrics record: every record of a multi-stage method carries its
+    stage (0-based); a one-stage method's records have none."""
+    return {"stage": stage} if num_stages > 1 else {}
