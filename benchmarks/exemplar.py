@@ -3,7 +3,7 @@ DataLoader baseline, and reading a materialised set.
 
     python -m benchmarks.exemplar [--size 96] [--images 2048] [--per-class 16] [--batch 512] [--workers N]
 
-Every executor makes the same 32x32 patches from the surrogate recipe (fastssl/data/ops/exemplar.py:
+Every executor makes the same 32x32 patches from the surrogate recipe (fastssl/methods/exemplar/ops.py:
 warp_affine + PCA colour matrix + exact HSV round trip, on the GPU or on DALI's CPU backend
 with ``workers`` threads; the torch faces, grid_sample + einsum + the same HSV maths, in a
 DataLoader with ``workers`` processes, or on the images resident on the training device;
@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import publish, summary, timed  # noqa: E402
-from fastssl.data import surrogate as ex  # noqa: E402
 from fastssl.data.decode import to_chw  # noqa: E402
 from fastssl.data.executors.dali import DaliExecutor  # noqa: E402
 from fastssl.data.executors.dataloader import TorchExecutor  # noqa: E402
 from fastssl.data.executors.tensor import TensorExecutor  # noqa: E402
-from fastssl.data.exemplar import FileSurrogateLoader, materialise  # noqa: E402
 from fastssl.data.sources import Split, make_builtin  # noqa: E402
+from fastssl.methods.exemplar import surrogate as ex  # noqa: E402
+from fastssl.methods.exemplar.materialised import FileSurrogateLoader, materialise  # noqa: E402
 
 
 def main(argv=None):

@@ -334,7 +334,7 @@ def run_method(method: str, rec: Recipe, a, data_dirs: Dict[str, str], out: str)
         if p.returncode != 0:
             raise SystemExit(f"benchmarks.learning: {method}: training exited {p.returncode} (log: {log.name})")
     state = ckpt.load(os.path.join(run_dir, "checkpoints", "last.pt"))
-    base = OmegaConf.to_container(state["config"], resolve=True)
+    base = OmegaConf.to_container(OmegaConf.create(state["config"]), resolve=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     evals = []
     for label, protocol, eval_over in rec.protocols:

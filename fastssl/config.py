@@ -167,8 +167,9 @@ def load_config(path, overrides: List[str] = ()) -> DictConfig:
     from fastssl.methods import get_method  # the registry (imports each method module)
 
     file_cfg = OmegaConf.create()
-    if isinstance(path, DictConfig):  # e.g. the config stored in a checkpoint
-        file_cfg, path = OmegaConf.create(OmegaConf.to_container(path, resolve=True)), None
+    if isinstance(path, (DictConfig, dict)):  # e.g. the config stored in a checkpoint (older ones: a DictConfig)
+        plain = OmegaConf.to_container(path, resolve=True) if isinstance(path, DictConfig) else path
+        file_cfg, path = OmegaConf.create(plain), None
     elif path is not None:
         path = config_files.find(path)  # a file, or a shipped config by name (sc/stl10)
         try:

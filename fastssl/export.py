@@ -99,8 +99,12 @@ def _load_checkpoint(path: str):
             f"{path} is not a fastssl checkpoint (no 'model' and 'config' entries; "
             f"expected RUN/checkpoints/last.pt written by fastssl train)"
         )
-    cfg = state["config"]
     try:
+        cfg = state["config"]
+        if isinstance(cfg, dict):  # (plain dicts; older checkpoints pickled a DictConfig)
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.create(cfg)
         arch, _ = str(cfg.model.arch), cfg.data.source
     except Exception:
         raise ExportError(
@@ -151,8 +155,8 @@ def snippet(fmt: str, arch: str, stem: str, out: str) -> list:
     )
 
 
-def export(checkpoint: str, fmt: str, out: str) -> dict:
-    """Write the backbone of ``checkpoint`` to ``out`` in ``fmt``; returns the metadata."""
+def _check_request(checkpoint: str, fmt: str) -> None:
+    """The format and the file, before anything is read."""
     if fmt not in FORMATS:
         raise ExportError(f"--format: one of {', '.join(FORMATS)}, not {fmt!r}")
     if not os.path.exists(checkpoint):
@@ -164,26 +168,18 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
             "--format timm: timm is not installed (pip install timm); --format torchvision "
             "writes the same keys for ResNets"
         )
-    state, cfg, arch, weights = _load_checkpoint(checkpoint)
-    if fmt in ("torchvision", "timm") and arch not in RESNETS:
-        raise ExportError(
-            f"--format {fmt}: only resnet18/resnet50 backbones map onto {fmt} models; "
-            f"this checkpoint's backbone is {arch} (use --format state_dict)"
-        )
 
-    import torch
-    from omegaconf import OmegaConf
 
+def _rebuild(checkpoint: str, cfg, arch: str, weights: dict):
+    """The backbone rebuilt from its config and loaded strictly: (net, its build arguments, stem)."""
     from fastssl import models
-    from fastssl.engine.checkpoint import save_atomic
 
-    side = image_size(cfg)
     m = cfg.model
     stem = str(m.stem)
-    if arch in RESNETS:
+    if arch in RESNETS:  # the stem the weights have (3x3: the small-image stem), whatever the config says
         w = weights.get("stem.0.weight")
         stem = "small" if w is not None and tuple(w.shape[-2:]) == (3, 3) else "imagenet"
-    build = {"name": arch, "width": int(m.width), "kernel": int(m.kernel), "stem": stem, "image_size": side}
+    build = {"name": arch, "width": int(m.width), "kernel": int(m.kernel), "stem": stem, "image_size": image_size(cfg)}
     net = models.build(**build)
     try:
         net.load_state_dict(weights, strict=True)
@@ -191,32 +187,43 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
         raise ExportError(
             f"{checkpoint}: its backbone weights do not fit its config's model ({arch}): {str(e).splitlines()[0]}"
         ) from None
-    sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    return net, build, stem
+
+
+def _foreign_keys(sd: dict, fmt: str, arch: str, stem: str) -> dict:
+    """The state dict under torchvision's or timm's key names, checked by loading it strictly into
+    that library's own model (with the small stem swapped in where the weights have it)."""
+    import torch
 
     if fmt == "torchvision":
         import torchvision
 
         sd = {torchvision_key(k): v for k, v in sd.items()}
         ref = getattr(torchvision.models, arch)(weights=None)
-    elif fmt == "timm":
+    else:
         import timm
 
         sd = {timm_key(k): v for k, v in sd.items()}
         ref = timm.create_model(arch, pretrained=False, num_classes=0)
-    if fmt in ("torchvision", "timm"):
-        if stem == "small":
-            ref.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            ref.maxpool = torch.nn.Identity()
-        ref.fc = torch.nn.Identity()
-        _verify(ref, sd, f"{fmt}'s {arch}")
+    if stem == "small":
+        ref.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        ref.maxpool = torch.nn.Identity()
+    ref.fc = torch.nn.Identity()
+    _verify(ref, sd, f"{fmt}'s {arch}")
+    return sd
+
+
+def _metadata(checkpoint, fmt, out, state, cfg, arch, net, build, stem) -> dict:
+    """What the exported file says about itself (``meta``): how to build and feed the backbone."""
+    from omegaconf import OmegaConf
 
     from fastssl import __version__ as fastssl_version
 
-    meta = {
+    return {
         "format": fmt,
         "arch": arch,
-        "model": OmegaConf.to_container(m, resolve=True),
-        "image_size": side,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "image_size": build["image_size"],
         "stem": stem if arch in RESNETS else None,
         "stem_change": list(SMALL_STEM_LINES) if fmt != "state_dict" and stem == "small" else [],
         "build": build,
@@ -230,6 +237,24 @@ def export(checkpoint: str, fmt: str, out: str) -> dict:
         "trained_with": state.get("fastssl_version"),  # the one that wrote the checkpoint (None: before 0.1.0's record)
         "load": snippet(fmt, arch, stem, out),
     }
+
+
+def export(checkpoint: str, fmt: str, out: str) -> dict:
+    """Write the backbone of ``checkpoint`` to ``out`` in ``fmt``; returns the metadata."""
+    _check_request(checkpoint, fmt)
+    state, cfg, arch, weights = _load_checkpoint(checkpoint)
+    if fmt in ("torchvision", "timm") and arch not in RESNETS:
+        raise ExportError(
+            f"--format {fmt}: only resnet18/resnet50 backbones map onto {fmt} models; "
+            f"this checkpoint's backbone is {arch} (use --format state_dict)"
+        )
+    from fastssl.engine.checkpoint import save_atomic
+
+    net, build, stem = _rebuild(checkpoint, cfg, arch, weights)
+    sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    if fmt in ("torchvision", "timm"):
+        sd = _foreign_keys(sd, fmt, arch, stem)
+    meta = _metadata(checkpoint, fmt, out, state, cfg, arch, net, build, stem)
     try:
         save_atomic({"state_dict": sd, "meta": meta}, out)
     except OSError as e:

@@ -2,7 +2,6 @@
 ``method.surrogate_dir`` instead of generating patches every epoch:
 
     python -m fastssl.materialise --config configs/exemplar/stl10.yaml --out data/surrogate
-    python -m fastssl.data.exemplar ...   (the same command, under its older name)
 """
 
 from __future__ import annotations
@@ -11,10 +10,10 @@ import argparse
 import sys
 
 from fastssl.config import load_config
-from fastssl.data.exemplar import build_surrogate_loader, materialise
 from fastssl.data.sources import build_source
-from fastssl.data.surrogate import seed_surrogate_set
 from fastssl.errors import ConfigError
+from fastssl.methods.exemplar.materialised import build_surrogate_loader, materialise
+from fastssl.methods.exemplar.surrogate import seed_surrogate_set
 
 
 def main(argv=None) -> int:
@@ -29,14 +28,14 @@ def main(argv=None) -> int:
     try:  # (a method without a surrogate set has no method.surrogate_dir: the override is refused, naming it)
         cfg = load_config(a.config, list(a.overrides) + ["method.surrogate_dir=null"])
     except ConfigError as e:
-        print(f"fastssl.data.exemplar: config error: {e}", file=sys.stderr)
+        print(f"fastssl.methods.exemplar.materialised: config error: {e}", file=sys.stderr)
         return 2
     source = build_source(cfg)
     sset, pca = seed_surrogate_set(cfg, source)
     loader = build_surrogate_loader(cfg, source, sset, cfg.method.aug, pca)
     rate = materialise(loader, a.out, sset, pca)
     print(
-        f"fastssl.data.exemplar: {len(loader) * cfg.data.batch_size} patches of {sset.num_classes} classes "
+        f"fastssl.methods.exemplar.materialised: {len(loader) * cfg.data.batch_size} patches of {sset.num_classes} classes "
         f"-> {a.out} ({rate:.0f} patches/s)"
     )
     return 0

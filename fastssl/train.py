@@ -36,12 +36,13 @@ if __package__ in (None, ""):  # run as a script (torchrun fastssl/train.py) fro
 
 import torch
 
+from fastssl import dist
 from fastssl.config import load_config, save_config
 from fastssl.data.dali_check import PipelineBuildError
 from fastssl.data.executors import steps_per_epoch as loader_steps
 from fastssl.data.sources import build_source
 from fastssl.engine import checkpoint as ckpt
-from fastssl.engine import dist, run, sync
+from fastssl.engine import run, sync
 from fastssl.engine.metrics import MetricsLogger, StepTimer
 from fastssl.engine.monitors import KNNMonitor
 from fastssl.engine.optim import autocast, build_optimizer, build_scheduler, grad_scaler, resolve_precision
@@ -107,6 +108,7 @@ class Run:
     timer: StepTimer
     votes: sync.Votes  # (every rank's skip and stop flags, read a step late)
     stopping: bool = False  # some rank asked to stop (the host learns it a step late)
+    init_record: Optional[dict] = None  # the kNN monitor's step-0 record, until the first banner is out
 
     @property
     def ck_path(self) -> str:
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
         print(f"fastssl: {e}", file=sys.stderr)
         return 2
 
-    KNNMonitor.log_init(r.knn, r.model, r.log, r.state.step)  # the random-init level, before step 0 (read-only)
+    # the random-init level, measured before step 0 (read-only), logged after the first banner
+    r.init_record = KNNMonitor.init_record(r.knn, r.model, r.state.step)
     # (each stage's loader, optimiser and DDP wrapper live in train_stage: the previous stage's are
     # gone before the next one's are built; the tensor executor holds the dataset on the device)
     while r.state.stage < r.model.num_stages and not r.state.done(r.plan):
@@ -287,6 +290,9 @@ def build_stage(r: Run, loader, restore: bool) -> Stage:
     if restore:
         ckpt.restore_stage(r.resumed, optim, d.rank)
     r.log.write(banner(r, getattr(loader, "pipeline", cfg.data.pipeline), opt_name))
+    if r.init_record is not None:  # (metrics.jsonl: still the first record)
+        r.log.log_epoch(r.init_record)
+        r.init_record = None
     save = functools.partial(ckpt.save, r.ck_path, model=model, optim=optim, config=cfg, d=d, log=r.log, fault=r.fault)
     return Stage(loader, optimizer, scheduler, scaler, ddp, save)
 

@@ -65,8 +65,8 @@ def test_choices_stay_plain_strings_through_a_stored_config(tmp_path):
 
 def test_literal_choices_and_their_tuples_agree():
     from fastssl.data.lab import AB_BINS, SPACES
-    from fastssl.data.surrogate import SURROGATE_MODES
     from fastssl.knn import GRAPH_INDEXES, KINDS
+    from fastssl.methods.exemplar.surrogate import SURROGATE_MODES
     from fastssl.models.heads import HEADS
     from fastssl.registry import PIPELINES, PRECISIONS
 

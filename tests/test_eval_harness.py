@@ -190,8 +190,8 @@ def test_registry_lists_the_protocols_and_rejects_an_unknown_one(capsys):
 
 def test_a_registered_protocol_is_dispatched():
     @protocol("test-only")
-    def fake(*args):
-        return {"accuracy": 1.0, "args": args}
+    def fake(job):
+        return {"accuracy": 1.0, "job": job}
 
     try:
         assert get_protocol("test-only") is fake

@@ -13,8 +13,8 @@ from scipy import stats
 
 from conftest import PY, ROOT, TINY, dali_patches, read_metrics, run, train_cmd
 from fastssl.config import ConfigError, load_config
-from fastssl.data import surrogate as ex
 from fastssl.data.decode import to_chw
+from fastssl.methods.exemplar import surrogate as ex
 
 CFG = "configs/exemplar/builtin.yaml"
 SMALL = [
@@ -300,7 +300,7 @@ def planted(seed=0, d=32):
 
 @pytest.mark.parametrize("max_images", [20000, 60])
 def test_clustering_recovers_planted_clusters_and_joins_neighbours(max_images):
-    from fastssl.knn.cluster import merge_classes
+    from fastssl.methods.exemplar.cluster import merge_classes
 
     a, truth, singles, b = planted()
     classes, summary = merge_classes(a, b, budget=100, threshold=0.5, neighbours=3, max_images=max_images)
@@ -326,7 +326,7 @@ def test_tree_cut_equals_scikit_learn_and_the_size_cap_splits_a_loose_cut():
     from scipy.spatial.distance import pdist, squareform
     from sklearn.cluster import AgglomerativeClustering
 
-    from fastssl.knn.cluster import complete_linkage
+    from fastssl.methods.exemplar.cluster import complete_linkage
 
     x = np.abs(np.random.default_rng(3).normal(size=(301, 16)))  # non-negative, like ReLU features
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -391,7 +391,7 @@ def test_svm_folds_reads_the_stl10_fold_file(tmp_path):
 @pytest.mark.slow
 def test_materialise_then_train_from_the_file(tmp_path):
     out = tmp_path / "surrogate"
-    run([PY, "-m", "fastssl.data.exemplar", "--config", CFG, "--out", str(out), *TINY, *SMALL])
+    run([PY, "-m", "fastssl.materialise", "--config", CFG, "--out", str(out), *TINY, *SMALL])
     meta = json.load(open(out / "meta.json"))
     patches = np.load(out / "patches.npy", mmap_mode="r")
     assert meta["patches"] == len(patches) == 64 * 8 and patches.shape[1:] == (32, 32, 3)

@@ -20,9 +20,9 @@ from scipy import stats
 
 from conftest import ROOT, dali_patches, kill_and_resume, read_metrics, run, train_cmd
 from fastssl.config import ConfigError, load_config
-from fastssl.data import surrogate as ex
 from fastssl.data.decode import to_chw
-from fastssl.data.ops.exemplar import _TORCH_OPS, hsv_adjust, patch_pca, stretch_torch
+from fastssl.methods.exemplar import surrogate as ex
+from fastssl.methods.exemplar.ops import _TORCH_OPS, hsv_adjust, patch_pca, stretch_torch
 
 CFG = "configs/exemplar/builtin.yaml"
 SMALL = [
@@ -203,7 +203,7 @@ def test_shared_power_op_face_equals_the_transcription_to_one_grey_level():
     hsvp = np.stack(
         [d["power"], d["factor"], d["addition"], d["power"], d["factor"], d["addition"], d["hue"]], 1
     ).astype(np.float32)
-    from fastssl.data.ops.exemplar import HSVPower
+    from fastssl.methods.exemplar.ops import HSVPower
 
     x = torch.from_numpy(ims).permute(0, 3, 1, 2).float()
     got = HSVPower(stretch=True).torch(x, {"hsvp": torch.from_numpy(hsvp)}, None).numpy().astype(int)

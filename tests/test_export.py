@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import ROOT, TINY
@@ -42,7 +43,7 @@ def _fastssl_backbone(ck_path):
     from fastssl.models import build_backbone
 
     state = torch.load(ck_path, map_location="cpu", weights_only=False)
-    net = build_backbone(state["config"].model, 32)
+    net = build_backbone(OmegaConf.create(state["config"]).model, 32)
     net.load_state_dict({k[len("backbone.") :]: v for k, v in state["model"].items() if k.startswith("backbone.")})
     return net.eval()
 
@@ -216,7 +217,6 @@ def test_each_method_describes_its_own_input(tiny_cfg):
 def test_layerwise_raw_input_export_round_trip(tmp_path):
     """A layer-wise input=raw run exported: the description says x / 255, and the exported net on
     x / 255 gives the features fastssl's evaluation computes (``eval_input``) from the same images."""
-    from omegaconf import OmegaConf
 
     import fastssl.models
     from fastssl.config import load_config

@@ -20,12 +20,12 @@ from fastssl.data.dali_check import (
     crop_pipeline,
     graph_ops,
     op_name,
-    surrogate_pipeline,
 )
 from fastssl.data.lab import ColorSplit
 from fastssl.data.ops import HSV, Op
 from fastssl.data.recipe import Recipe
 from fastssl.data.sources import Split, build_source
+from fastssl.methods.exemplar.surrogate import surrogate_pipeline
 
 pytest.importorskip("nvidia.dali")  # (the modules above import DALI only when a graph is built)
 
@@ -224,7 +224,7 @@ def test_exemplar_surrogate_graph_builds_on_the_gpu(exemplar, loader_graphs, enc
     from omegaconf import OmegaConf
 
     from fastssl.data.executors.dali import DaliExecutor
-    from fastssl.data.exemplar import build_surrogate_loader
+    from fastssl.methods.exemplar.materialised import build_surrogate_loader
 
     cfg, src, sset, pca = exemplar
     src = as_folder(src) if encoded else src

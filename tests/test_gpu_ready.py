@@ -255,7 +255,7 @@ def test_deterministic_mode_sets_the_cublas_workspace():
         [
             PY,
             "-c",
-            "import os; from fastssl.engine import dist; dist.deterministic(); "
+            "import os; from fastssl import dist; dist.deterministic(); "
             "import torch; print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.are_deterministic_algorithms_enabled())",
         ]
     )
@@ -264,7 +264,7 @@ def test_deterministic_mode_sets_the_cublas_workspace():
 
 def test_device_id_is_torchs_device_not_the_local_rank():
     """With one visible GPU per rank (SLURM), local rank 3 uses cuda:0: DALI and FAISS get 0."""
-    from fastssl.engine.dist import DistInfo
+    from fastssl.dist import DistInfo
 
     assert DistInfo(3, 4, 3, torch.device("cuda", 0)).device_id == 0
     assert DistInfo(0, 1, 0, torch.device("cpu")).device_id is None
@@ -273,7 +273,7 @@ def test_device_id_is_torchs_device_not_the_local_rank():
 def _ddp_worker(rank, world, store_path, q):
     import torch.distributed as tdist
 
-    from fastssl.engine.dist import wrap_ddp
+    from fastssl.dist import wrap_ddp
 
     tdist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
 

@@ -101,13 +101,13 @@ def strongly_connected(graph: dict) -> list:
 # folder of fastssl; the data folder is three: what the images are (sources), what is done to them
 # (plan) and who does it (executors).
 FLOORS = [
-    ("fastssl", "fastssl.errors", "fastssl.log"),
+    ("fastssl", "fastssl.errors", "fastssl.log", "fastssl.dist"),
     ("fastssl.registry", "fastssl.config_files"),
     ("fastssl.data.sources", "fastssl.data.plan", "fastssl.knn", "fastssl.losses"),
     ("fastssl.data.executors", "fastssl.features", "fastssl.kernels"),
-    ("fastssl.engine",),
     ("fastssl.models",),
     ("fastssl.methods",),
+    ("fastssl.engine",),
     ("fastssl.config",),
     ("fastssl.eval",),
     (
@@ -185,6 +185,24 @@ def test_no_loop_between_folders():
     units = unit_graph(graph)
     assert "fastssl.losses" in units["fastssl.methods"] and "fastssl.features" in units["fastssl.engine"]
     assert unit_loops(graph) == []
+
+
+def test_a_method_is_one_folder_the_data_layer_never_names():
+    """Exemplar-CNN's surrogate set, ops, materialised sets and clustering live in its own folder,
+    Split-Brain's soft encoding in its own; nothing below the methods imports a method's module."""
+    graph = package_graph()
+    for name in ("surrogate", "ops", "materialised", "cluster"):
+        assert f"fastssl.methods.exemplar.{name}" in graph
+    assert "fastssl.methods.splitbrain.encoding" in graph
+    below = ("fastssl.data.", "fastssl.knn", "fastssl.features", "fastssl.models", "fastssl.losses", "fastssl.kernels")
+    leaks = sorted(
+        f"{m} imports {t}"
+        for m, targets in graph.items()
+        if m.startswith(below)
+        for t in targets
+        if t.startswith("fastssl.methods")
+    )
+    assert not leaks, leaks
 
 
 def test_the_folder_check_fails_on_a_planted_loop(tmp_path):

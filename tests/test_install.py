@@ -134,7 +134,7 @@ def test_configs_by_name_path_and_listing(tmp_path):
 CORE_TOOLS = """
 import sys, numpy as np
 from fastssl import cli, doctor
-from fastssl.knn.cluster import complete_linkage
+from fastssl.methods.exemplar.cluster import complete_linkage
 run, ck, out = sys.argv[1:4]
 for mod in ("nvidia.dali", "faiss"):
     try:

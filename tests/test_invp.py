@@ -72,7 +72,7 @@ def test_hard_positive_and_negative_selection():
     assert torch.equal(hardest_positives(logits, valid, 0), valid)
     # background = the K nearest: check through the loss with K = 2 on a hand-made row
     lg = torch.tensor([[0.0, 3.0, 1.0, 2.0]])  # self = 0, not among the top-2 (cols 1, 3)
-    l_ins, _ = invp_losses(lg, torch.tensor([0]), torch.tensor([[2]]), background=2, hard_pos=0)
+    l_ins, _ = invp_losses(lg, torch.tensor([0]), torch.tensor([[2]]), background=2, hard_positives=0)
     want = np.log(np.exp(3.0) + np.exp(2.0) + np.exp(0.0)) - 0.0
     assert l_ins.item() == pytest.approx(want, rel=1e-6)
 
@@ -172,7 +172,7 @@ def test_bank_consistent_under_two_process_ddp(tmp_path):
 
 
 def test_fingerprint_sees_rows_moved_in_a_normalised_bank():
-    from fastssl.engine.dist import fingerprint
+    from fastssl.dist import fingerprint
 
     bank = F.normalize(torch.randn(50, 16), dim=1)
     moved = bank.clone()
@@ -185,7 +185,7 @@ def test_fingerprint_sees_rows_moved_in_a_normalised_bank():
 def _check_bank(rank, store, out):
     import torch.distributed as dist
 
-    from fastssl.engine.dist import same_on_all_ranks
+    from fastssl.dist import same_on_all_ranks
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     bank = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)

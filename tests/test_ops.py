@@ -158,7 +158,7 @@ def test_exemplar_surrogate_recipe_on_every_executor(images, stretch):
     DataLoader and tensor executors equal the torch faces bit for bit, DALI CPU to one grey level
     (with the default stretch, the authors', and without, the text's)."""
     from fastssl.data.decode import to_chw
-    from fastssl.data.surrogate import (
+    from fastssl.methods.exemplar.surrogate import (
         PatchParams,
         SurrogateAug,
         generate_torch,

@@ -20,7 +20,8 @@ import torch
 
 from conftest import ROOT, read_metrics, run, run_dali_graph, train_cmd
 from fastssl.config import ConfigError
-from fastssl.data.lab import GRID313, ColorSplit, nongray_mask, prior_factor, rgb_to_lab, soft_encode
+from fastssl.data.lab import GRID313, ColorSplit, rgb_to_lab
+from fastssl.methods.splitbrain.encoding import nongray_mask, prior_factor, soft_encode
 
 CFG = "configs/splitbrain/builtin.yaml"
 GRID = ["method.ab_bins=grid313"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import fastssl
+from fastssl.dist import DistInfo
 from fastssl.engine import checkpoint as ckpt
 from fastssl.engine import run
-from fastssl.engine.dist import DistInfo
 from fastssl.engine.signals import FaultInjection
 from fastssl.engine.state import RunState, Schedule
 
@@ -270,6 +270,55 @@ def test_contents_keep_todays_keys_in_their_order():
     assert (ck["stage"], ck["epoch"], ck["step_in_epoch"], ck["step"], ck["skipped_steps"]) == (0, 1, 2, 7, 1)
     fresh = ckpt.contents(model, None, [ckpt.rng_state()], s.next_stage_start(), None, "end of stage")
     assert "optimizer" not in fresh and (fresh["stage"], fresh["epoch"], fresh["step_in_epoch"]) == (1, 0, 0)
+
+
+def pickled_globals(path) -> set:
+    """The ``module name`` pairs a torch.save file's pickle names (its GLOBAL opcodes)."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    return {str(arg) for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+def test_checkpoints_keep_the_config_as_plain_data_naming_no_fastssl_class(tmp_path):
+    """A pickled structured DictConfig names the dataclass of every config section, so moving one
+    (as Exemplar-CNN's ``SurrogateAug`` moved into its method folder) made every older checkpoint
+    unreadable; the config is kept as plain dicts and lists, and loads back to the same config."""
+    from fastssl.config import load_config
+
+    cfg = load_config("configs/exemplar/builtin.yaml")
+    path = str(tmp_path / "last.pt")
+    model, optim = tiny_stage()
+    assert ckpt.save(path, "periodic", RunState(), model=model, optim=optim, config=cfg, d=CPU, log=Log())
+    assert not [g for g in pickled_globals(path) if g.startswith(("fastssl", "omegaconf"))], pickled_globals(path)
+    ck = ckpt.load(path)
+    assert type(ck["config"]) is dict and ck["config"]["method"]["aug"]["pca_basis"] == "set"
+    assert load_config(ck["config"]) == cfg and ckpt.config_changes(ck["config"], cfg) == []
+
+
+def test_a_checkpoint_naming_a_moved_module_still_reads(tmp_path, monkeypatch):
+    """A checkpoint written before the move pickled its config as a DictConfig whose ``method.aug``
+    names ``fastssl.data.surrogate.SurrogateAug``; it is read from where the class is now."""
+    import sys
+
+    from fastssl.config import load_config
+    from fastssl.methods.exemplar.surrogate import SurrogateAug
+
+    cfg = load_config("configs/exemplar/builtin.yaml", ["method.aug.flip=0.25"])
+    path = str(tmp_path / "old.pt")
+    model, _ = tiny_stage()
+    monkeypatch.setattr(SurrogateAug, "__module__", "fastssl.data.surrogate")  # where it was
+    monkeypatch.setitem(sys.modules, "fastssl.data.surrogate", sys.modules["fastssl.methods.exemplar.surrogate"])
+    torch.save({"model": model.state_dict(), "config": cfg, "epoch": 0, "step": 0, "step_in_epoch": 0}, path)
+    monkeypatch.undo()  # the old module name is gone again
+    assert "fastssl.data.surrogate" not in sys.modules
+    assert "fastssl.data.surrogate SurrogateAug" in pickled_globals(path)
+    with pytest.raises(ModuleNotFoundError):
+        torch.load(path, weights_only=False)  # (what a plain torch.load does with it)
+    ck = ckpt.load(path)
+    assert load_config(ck["config"]) == cfg and ck["config"].method.aug.flip == 0.25
 
 
 def test_save_then_resume_restores_weights_optimiser_and_rng(tmp_path):

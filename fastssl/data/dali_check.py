@@ -95,14 +95,3 @@ def crop_pipeline(recipe, source, split, batch_size: int, reader_workers: int = 
         reader_workers=reader_workers,
         hw_decoder_load=hw_decoder_load,
     )
-
-
-def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: int, aug=None):
-    """The dali-gpu graph of the Exemplar-CNN surrogate ops (what build_loader builds for the
-    surrogate recipe), fed by an empty source: for its graph only (the tests compare it)."""
-    from fastssl.data.executors.dali import build_dali_pipeline
-    from fastssl.data.surrogate import patch_recipe
-
-    return build_dali_pipeline(
-        [], patch_recipe(patch, aug), "gpu", batch_size, 1, 0, image_size, encoded, (0.5,) * 3, (0.25,) * 3
-    )

@@ -1,2 +1,2 @@
-"""Shared training machinery: distributed set-up, precision and optimisers, checkpoints,
-signals and metrics.  Every method uses these; none copies them."""
+"""Shared training machinery: precision and optimisers, checkpoints, signals, metrics and
+monitors (the process group is ``fastssl/dist.py``).  Every method uses these; none copies them."""

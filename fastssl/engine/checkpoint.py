@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import shutil
 import tempfile
+import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from fastssl import __version__
-from fastssl.engine import dist
+from fastssl import __version__, dist
 from fastssl.engine.state import RunState
 
 
@@ -94,12 +95,31 @@ def save_atomic(obj: Dict[str, Any], path: str, fail_after_bytes: int | None = N
         raise
 
 
+# Modules that checkpoints written by an earlier fastssl name and that have moved since.  Those
+# checkpoints pickled the run's config as a structured DictConfig, which names the dataclass of
+# every config section; checkpoints now keep the config as plain dicts and lists (``contents``),
+# which name no fastssl module.
+MOVED_MODULES = {
+    "fastssl.data.surrogate": "fastssl.methods.exemplar.surrogate",  # Exemplar-CNN's method.aug (SurrogateAug)
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return super().find_class(MOVED_MODULES.get(module, module), name)
+
+
+_moved_pickle = types.SimpleNamespace(**{k: getattr(pickle, k) for k in ("load", "loads", "__name__")})
+_moved_pickle.Unpickler = _Unpickler  # (torch.load subclasses ``pickle_module.Unpickler``)
+
+
 def read(path: str, map_location="cpu"):
     """``torch.load`` of a file that may be a checkpoint; a CheckpointError says why it cannot be
     read: a Python module its objects need that does not import here (e.g. triton, or a module of
-    another fastssl version: the file itself is fine), or an unreadable / corrupt file."""
+    another fastssl version: the file itself is fine), or an unreadable / corrupt file.  A module
+    that has moved within fastssl is read from where it is now (``MOVED_MODULES``)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_moved_pickle)
     except ImportError as e:  # (ModuleNotFoundError included) raised while unpickling the config
         raise CheckpointError(
             f"checkpoint {path} cannot be read here: it needs the Python module {e.name or '?'!r}, which does not "
@@ -141,7 +161,7 @@ def contents(model: torch.nn.Module, optim: Optional[Tuple], rngs, position: Run
         **opt,
         "rng": rngs,
         **pos,
-        "config": config,
+        "config": plain_config(config),
         "reason": reason,
         "skipped_steps": skipped,
         "fastssl_version": __version__,  # (the fastssl that wrote it)
@@ -196,6 +216,14 @@ def resume(path: str, model: torch.nn.Module) -> Dict[str, Any]:
     except RuntimeError as e:  # (load_state_dict: missing, unexpected or mis-shaped tensors)
         raise CheckpointError(f"{path} does not fit this config's model: {str(e).splitlines()[0]}") from None
     return ck
+
+
+def plain_config(config):
+    """The run's config as plain dicts and lists, as checkpoints keep it: a pickled DictConfig would
+    name the dataclass of every section, and a checkpoint would stop loading when one moves."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
 
 
 def config_changes(saved, current, limit: int = 8) -> List[str]:

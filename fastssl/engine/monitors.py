@@ -13,7 +13,7 @@ The monitor only reads: no RNG stream and no training state changes, so a run wi
 a run without it.
 
 The random-init level: a fresh run probes the untrained network once, before its first step
-(``KNNMonitor.log_init``), and logs it as ``knn_monitor_init`` in an epoch record at step 0,
+(``KNNMonitor.init_record``), and logs it as ``knn_monitor_init`` in an epoch record at step 0,
 epoch 0 (metrics.jsonl, TensorBoard ``monitor/knn_monitor_init``); the report draws it as a
 line under the curve.  On real images an untrained network's kNN is far above chance (a random
 convnet's features are a rich, if unlearned, basis), so the curve means something only against
@@ -57,21 +57,20 @@ class KNNMonitor:
         return cls(cfg, source, method_cls.eval_input(cfg, source), device)
 
     @staticmethod
-    def log_init(knn: Optional["KNNMonitor"], model, log, step: int) -> None:
-        """The monitor's random-init level, once before step 0 of a fresh run (nothing when the
-        monitor is off, on ranks other than 0, or when the run resumes after step 0)."""
+    def init_record(knn: Optional["KNNMonitor"], model, step: int) -> Optional[dict]:
+        """The monitor's random-init level as an epoch record at step 0, measured once before step 0
+        of a fresh run (None when the monitor is off, on ranks other than 0, or when the run
+        resumes after step 0).  The caller logs it after the run's first banner."""
         if knn is None or step > 0:
-            return
+            return None
         rec = knn(model)
-        log.log_epoch(
-            {
-                "step": 0,
-                "epoch": 0,
-                **stage_fields(model.num_stages, 0),
-                "knn_monitor_init": rec["knn_monitor"],
-                "monitor_s": rec["monitor_s"],
-            }
-        )
+        return {
+            "step": 0,
+            "epoch": 0,
+            **stage_fields(model.num_stages, 0),
+            "knn_monitor_init": rec["knn_monitor"],
+            "monitor_s": rec["monitor_s"],
+        }
 
     def due(self, epoch: int) -> bool:
         """After epoch ``epoch`` (0-based)?"""

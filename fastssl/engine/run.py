@@ -5,7 +5,7 @@ group; ``train.py`` returns the exit status they return."""
 
 from __future__ import annotations
 
-from fastssl.engine import dist
+from fastssl import dist
 from fastssl.engine.state import RunState
 
 ABORTED = 3  # train.py's exit status when a run stops on a fault

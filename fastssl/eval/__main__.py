@@ -26,7 +26,7 @@ from fastssl.engine import checkpoint as ckpt
 from fastssl.engine.signals import StopRequest
 from fastssl.errors import ConfigError
 from fastssl.eval.finetune import finetune
-from fastssl.eval.harness import PROTOCOLS, get_protocol, protocol
+from fastssl.eval.harness import PROTOCOLS, EvalJob, get_protocol, protocol
 from fastssl.eval.ledger import NO_LEDGER, Ledger, Preempted
 from fastssl.eval.linear import linear_probe
 from fastssl.eval.svm import eval_folds, svm_folds
@@ -40,47 +40,52 @@ from fastssl.models import build_backbone
 
 
 @protocol("linear")
-def _linear(cfg, source, backbone, prepare, device, log, ledger):
-    xtr, ytr, xte, yte = labeled_features(cfg, source, backbone, prepare, device, log)
-    return linear_probe(xtr, ytr, xte, yte, cfg.eval, num_classes=source.num_classes, ledger=ledger)
+def _linear(job: EvalJob):
+    xtr, ytr, xte, yte = labeled_features(job.cfg, job.source, job.backbone, job.prepare, job.device, job.log)
+    return linear_probe(xtr, ytr, xte, yte, job.settings, num_classes=job.source.num_classes, ledger=job.ledger)
 
 
 @protocol("knn")
-def _knn(cfg, source, backbone, prepare, device, log, ledger):  # one deterministic run: nothing to resume
-    xtr, ytr, xte, yte = labeled_features(cfg, source, backbone, prepare, device, log)
-    e = cfg.eval
-    return knn_accuracy(xtr, ytr, xte, yte, source.num_classes, k=e.knn_k, temperature=e.knn_temperature)
+def _knn(job: EvalJob):  # one deterministic run: nothing to resume
+    xtr, ytr, xte, yte = labeled_features(job.cfg, job.source, job.backbone, job.prepare, job.device, job.log)
+    e = job.settings
+    return knn_accuracy(xtr, ytr, xte, yte, job.source.num_classes, k=e.knn_k, temperature=e.knn_temperature)
 
 
 @protocol("finetune")
-def _finetune(cfg, source, backbone, prepare, device, log, ledger):
-    return finetune(backbone, source, prepare, cfg.eval, device=device, log=log, ledger=ledger)
+def _finetune(job: EvalJob):
+    return finetune(
+        job.backbone, job.source, job.prepare, job.settings, device=job.device, log=job.log, ledger=job.ledger
+    )
 
 
 @protocol("transfer")
-def _transfer(cfg, source, backbone, prepare, device, log, ledger):
-    if cfg.model.arch != "shallow":
-        raise ConfigError(f"--protocol transfer: needs the 'shallow' net of the layerwise method, not {cfg.model.arch}")
-    return transfer(backbone, source, prepare, cfg.eval, device=device, log=log, ledger=ledger)
+def _transfer(job: EvalJob):
+    arch = job.cfg.model.arch
+    if arch != "shallow":
+        raise ConfigError(f"--protocol transfer: needs the 'shallow' net of the layerwise method, not {arch}")
+    return transfer(
+        job.backbone, job.source, job.prepare, job.settings, device=job.device, log=job.log, ledger=job.ledger
+    )
 
 
 @protocol("svm-folds")
-def _svm_folds(cfg, source, backbone, prepare, device, log, ledger):
-    e = cfg.eval
+def _svm_folds(job: EvalJob):
+    e, source = job.settings, job.source
     t = time.time()
-    folds = eval_folds(source, e.svm_folds, e.svm_fold_size, cfg.seed)
+    folds = eval_folds(source, e.svm_folds, e.svm_fold_size, job.cfg.seed)
     used = np.unique(np.concatenate(folds))  # only the fold images' features are needed
     extract = extract_authors if e.svm_features == "authors" else extract_pooled  # (authors: without fc2, see svm.py)
-    ftr = extract(backbone, source.train, source, prepare, e.batch_size, device, used).numpy()
+    ftr = extract(job.backbone, source.train, source, job.prepare, e.batch_size, job.device, used).numpy()
     xtr = np.zeros((len(source.train), ftr.shape[1]), np.float32)
     xtr[used] = ftr
-    xte = extract(backbone, source.test, source, prepare, e.batch_size, device).numpy()
-    log(
+    xte = extract(job.backbone, source.test, source, job.prepare, e.batch_size, job.device).numpy()
+    job.log(
         f"  features: {ftr.shape[1]} per image, {len(used)} train, {len(xte)} test ({time.time() - t:.1f}s); "
         f"{len(folds)} folds{' (predefined)' if source.folds else ''}"
     )
     ytr, yte = np.asarray(source.train.labels), np.asarray(source.test.labels)
-    return svm_folds(xtr, ytr, xte, yte, folds, e, ledger=ledger, log=log)
+    return svm_folds(xtr, ytr, xte, yte, folds, e, ledger=job.ledger, log=job.log)
 
 
 def parse_args(argv):
@@ -124,7 +129,7 @@ def evaluate(cfg, protocol: str, state, device, log=print, ledger=NO_LEDGER):
         )
     backbone = load_backbone(cfg, state, source, device)
     prepare = get_method(cfg.method.name).eval_input(cfg, source)  # uint8 images -> the network's input
-    return run(cfg, source, backbone, prepare, device, log, ledger)
+    return run(EvalJob(cfg, source, backbone, prepare, device, log, ledger))
 
 
 def main(argv=None) -> int:

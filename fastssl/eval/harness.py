@@ -3,7 +3,8 @@ repeated seeded runs recorded in a ledger (mean +- std), and one supervised trai
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -12,8 +13,28 @@ import torch.nn.functional as F
 from fastssl.errors import ConfigError
 from fastssl.eval.ledger import NO_LEDGER
 
-# name -> fn(cfg, source, backbone, prepare, device, log, ledger) -> result dict, in registration order
-PROTOCOLS: Dict[str, Callable] = {}
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What a protocol is handed: the run's config (its settings are ``cfg.eval``), the labelled
+    source, the frozen backbone, the method's ``prepare`` (uint8 images -> the network's input),
+    the device, a log function and the ledger of finished runs."""
+
+    cfg: Any
+    source: Any
+    backbone: torch.nn.Module
+    prepare: Callable
+    device: torch.device
+    log: Callable[[str], None] = print
+    ledger: Any = NO_LEDGER
+
+    @property
+    def settings(self):
+        return self.cfg.eval
+
+
+# name -> fn(job: EvalJob) -> result dict, in registration order
+PROTOCOLS: Dict[str, Callable[[EvalJob], Dict]] = {}
 
 
 def protocol(name: str):

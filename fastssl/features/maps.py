@@ -2,7 +2,7 @@
 Exemplar-CNN's SVM features, ``eval.svm_features=pooled``, and its clustering features), the
 authors' pre-ReLU conv features (their clustering) and their SVM features
 (``eval.svm_features=authors``): fastssl/eval/svm.py's fold protocol and the Exemplar-CNN's
-surrogate clustering (fastssl/methods/exemplar.py) both read them.
+surrogate clustering (fastssl/methods/exemplar/) both read them.
 """
 
 from __future__ import annotations

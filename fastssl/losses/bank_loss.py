@@ -54,7 +54,7 @@ def hardest_positives(
     return keep & valid
 
 
-def combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_pos, most_similar=False):
+def combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_positives, most_similar=False):
     """InvP's two per-row terms from the background log-sum-exp, the anchor's own logit and its
     positives' logits (see fastssl/methods/invp.py):
 
@@ -63,7 +63,7 @@ def combine(lse, self_in_lse, self_logit, pos_logits, valid, hard_pos, most_simi
     The background always holds self: it is added when the top-K did not contain it."""
     lse = torch.where(self_in_lse, lse, torch.logaddexp(lse, self_logit))
     l_ins = lse - self_logit
-    use = hardest_positives(pos_logits.detach(), valid, hard_pos, most_similar)
+    use = hardest_positives(pos_logits.detach(), valid, hard_positives, most_similar)
     lse_pos = pos_logits.masked_fill(~use, float("-inf")).logsumexp(1)
     log_denominator = lse + torch.log(-torch.expm1(self_logit - lse))  # log(sum_bg s - s_self)
     l_inv = log_denominator - lse_pos
@@ -75,7 +75,7 @@ def invp_losses(
     index: torch.Tensor,
     pos: torch.Tensor,
     background: int,
-    hard_pos: int,
+    hard_positives: int,
     most_similar: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row L_ins and L_inv (NaN where a row has no positive), from the full logits (B, N).
@@ -86,7 +86,7 @@ def invp_losses(
         lse, self_in = bg.logsumexp(1), (bg_idx == index[:, None]).any(1)
     else:
         lse, self_in = logits.logsumexp(1), torch.ones_like(index, dtype=torch.bool)
-    return combine(lse, self_in, self_logit, logits.gather(1, pos.clamp(min=0)), pos >= 0, hard_pos, most_similar)
+    return combine(lse, self_in, self_logit, logits.gather(1, pos.clamp(min=0)), pos >= 0, hard_positives, most_similar)
 
 
 @no_autocast

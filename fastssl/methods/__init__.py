@@ -1,6 +1,7 @@
-"""Method registry: one module per method, registered by name.
+"""Method registry: one module (or package) per method, registered by name.
 
-A method module defines a ``Method`` subclass (its loss, its pipeline recipe = which crops of
+A method module (or a package's ``__init__``, when the method has data code of its own, as
+``exemplar/`` and ``splitbrain/`` do) defines a ``Method`` subclass (its loss, its pipeline recipe = which crops of
 each image it wants, its config dataclass with defaults) and decorates it with ``@register``;
 every module of this folder is imported here, so a new file is all a new method needs.
 ``train.py``, ``eval`` and the tools (doctor, benchmarks, report, export) only ever talk to the
@@ -38,7 +39,7 @@ def for_tools(benchmark: Optional[str] = None) -> List[str]:
 
 
 def _import_all() -> None:
-    """Import every module of this folder (base excepted): importing a method module registers it,
+    """Import every module and package of this folder (base excepted): importing a method module registers it,
     so adding a method is adding its file (docs/adding-a-method.md)."""
     import importlib
     import pkgutil

@@ -7,12 +7,12 @@ Use: ``stash(features, index)`` in ``forward`` (detached), ``step(skipped)`` aft
 step (``update`` with the stashed batch; nothing changes when the step was skipped).  Under DDP the update uses every rank's batch
 (all-gathered, in rank order), so each rank applies the same writes and the banks stay equal
 without a broadcast; ``check_agreement`` verifies that (a fingerprint compared across ranks,
-``fastssl.engine.dist.same_on_all_ranks``).
+``fastssl.dist.same_on_all_ranks``).
 
 Where the tensor lives, and why.  A method's checkpoints, the tests and the DDP wrapper know the
 bank by its state-dict / buffer name: InvP's module has the buffer ``bank`` at its top level
 (``load(...)["model"]["bank"]``), and ``ddp_keep_local = ("bank", "graph")`` names it for DDP
-to leave out of its per-step broadcast (``fastssl.engine.dist.wrap_ddp``).  A ``MemoryBank``
+to leave out of its per-step broadcast (``fastssl.dist.wrap_ddp``).  A ``MemoryBank``
 that held the tensor itself as a submodule ``memory`` would rename it ``memory.bank``: old
 checkpoints would no longer load and the DDP exclusion would silently miss it.  So the buffer is
 registered on a *host* module under a name of its choosing (``MemoryBank(..., host=method,
@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastssl.engine.dist import same_on_all_ranks
+from fastssl.dist import same_on_all_ranks
 
 __all__ = ["MemoryBank", "all_gather_batch", "initial_bank"]
 

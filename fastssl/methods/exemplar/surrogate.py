@@ -28,7 +28,7 @@ saturation and value not clipped).
 The parameters are drawn on the host from ``(seed, epoch, step)`` (so resumed runs, DDP ranks
 and every executor agree) as the plan fields ``affine`` (one 2x3 matrix per patch), ``cmat`` and
 ``coff`` (the PCA contrast) and ``hsvp``; the ops ``WarpAffine``, ``ColourMatrix`` and
-``HSVPower`` (``data/ops/exemplar.py``) make the pixels on any executor.  Patches leave as
+``HSVPower`` (``methods/exemplar/ops.py``) make the pixels on any executor.  Patches leave as
 32x32x3 uint8.
 """
 
@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from fastssl.data.decode import split_images
 from fastssl.data.executors.base import run_torch
 from fastssl.data.ops import ViewContext
-from fastssl.data.ops.exemplar import ColourMatrix, HSVPower, WarpAffine
 from fastssl.data.plan import ViewPlan, global_batches
 from fastssl.data.recipe import Recipe
 from fastssl.data.sources import Split
 from fastssl.errors import ConfigError, choice
+from fastssl.methods.exemplar.ops import ColourMatrix, HSVPower, WarpAffine
 
 
 @dataclass
@@ -308,6 +308,16 @@ def patch_recipe(patch: int, aug=None, **plan) -> Recipe:
     """The surrogate ops as a one-view recipe; ``plan``/``items`` make it a training recipe
     (``surrogate_recipe``), without them it serves explicit parameters (graphs, references)."""
     return Recipe(None, surrogate_ops(patch, aug), views=1, size=patch, name="exemplar surrogate", **plan)
+
+
+def surrogate_pipeline(patch: int, encoded: bool, image_size: int, batch_size: int, aug=None):
+    """The dali-gpu graph of the surrogate ops (what build_loader builds for the surrogate
+    recipe), fed by an empty source: for its graph only (the tests compare it)."""
+    from fastssl.data.executors.dali import build_dali_pipeline
+
+    return build_dali_pipeline(
+        [], patch_recipe(patch, aug), "gpu", batch_size, 1, 0, image_size, encoded, (0.5,) * 3, (0.25,) * 3
+    )
 
 
 def param_fields(p: PatchParams):

@@ -1,5 +1,5 @@
 """Materialised Exemplar-CNN surrogate sets: one epoch of patches written once and read back
-from a memory map instead of being generated every epoch (``data/surrogate.py`` makes them).
+from a memory map instead of being generated every epoch (``methods/exemplar/surrogate.py`` makes them).
 
     python -m fastssl.materialise --config configs/exemplar/stl10.yaml --out data/surrogate
 """
@@ -16,8 +16,8 @@ import torch
 from fastssl.data.executors import build_loader
 from fastssl.data.executors.base import Executor
 from fastssl.data.plan import global_batches
-from fastssl.data.surrogate import SurrogateSet, surrogate_recipe
 from fastssl.errors import ConfigError
+from fastssl.methods.exemplar.surrogate import SurrogateSet, surrogate_recipe
 
 
 class FileSurrogateLoader(Executor):
@@ -105,9 +105,3 @@ def materialise(loader, folder: str, sset: SurrogateSet, pca, progress: bool = T
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump({"patches": n, "classes": sset.num_classes, "patch": p, "rate": rate}, f)
     return rate
-
-
-if __name__ == "__main__":  # the command line lives in fastssl/materialise.py (it reads a run config)
-    from fastssl.materialise import main
-
-    raise SystemExit(main())

@@ -51,13 +51,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastssl.data import lab
 from fastssl.data.lab import GRID313, AbBins, ColorSplit, Space, torch_colour
 from fastssl.data.ops import Crop, Flip, SplitTargets, ToSpace
 from fastssl.data.plan import square_crops
 from fastssl.data.recipe import Recipe
 from fastssl.methods import register
 from fastssl.methods.base import Method, MethodConfig
+from fastssl.methods.splitbrain import encoding
 
 
 @dataclass
@@ -116,7 +116,7 @@ class SplitBrain(Method):
                 c = torch_colour(split_images(split, index[i : i + chunk], self.image_size), "lab")
                 yield F.avg_pool2d(c[:, 1:3], f).permute(0, 2, 3, 1).reshape(-1, 2)
 
-        return lab.empirical_prior(points(), self.ab_centres.cpu())
+        return encoding.empirical_prior(points(), self.ab_centres.cpu())
 
     @staticmethod
     def crop_side(m, image_size: int) -> int:
@@ -222,8 +222,8 @@ class SplitBrain(Method):
         b, q, h, w = logits.shape
         logp = F.log_softmax(logits, 1).permute(0, 2, 3, 1).reshape(-1, q)
         with torch.no_grad():
-            wts, idx = lab.soft_encode(ab.permute(0, 2, 3, 1).reshape(-1, 2), self.ab_centres)
-            boost = lab.prior_factor(self.ab_prior).float()[idx[:, 0]]  # the weight of each cell's nearest bin
-            boost = boost * lab.nongray_mask(ab).repeat_interleave(h * w)
+            wts, idx = encoding.soft_encode(ab.permute(0, 2, 3, 1).reshape(-1, 2), self.ab_centres)
+            boost = encoding.prior_factor(self.ab_prior).float()[idx[:, 0]]  # the weight of each cell's nearest bin
+            boost = boost * encoding.nongray_mask(ab).repeat_interleave(h * w)
         ce = -(wts * logp.gather(1, idx)).sum(1)
         return (boost * ce).mean()

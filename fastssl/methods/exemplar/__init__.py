@@ -1,13 +1,13 @@
 """Exemplar-CNN with surrogate-class clustering (Dosovitskiy et al. 2016; Bautista et al.).
 
 Every surrogate class is one seed image (after clustering: a few similar images); its patches
-are random transformations of the seed patch (data/surrogate.py: the surrogate plan and its
+are random transformations of the seed patch (methods/exemplar/surrogate.py: the surrogate plan and its
 recipe of ops, made by the data.pipeline executor every epoch; or read from a set materialised
-once by data/exemplar.py).  The network classifies each patch into its class:
+once by methods/exemplar/materialised.py).  The network classifies each patch into its class:
 softmax cross-entropy over up to 16,000 classes.
 
 Stages: 1 (Exemplar-CNN), or 2 with ``method.cluster.enabled``: after stage 1 the trained
-network's features of a random half of the images are clustered (knn/cluster.py), the classes
+network's features of a random half of the images are clustered (methods/exemplar/cluster.py), the classes
 are re-formed from the clusters (filled up to the class budget with single images and their 3
 nearest held-out images), and the network is trained again from scratch on the new set.
 
@@ -19,7 +19,7 @@ The authors' code (``EricArazo/ExemplarCNN``; docs/fidelity.md) as switches: ``m
 (``fixed``: one set of patches drawn once from the run's seed and shown every epoch),
 ``method.dropout`` (``authors``: after fc1 only), ``method.l2_conv3``, ``method.cluster.features``
 (``authors``: conv1-3 before ReLU, max-pooled 2x2) and the transformation switches of
-``method.aug`` (data/surrogate.py).
+``method.aug`` (methods/exemplar/surrogate.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.data.decode import split_images
-from fastssl.data.surrogate import (
+from fastssl.errors import check
+from fastssl.log import get_logger
+from fastssl.methods import register
+from fastssl.methods.base import Method, MethodConfig
+from fastssl.methods.exemplar.surrogate import (
     SurrogateAug,
     SurrogateMode,
     SurrogateSet,
@@ -44,10 +48,6 @@ from fastssl.data.surrogate import (
     seed_surrogate_set,
     surrogate_recipe,
 )
-from fastssl.errors import check
-from fastssl.log import get_logger
-from fastssl.methods import register
-from fastssl.methods.base import Method, MethodConfig
 from fastssl.models import he_init
 
 log = get_logger(__name__)
@@ -204,7 +204,7 @@ class ExemplarCNN(Method):
 
     @staticmethod
     def _check_materialised(m):
-        from fastssl.data.exemplar import open_materialised
+        from fastssl.methods.exemplar.materialised import open_materialised
 
         check(
             not m.cluster.enabled,
@@ -221,7 +221,7 @@ class ExemplarCNN(Method):
     def epoch_items(self, num_images: int) -> int:
         m = self.cfg.method
         if m.surrogate_dir is not None:
-            from fastssl.data.exemplar import open_materialised
+            from fastssl.methods.exemplar.materialised import open_materialised
 
             return len(open_materialised(m.surrogate_dir)[1])
         return m.num_classes * m.patches_per_class
@@ -243,7 +243,7 @@ class ExemplarCNN(Method):
         if m.surrogate_dir is not None:
             import os
 
-            from fastssl.data.exemplar import open_materialised
+            from fastssl.methods.exemplar.materialised import open_materialised
 
             st = torch.load(os.path.join(m.surrogate_dir, "surrogate_set.pt"), weights_only=True)
             sset, patches = SurrogateSet.from_state(st), open_materialised(m.surrogate_dir)[0]
@@ -281,9 +281,9 @@ class ExemplarCNN(Method):
     def _cluster(self, source):
         """Features of the trained network -> merged classes -> new set; weights re-initialised."""
 
-        from fastssl.engine import dist
+        from fastssl import dist
         from fastssl.features.maps import extract_pooled, extract_prerelu_conv
-        from fastssl.knn.cluster import surrogate_classes
+        from fastssl.methods.exemplar.cluster import surrogate_classes
 
         m, c = self.cfg.method, self.cfg.method.cluster
         result = None
@@ -338,7 +338,7 @@ class ExemplarCNN(Method):
         """A materialised set (method.surrogate_dir) is read back from its file until clustering
         makes a new set; otherwise None: the recipe on the data.pipeline executor."""
         if cfg.method.surrogate_dir and not self.clustered:
-            from fastssl.data.exemplar import FileSurrogateLoader
+            from fastssl.methods.exemplar.materialised import FileSurrogateLoader
 
             return FileSurrogateLoader(cfg.method.surrogate_dir, cfg.data.batch_size, cfg.seed, rank, world)
         return None

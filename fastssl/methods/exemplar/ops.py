@@ -1,7 +1,7 @@
 """Exemplar-CNN's patch ops (Dosovitskiy et al. 2016): one affine warp of the seed image to the
 patch (translation, scale, rotation), one colour matrix (the PCA contrast), and the exact
 RGB -> HSV -> adjusted -> RGB round trip (saturation/value powers, factors, offsets; hue shift).
-The parameters are drawn per patch on the host (``data/surrogate.py``); both faces leave the
+The parameters are drawn per patch on the host (``methods/exemplar/surrogate.py``); both faces leave the
 patch as HWC uint8 (the layout of a materialised set), rounded half up the same way.
 
 The authors' variants (``EricArazo/ExemplarCNN``, ``transformations.py``): ``ColourMatrix(per_patch=True)``
