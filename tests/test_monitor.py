@@ -13,7 +13,7 @@ CONFIGS = {"sc": [], "layerwise": [], "invp": [], "splitbrain": [], "exemplar": 
 @pytest.mark.parametrize("method", CONFIGS)
 def test_monitor_logged_for_every_method(tmp_path, method):
     out = tmp_path / "run"
-    run(
+    p = run(
         train_cmd(
             out,
             "train.epochs=2",
@@ -27,7 +27,10 @@ def test_monitor_logged_for_every_method(tmp_path, method):
     )
     recs = epoch_records(out, "knn_monitor")
     assert len(recs) >= 2 and all(0 <= r["knn_monitor"] <= 100 and r["monitor_s"] > 0 for r in recs)
-    assert any(p.name.startswith("events") for p in (out / "tb").iterdir())  # and in TensorBoard
+    assert any(f.name.startswith("events") for f in (out / "tb").iterdir())  # and in TensorBoard
+    lines = p.stdout.splitlines()  # the run's first banner comes before the step-0 monitor line
+    banner = next(i for i, x in enumerate(lines) if x.startswith(f"fastssl: {method} on "))
+    assert banner < next(i for i, x in enumerate(lines) if "knn_monitor_init" in x), p.stdout[-2000:]
 
 
 def test_monitor_bank_is_bounded_fixed_and_on_the_device(tiny_cfg):
