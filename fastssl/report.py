@@ -421,16 +421,16 @@ def search(cfg, state, source, picks: SimpleNamespace, stage: Optional[str], pre
     import torch
 
     from fastssl.eval.__main__ import load_backbone
-    from fastssl.features.images import image_batches
+    from fastssl.features.images import extract
 
     device = torch.device("cpu")
     bs = min(cfg.eval.batch_size, 256)
     backbone = load_backbone(cfg, state, source, device)
-    backbone.eval()
 
     def feats(split, idx):
-        batches = image_batches(split, source.image_size, prepare, bs, device, idx)
-        return torch.nn.functional.normalize(torch.cat([backbone.features(x, stage).float() for x in batches]), dim=1)
+        return torch.nn.functional.normalize(
+            extract(backbone, split, source, prepare, bs, device, stage, idx).float(), dim=1
+        )
 
     with torch.no_grad():
         g = feats(picks.gal_split, picks.gal_idx)

@@ -21,12 +21,17 @@ def image_batches(split: Split, size: int, prepare, batch_size: int, device, ind
 
 
 @torch.no_grad()
-def extract(backbone, split: Split, source, prepare, batch_size: int, device, stage=None) -> torch.Tensor:
+def extract_with(fn, backbone, split: Split, source, prepare, batch_size: int, device, index=None) -> torch.Tensor:
+    """``fn(backbone, x)`` of every batch of the split's whole images (or of the subset ``index``),
+    the backbone in eval mode, concatenated on the CPU: the one loop every feature extractor runs."""
     backbone.eval()
-    feats = [
-        backbone.features(x, stage).cpu() for x in image_batches(split, source.image_size, prepare, batch_size, device)
-    ]
-    return torch.cat(feats)
+    batches = image_batches(split, source.image_size, prepare, batch_size, device, index)
+    return torch.cat([fn(backbone, x).cpu() for x in batches])
+
+
+def extract(backbone, split: Split, source, prepare, batch_size: int, device, stage=None, index=None) -> torch.Tensor:
+    """The backbone's pooled features at ``stage`` (None: its last)."""
+    return extract_with(lambda b, x: b.features(x, stage), backbone, split, source, prepare, batch_size, device, index)
 
 
 def labeled_features(cfg, source, backbone, prepare, device, log=print):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastssl.features.images import image_batches
+from fastssl.features.images import extract_with
 
 
 def pooled_features(backbone, x: torch.Tensor) -> torch.Tensor:
@@ -19,15 +19,8 @@ def pooled_features(backbone, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.adaptive_max_pool2d(m.float(), 2).flatten(1) for m in maps.values()], 1)
 
 
-@torch.no_grad()
 def extract_pooled(backbone, split, source, prepare, batch_size: int, device, index=None) -> torch.Tensor:
-    backbone.eval()
-    return torch.cat(
-        [
-            pooled_features(backbone, x).cpu()
-            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
-        ]
-    )
+    return extract_with(pooled_features, backbone, split, source, prepare, batch_size, device, index)
 
 
 def _conv_stages(backbone, x: torch.Tensor, names, relu: bool):
@@ -78,25 +71,13 @@ def authors_features(backbone, x: torch.Tensor, head=None, names=("conv1", "conv
     return torch.cat([b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) for b in blocks], 1)
 
 
-@torch.no_grad()
 def extract_prerelu_conv(backbone, split, source, prepare, batch_size: int, device, index=None, names=None):
-    backbone.eval()
     names = tuple(names or ("conv1", "conv2", "conv3"))
-    return torch.cat(
-        [
-            prerelu_conv_features(backbone, x, names).cpu()
-            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
-        ]
-    )
+    fn = lambda b, x: prerelu_conv_features(b, x, names)  # noqa: E731
+    return extract_with(fn, backbone, split, source, prepare, batch_size, device, index)
 
 
-@torch.no_grad()
 def extract_authors(backbone, split, source, prepare, batch_size: int, device, index=None, head=None):
     """``authors_features`` of ``split`` (``eval.svm_features=authors``)."""
-    backbone.eval()
-    return torch.cat(
-        [
-            authors_features(backbone, x, head).cpu()
-            for x in image_batches(split, source.image_size, prepare, batch_size, device, index)
-        ]
-    )
+    fn = lambda b, x: authors_features(b, x, head)  # noqa: E731
+    return extract_with(fn, backbone, split, source, prepare, batch_size, device, index)
