@@ -231,7 +231,6 @@ def config_changes(saved, current, limit: int = 8) -> List[str]:
     ``key: old -> new`` lines (at most ``limit``, then a count): a resumed run continues with
     ``current``, so a changed value, or a default changed by a new fastssl version when the run
     is resumed from its YAML file instead of ``out_dir/config.yaml``, is said before the first step."""
-    from omegaconf import OmegaConf
 
     def flat(c, prefix=""):
         out = {}
@@ -239,10 +238,7 @@ def config_changes(saved, current, limit: int = 8) -> List[str]:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    def plain(c):
-        return OmegaConf.to_container(c, resolve=True) if OmegaConf.is_config(c) else c
-
-    old, new = flat(plain(saved)), flat(plain(current))
+    old, new = flat(plain_config(saved)), flat(plain_config(current))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "<absent>") != new.get(k, "<absent>")]
     lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:limit]]
     return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
