@@ -28,14 +28,14 @@ def main(argv=None) -> int:
     try:  # (a method without a surrogate set has no method.surrogate_dir: the override is refused, naming it)
         cfg = load_config(a.config, list(a.overrides) + ["method.surrogate_dir=null"])
     except ConfigError as e:
-        print(f"fastssl.methods.exemplar.materialised: config error: {e}", file=sys.stderr)
+        print(f"fastssl.materialise: config error: {e}", file=sys.stderr)
         return 2
     source = build_source(cfg)
     sset, pca = seed_surrogate_set(cfg, source)
     loader = build_surrogate_loader(cfg, source, sset, cfg.method.aug, pca)
     rate = materialise(loader, a.out, sset, pca)
     print(
-        f"fastssl.methods.exemplar.materialised: {len(loader) * cfg.data.batch_size} patches of {sset.num_classes} classes "
+        f"fastssl.materialise: {len(loader) * cfg.data.batch_size} patches of {sset.num_classes} classes "
         f"-> {a.out} ({rate:.0f} patches/s)"
     )
     return 0

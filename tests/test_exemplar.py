@@ -391,7 +391,8 @@ def test_svm_folds_reads_the_stl10_fold_file(tmp_path):
 @pytest.mark.slow
 def test_materialise_then_train_from_the_file(tmp_path):
     out = tmp_path / "surrogate"
-    run([PY, "-m", "fastssl.materialise", "--config", CFG, "--out", str(out), *TINY, *SMALL])
+    p = run([PY, "-m", "fastssl.materialise", "--config", CFG, "--out", str(out), *TINY, *SMALL])
+    assert p.stdout.startswith("fastssl.materialise: 512 patches of 64 classes"), p.stdout  # (the tool's name)
     meta = json.load(open(out / "meta.json"))
     patches = np.load(out / "patches.npy", mmap_mode="r")
     assert meta["patches"] == len(patches) == 64 * 8 and patches.shape[1:] == (32, 32, 3)
